@@ -1,0 +1,239 @@
+//! One error type for the whole crate.
+//!
+//! A damaged image is reported as [`Error::Corrupt`]: the file, the structure
+//! (footer, dynamic header, BAT entry N, block N, parent locator N), the
+//! field, the absolute file offset of that field, and what was found against
+//! what was expected.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// A structure of a VHD file, named as the specification names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Structure {
+    /// The footer at the end of the file (authoritative).
+    Footer,
+    /// The copy of the footer at offset 0 of a dynamic or differencing disk.
+    FooterCopy,
+    /// The 1024-byte dynamic disk header.
+    DynamicHeader,
+    /// The block allocation table as a whole.
+    Bat,
+    /// One entry of the block allocation table.
+    BatEntry(u64),
+    /// One data block (sector bitmap and data).
+    Block(u64),
+    /// One of the eight parent locator entries of the dynamic header.
+    ParentLocator(usize),
+    /// The parent chain of a differencing disk.
+    ParentChain,
+    /// The file as a whole (its length, its layout).
+    File,
+}
+
+impl fmt::Display for Structure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Structure::Footer => f.write_str("footer"),
+            Structure::FooterCopy => f.write_str("footer copy"),
+            Structure::DynamicHeader => f.write_str("dynamic header"),
+            Structure::Bat => f.write_str("BAT"),
+            Structure::BatEntry(n) => write!(f, "BAT entry {n}"),
+            Structure::Block(n) => write!(f, "block {n}"),
+            Structure::ParentLocator(n) => write!(f, "parent locator {n}"),
+            Structure::ParentChain => f.write_str("parent chain"),
+            Structure::File => f.write_str("file"),
+        }
+    }
+}
+
+/// Where a structure went wrong: enough to find the byte with a hex editor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Corruption {
+    /// The file, when known (parsers of in-memory structures leave it empty
+    /// and [`Image::open`](crate::Image::open) fills it in).
+    pub path: Option<PathBuf>,
+    /// The structure that holds the bad field.
+    pub structure: Structure,
+    /// The field, in the specification's words.
+    pub field: &'static str,
+    /// Absolute offset of the field in the file.
+    pub offset: u64,
+    /// What the file holds.
+    pub found: String,
+    /// What a valid image holds.
+    pub expected: String,
+}
+
+impl fmt::Display for Corruption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(p) = &self.path {
+            write!(f, "{}: ", p.display())?;
+        }
+        write!(
+            f,
+            "{}, field {} at offset {}: found {}, expected {}",
+            self.structure, self.field, self.offset, self.found, self.expected
+        )
+    }
+}
+
+/// Every error vhdkit returns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O error on a named file.
+    #[error("{}: {op}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done ("read", "write", "open", ...).
+        op: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// An I/O error where no file name is at hand (in-memory sources, adapters).
+    #[error("{0}")]
+    RawIo(#[from] io::Error),
+    /// A structure of the image is damaged or inconsistent.
+    #[error("{0}")]
+    Corrupt(Box<Corruption>),
+    /// A checksum does not match; the image may be read anyway on request.
+    #[error(
+        "{}{structure} checksum at offset {offset}: found {found:#010x}, computed {computed:#010x} \
+         (the image is damaged or was edited by hand; to read it anyway use --ignore-checksums, \
+         or OpenOptions::ignore_checksums in the library)",
+        path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default()
+    )]
+    Checksum {
+        /// The file.
+        path: Option<PathBuf>,
+        /// Footer or dynamic header.
+        structure: Structure,
+        /// Absolute offset of the checksum field.
+        offset: u64,
+        /// The stored checksum.
+        found: u32,
+        /// The checksum of the bytes as they are.
+        computed: u32,
+    },
+    /// The parent of a differencing disk could not be found or was refused.
+    #[error(
+        "{}: parent with unique id {parent_id} not found; tried: {}. Name it with --parent FILE \
+         (OpenOptions::parent) or allow its folder with --parent-dir DIR",
+        path.display(),
+        if tried.is_empty() { "nothing (no locator and no parent name)".to_string() } else { tried.join("; ") }
+    )]
+    ParentNotFound {
+        /// The child.
+        path: PathBuf,
+        /// The unique id the child's header names.
+        parent_id: String,
+        /// Each candidate and why it was not used.
+        tried: Vec<String>,
+    },
+    /// A limit set in [`OpenOptions`](crate::OpenOptions) was exceeded.
+    #[error("{}: {what} is {value}, over the limit of {limit}", path.display())]
+    Limit {
+        /// The file.
+        path: PathBuf,
+        /// What was counted.
+        what: &'static str,
+        /// The value found.
+        value: u64,
+        /// The limit in force.
+        limit: u64,
+    },
+    /// A valid image that asks for something vhdkit does not do.
+    #[error("{}: {what}", path.display())]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// What is not supported.
+        what: String,
+    },
+    /// A caller's argument is out of range or contradictory.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The output exists and overwriting was not requested.
+    #[error("{}: output exists; use --force (ConvertOptions::overwrite) to replace it", .0.display())]
+    OutputExists(PathBuf),
+    /// The operation was cancelled (Ctrl-C); no output was left behind.
+    #[error("interrupted; no output was written")]
+    Interrupted,
+}
+
+impl Error {
+    /// Builds an [`Error::Corrupt`].
+    pub fn corrupt(
+        structure: Structure,
+        field: &'static str,
+        offset: u64,
+        found: impl fmt::Display,
+        expected: impl fmt::Display,
+    ) -> Error {
+        Error::Corrupt(Box::new(Corruption {
+            path: None,
+            structure,
+            field,
+            offset,
+            found: found.to_string(),
+            expected: expected.to_string(),
+        }))
+    }
+
+    /// Names the file in errors that were built without one.
+    pub fn with_path(self, path: &Path) -> Error {
+        match self {
+            Error::Corrupt(mut c) if c.path.is_none() => {
+                c.path = Some(path.to_path_buf());
+                Error::Corrupt(c)
+            }
+            Error::Checksum {
+                path: None,
+                structure,
+                offset,
+                found,
+                computed,
+            } => Error::Checksum {
+                path: Some(path.to_path_buf()),
+                structure,
+                offset,
+                found,
+                computed,
+            },
+            Error::RawIo(source) => Error::Io {
+                path: path.to_path_buf(),
+                op: "I/O",
+                source,
+            },
+            other => other,
+        }
+    }
+
+    /// An I/O error on `path`.
+    pub fn io(path: &Path, op: &'static str, source: io::Error) -> Error {
+        Error::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        match e {
+            Error::Io { source, .. } | Error::RawIo(source) => source,
+            Error::Interrupted => io::Error::new(io::ErrorKind::Interrupted, e),
+            Error::InvalidArgument(_) => io::Error::new(io::ErrorKind::InvalidInput, e),
+            other => io::Error::new(io::ErrorKind::InvalidData, other),
+        }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

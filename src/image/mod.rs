@@ -1,0 +1,709 @@
+//! Opening a file as a virtual disk.
+//!
+//! [`Image::open`] detects raw, fixed (512- and 511-byte footer), dynamic and
+//! differencing images, validates every structure against the file's length
+//! before trusting it, resolves parent chains through a gate the caller
+//! controls, and answers [`Image::map`]: what is at each virtual offset.
+
+mod map;
+mod parent;
+mod reader;
+
+pub use map::{Extent, ExtentKind};
+pub use reader::Reader;
+
+use crate::error::{Error, Result, Structure};
+use crate::io::ReadAt;
+use crate::ondisk::{
+    bitmap_size, Bat, DiskType, DynamicHeader, Footer, FOOTER_SIZE, HEADER_SIZE, SECTOR,
+    UNALLOCATED,
+};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU8;
+
+/// What kind of image a file is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum Format {
+    /// A plain disk image with no VHD structures.
+    Raw,
+    /// A fixed VHD: the raw disk followed by a footer.
+    Fixed,
+    /// A dynamic VHD: footer copy, header, BAT, blocks, footer.
+    Dynamic,
+    /// A differencing VHD: a dynamic VHD whose holes read from a parent.
+    Differencing,
+}
+
+impl Format {
+    /// The name used in the CLI and its JSON: `raw`, `fixed`, `dynamic`, `differencing`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Fixed => "fixed",
+            Format::Dynamic => "dynamic",
+            Format::Differencing => "differencing",
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How to open an image: forced format, checksum policy, where parents may
+/// come from, and limits on what a file may ask for.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    pub(crate) format: Option<Format>,
+    pub(crate) ignore_checksums: bool,
+    pub(crate) parents: Vec<PathBuf>,
+    pub(crate) parent_dirs: Vec<PathBuf>,
+    pub(crate) missing_parent_as_zero: bool,
+    pub(crate) max_bat_entries: u64,
+    pub(crate) max_chain_depth: usize,
+    pub(crate) writable: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            format: None,
+            ignore_checksums: false,
+            parents: Vec::new(),
+            parent_dirs: Vec::new(),
+            missing_parent_as_zero: false,
+            // 2040 GiB in 512 KiB blocks needs 4,177,920 entries; 2^24 leaves room.
+            max_bat_entries: 1 << 24,
+            max_chain_depth: 32,
+            writable: false,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Defaults: detect the format, refuse bad checksums, open parents only
+    /// from the child's own folder, at most 2^24 BAT entries and 32 parents.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Treat the file as this format instead of detecting it (`Raw` reads a
+    /// VHD's bytes as they are, footer included).
+    pub fn format(mut self, f: Format) -> Self {
+        self.format = Some(f);
+        self
+    }
+    /// Read images whose footer or dynamic header checksum does not match.
+    pub fn ignore_checksums(mut self, yes: bool) -> Self {
+        self.ignore_checksums = yes;
+        self
+    }
+    /// Names a file that may serve as a parent (matched by unique id).
+    pub fn parent(mut self, path: impl Into<PathBuf>) -> Self {
+        self.parents.push(path.into());
+        self
+    }
+    /// Allows parents to be opened from this folder, besides the child's own.
+    pub fn parent_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.parent_dirs.push(dir.into());
+        self
+    }
+    /// When no parent is found, open the child anyway and read what it
+    /// leaves to the parent as zeros (for inspection; the content is not the
+    /// disk's). [`Image::parent_missing`] then says so.
+    pub fn missing_parent_as_zero(mut self, yes: bool) -> Self {
+        self.missing_parent_as_zero = yes;
+        self
+    }
+    /// The most BAT entries a file may declare.
+    pub fn max_bat_entries(mut self, n: u64) -> Self {
+        self.max_bat_entries = n;
+        self
+    }
+    /// The most parents a chain may have.
+    pub fn max_chain_depth(mut self, n: usize) -> Self {
+        self.max_chain_depth = n;
+        self
+    }
+    /// Opens the file for writing too (in-place operations).
+    pub fn writable(mut self, yes: bool) -> Self {
+        self.writable = yes;
+        self
+    }
+}
+
+/// Where the footer was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FooterSource {
+    /// The last 512 bytes.
+    End,
+    /// The last 511 bytes (Virtual PC before 2004).
+    EndLegacy,
+    /// The copy at offset 0, because the end footer is missing or damaged.
+    Copy,
+}
+
+/// An image opened as a virtual disk.
+#[derive(Debug)]
+pub struct Image {
+    path: PathBuf,
+    file: File,
+    file_len: u64,
+    format: Format,
+    virtual_size: u64,
+    footer: Option<Footer>,
+    footer_source: Option<FooterSource>,
+    /// Where the data area ends: the end footer's offset, or the file length.
+    data_end: u64,
+    header: Option<DynamicHeader>,
+    header_offset: u64,
+    bat: Option<Bat>,
+    block_size: u64,
+    bitmap_size: u64,
+    /// Per block: 0 not yet known, 1 bitmap all set, 2 partial bitmap.
+    bitmap_state: Vec<AtomicU8>,
+    parent: Option<Box<Image>>,
+    parent_missing: bool,
+    warnings: Vec<String>,
+}
+
+/// Reads `N` bytes at `offset` into an array.
+fn read_array<const N: usize>(file: &File, offset: u64) -> std::io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    ReadAt::read_exact_at(file, &mut b, offset)?;
+    Ok(b)
+}
+
+impl Image {
+    /// Opens `path` with default options.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be read; [`Error::Corrupt`] naming
+    /// the structure, field and offset when a structure is damaged;
+    /// [`Error::Checksum`] on a checksum mismatch; [`Error::ParentNotFound`]
+    /// when a differencing disk's parent cannot be found in the allowed places.
+    pub fn open(path: impl AsRef<Path>) -> Result<Image> {
+        Self::open_with(path, &OpenOptions::default())
+    }
+
+    /// Opens `path` with `opts`. Errors as for [`Image::open`], plus
+    /// [`Error::Limit`] when the file asks for more than the options allow.
+    pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let mut visited = Vec::new();
+        Self::open_level(path, opts, 0, &mut visited)
+    }
+
+    fn open_level(
+        path: &Path,
+        opts: &OpenOptions,
+        depth: usize,
+        visited: &mut Vec<PathBuf>,
+    ) -> Result<Image> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(opts.writable)
+            .open(path)
+            .map_err(|e| Error::io(path, "open", e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
+        if meta.is_dir() {
+            return Err(Error::io(
+                path,
+                "open",
+                std::io::Error::other("is a folder, not an image file"),
+            ));
+        }
+        let file_len = meta.len();
+        let mut img = Image {
+            path: path.to_path_buf(),
+            file,
+            file_len,
+            format: Format::Raw,
+            virtual_size: file_len,
+            footer: None,
+            footer_source: None,
+            data_end: file_len,
+            header: None,
+            header_offset: 0,
+            bat: None,
+            block_size: 0,
+            bitmap_size: 0,
+            bitmap_state: Vec::new(),
+            parent: None,
+            parent_missing: false,
+            warnings: Vec::new(),
+        };
+        if opts.format != Some(Format::Raw) {
+            img.detect(opts).map_err(|e| e.with_path(path))?;
+        }
+        if img.format == Format::Differencing {
+            visited.push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
+            parent::resolve(&mut img, opts, depth, visited)?;
+        }
+        Ok(img)
+    }
+
+    fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |e| Error::io(&self.path, op, e)
+    }
+
+    /// Finds and validates the footer, then the dynamic structures.
+    fn detect(&mut self, opts: &OpenOptions) -> Result<()> {
+        let len = self.file_len;
+        // The end footer: the last 512 bytes, or the last 511.
+        let mut tail: Option<([u8; FOOTER_SIZE], u64, FooterSource)> = None;
+        if len >= 511 {
+            let start = len.saturating_sub(512);
+            let mut b = [0u8; FOOTER_SIZE];
+            let n = (len - start) as usize;
+            ReadAt::read_exact_at(&self.file, &mut b[..n], start).map_err(self.io("read"))?;
+            if n == 512 && Footer::has_cookie(&b) {
+                tail = Some((b, start, FooterSource::End));
+            } else {
+                let skip = n - 511;
+                if Footer::has_cookie(&b[skip..]) {
+                    let mut f = [0u8; FOOTER_SIZE];
+                    f[..511].copy_from_slice(&b[skip..n]);
+                    tail = Some((f, len - 511, FooterSource::EndLegacy));
+                }
+            }
+        }
+        // The copy at offset 0 (dynamic and differencing disks only).
+        let mut head: Option<Footer> = None;
+        if len >= (FOOTER_SIZE + HEADER_SIZE + FOOTER_SIZE) as u64 {
+            let b: [u8; FOOTER_SIZE] = read_array(&self.file, 0).map_err(self.io("read"))?;
+            if Footer::has_cookie(&b) {
+                if let Ok(f) = Footer::parse(&b, 0, Structure::FooterCopy) {
+                    let sum_ok = Footer::verify_checksum(&b, 0, Structure::FooterCopy).is_ok();
+                    if matches!(f.disk_type, DiskType::Dynamic | DiskType::Differencing)
+                        && (sum_ok || opts.ignore_checksums)
+                    {
+                        head = Some(f);
+                    }
+                }
+            }
+        }
+
+        let (footer, source, data_end) = match tail {
+            Some((bytes, at, source)) => {
+                let f = Footer::parse(&bytes, at, Structure::Footer)?;
+                match Footer::verify_checksum(&bytes, at, Structure::Footer) {
+                    Ok(()) => (f, source, at),
+                    Err(e) => {
+                        if let Some(copy) = head.clone() {
+                            self.warnings.push(format!(
+                                "{e}; the footer copy at offset 0 is intact and was used instead"
+                            ));
+                            (copy, FooterSource::Copy, at)
+                        } else if opts.ignore_checksums {
+                            self.warnings.push(format!("{e} (ignored on request)"));
+                            (f, source, at)
+                        } else {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            None => match head.clone() {
+                Some(copy) => {
+                    self.warnings.push(format!(
+                        "no footer in the last 512 bytes (file truncated or footer overwritten); \
+                         the footer copy at offset 0 was used (file length {len})"
+                    ));
+                    (copy, FooterSource::Copy, len)
+                }
+                None => return Ok(()), // raw
+            },
+        };
+        let foot_at = if source == FooterSource::Copy { 0 } else { data_end };
+        self.data_end = data_end;
+        self.format = match footer.disk_type {
+            DiskType::Fixed => Format::Fixed,
+            DiskType::Dynamic => Format::Dynamic,
+            DiskType::Differencing => Format::Differencing,
+            other => {
+                return Err(Error::corrupt(
+                    Structure::Footer,
+                    "disk type",
+                    foot_at + 60,
+                    other.code(),
+                    "2 (fixed), 3 (dynamic) or 4 (differencing)",
+                ))
+            }
+        };
+        if let Some(forced) = opts.format {
+            if forced != self.format {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the footer says {}, not {}",
+                    self.path.display(),
+                    self.format,
+                    forced
+                )));
+            }
+        }
+        self.virtual_size = footer.current_size;
+        self.footer_source = Some(source);
+        if self.format == Format::Fixed {
+            if footer.current_size > data_end {
+                return Err(Error::corrupt(
+                    Structure::Footer,
+                    "current size",
+                    foot_at + 48,
+                    footer.current_size,
+                    format!("at most {data_end}, the bytes in front of the footer (file truncated?)"),
+                ));
+            }
+            if footer.current_size < data_end {
+                self.warnings.push(format!(
+                    "{} bytes between the end of the data ({}) and the footer are not part of the disk",
+                    data_end - footer.current_size,
+                    footer.current_size
+                ));
+            }
+            self.footer = Some(footer);
+            return Ok(());
+        }
+        if let Some(copy) = &head {
+            if source != FooterSource::Copy && copy != &footer {
+                self.warnings.push(
+                    "the footer copy at offset 0 differs from the footer at the end".to_string(),
+                );
+            }
+        }
+        self.footer = Some(footer);
+        self.load_dynamic(opts, foot_at)
+    }
+
+    /// Reads and validates the dynamic header and the BAT.
+    fn load_dynamic(&mut self, opts: &OpenOptions, foot_at: u64) -> Result<()> {
+        let footer = self.footer.as_ref().expect("footer set before load_dynamic");
+        let end = self.data_end;
+        let hdr_at = footer.data_offset;
+        if hdr_at < SECTOR
+            || hdr_at
+                .checked_add(HEADER_SIZE as u64)
+                .is_none_or(|e| e > end)
+        {
+            return Err(Error::corrupt(
+                Structure::Footer,
+                "data offset",
+                foot_at + 16,
+                format!("{hdr_at:#x}"),
+                format!(
+                    "the offset of a 1024-byte dynamic header between 512 and {}",
+                    end.saturating_sub(HEADER_SIZE as u64)
+                ),
+            ));
+        }
+        let bytes: [u8; HEADER_SIZE] = read_array(&self.file, hdr_at).map_err(self.io("read"))?;
+        let header = DynamicHeader::parse(&bytes, hdr_at)?;
+        if let Err(e) = DynamicHeader::verify_checksum(&bytes, hdr_at) {
+            if opts.ignore_checksums {
+                self.warnings.push(format!("{e} (ignored on request)"));
+            } else {
+                return Err(e);
+            }
+        }
+        use crate::ondisk::header_fields as hf;
+        let bs = header.block_size;
+        if bs < 512 || !bs.is_power_of_two() {
+            return Err(Error::corrupt(
+                Structure::DynamicHeader,
+                "block size",
+                hdr_at + hf::BLOCK_SIZE as u64,
+                bs,
+                "a power of two of at least 512",
+            ));
+        }
+        let n = u64::from(header.max_table_entries);
+        if n > opts.max_bat_entries {
+            return Err(Error::Limit {
+                path: self.path.clone(),
+                what: "dynamic header max table entries",
+                value: n,
+                limit: opts.max_bat_entries,
+            });
+        }
+        let size = footer.current_size;
+        let needed = size.div_ceil(u64::from(bs));
+        if n < needed {
+            return Err(Error::corrupt(
+                Structure::DynamicHeader,
+                "max table entries",
+                hdr_at + hf::MAX_TABLE_ENTRIES as u64,
+                n,
+                format!("at least {needed}, to cover the current size {size} in blocks of {bs}"),
+            ));
+        }
+        let tbl = header.table_offset;
+        let bat_len = n * 4;
+        if tbl < SECTOR || tbl.checked_add(bat_len).is_none_or(|e| e > end) {
+            return Err(Error::corrupt(
+                Structure::DynamicHeader,
+                "table offset",
+                hdr_at + hf::TABLE_OFFSET as u64,
+                format!("{tbl:#x}"),
+                format!("an offset where {bat_len} bytes of BAT fit inside the file (before {end})"),
+            ));
+        }
+        // bat_len <= file length here, so this allocation is bounded by the file.
+        let mut raw = vec![0u8; bat_len as usize];
+        ReadAt::read_exact_at(&self.file, &mut raw, tbl).map_err(self.io("read"))?;
+        let bat = Bat::parse(&raw);
+        self.block_size = u64::from(bs);
+        self.bitmap_size = bitmap_size(bs);
+        self.header_offset = hdr_at;
+        self.validate_layout(&header, &bat, needed)?;
+        self.bitmap_state = (0..bat.entries.len()).map(|_| AtomicU8::new(0)).collect();
+        self.header = Some(header);
+        self.bat = Some(bat);
+        Ok(())
+    }
+
+    /// Every allocated block lies inside the file and overlaps neither the
+    /// metadata nor another block.
+    fn validate_layout(&self, header: &DynamicHeader, bat: &Bat, needed: u64) -> Result<()> {
+        let tbl = header.table_offset;
+        let mut regions = metadata_regions(self, header, bat.entries.len() as u64);
+        for (i, &e) in bat.entries.iter().enumerate() {
+            if e == UNALLOCATED || i as u64 >= needed {
+                continue;
+            }
+            let (start, end) = self.block_span(i as u64, e);
+            if end > self.data_end {
+                return Err(Error::corrupt(
+                    Structure::BatEntry(i as u64),
+                    "block sector offset",
+                    tbl + 4 * i as u64,
+                    format!("sector {e} (block ends at {end})"),
+                    format!(
+                        "a block that ends inside the data area (before {})",
+                        self.data_end
+                    ),
+                ));
+            }
+            regions.push(Region {
+                start,
+                end,
+                what: RegionKind::Block(i as u64),
+            });
+        }
+        regions.sort_by_key(|r| (r.start, r.end));
+        for w in regions.windows(2) {
+            if w[0].end > w[1].start {
+                let (a, b) = (&w[0], &w[1]);
+                let (culprit, other) = if matches!(b.what, RegionKind::Block(_)) {
+                    (b, a)
+                } else {
+                    (a, b)
+                };
+                let (structure, field, at) = match culprit.what {
+                    RegionKind::Block(i) => (Structure::BatEntry(i), "block sector offset", tbl + 4 * i),
+                    _ => (Structure::DynamicHeader, "table offset", self.header_offset + 16),
+                };
+                return Err(Error::corrupt(
+                    structure,
+                    field,
+                    at,
+                    format!(
+                        "{} at {}..{} overlapping {} at {}..{}",
+                        culprit.what, culprit.start, culprit.end, other.what, other.start, other.end
+                    ),
+                    "no overlap between blocks and metadata",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// File bytes that block `i` (BAT entry `e`) must occupy: its bitmap and
+    /// the sectors of its data that lie inside the virtual disk.
+    pub(crate) fn block_span(&self, i: u64, e: u32) -> (u64, u64) {
+        let start = u64::from(e) * SECTOR;
+        let in_disk = self
+            .virtual_size
+            .saturating_sub(i * self.block_size)
+            .min(self.block_size);
+        let data = in_disk.div_ceil(SECTOR) * SECTOR;
+        (start, start + self.bitmap_size + data)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+    /// The file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+    /// Raw, fixed, dynamic or differencing.
+    pub fn disk_type(&self) -> Format {
+        self.format
+    }
+    /// The virtual disk's size in bytes: the footer's current size (the
+    /// file's length for raw images).
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+    /// The footer in force (None for raw images).
+    pub fn footer(&self) -> Option<&Footer> {
+        self.footer.as_ref()
+    }
+    /// Where the footer in force was read from.
+    pub fn footer_source(&self) -> Option<FooterSource> {
+        self.footer_source
+    }
+    /// The offset where the data area ends (the end footer's offset).
+    pub fn data_end(&self) -> u64 {
+        self.data_end
+    }
+    /// The dynamic header (dynamic and differencing images).
+    pub fn header(&self) -> Option<&DynamicHeader> {
+        self.header.as_ref()
+    }
+    /// Absolute offset of the dynamic header.
+    pub fn header_offset(&self) -> u64 {
+        self.header_offset
+    }
+    /// The block allocation table (dynamic and differencing images).
+    pub fn bat(&self) -> Option<&Bat> {
+        self.bat.as_ref()
+    }
+    /// Bytes of data per block (0 for raw and fixed images).
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+    /// Bytes of sector bitmap in front of each block.
+    pub fn bitmap_size(&self) -> u64 {
+        self.bitmap_size
+    }
+    /// Blocks that cover the virtual disk.
+    pub fn block_count(&self) -> u64 {
+        if self.block_size == 0 {
+            0
+        } else {
+            self.virtual_size.div_ceil(self.block_size)
+        }
+    }
+    /// The parent of a differencing disk.
+    pub fn parent(&self) -> Option<&Image> {
+        self.parent.as_deref()
+    }
+    /// True when the parent was not found and reads as zeros
+    /// ([`OpenOptions::missing_parent_as_zero`]).
+    pub fn parent_missing(&self) -> bool {
+        self.parent_missing
+    }
+    /// This image followed by its parents, nearest first.
+    pub fn chain(&self) -> Vec<&Image> {
+        let mut v = vec![self];
+        while let Some(p) = v.last().and_then(|i| i.parent()) {
+            v.push(p);
+        }
+        v
+    }
+    /// The image at `layer` of the chain (0 is this one).
+    pub fn layer(&self, layer: usize) -> Option<&Image> {
+        let mut img = self;
+        for _ in 0..layer {
+            img = img.parent()?;
+        }
+        Some(img)
+    }
+    /// Things that were odd but did not stop the open (a damaged end footer
+    /// replaced by its copy, a checksum ignored on request, padding).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+    /// Allocated blocks (those inside the virtual disk).
+    pub fn allocated_blocks(&self) -> u64 {
+        match &self.bat {
+            Some(b) => b
+                .entries
+                .iter()
+                .take(self.block_count() as usize)
+                .filter(|&&e| e != UNALLOCATED)
+                .count() as u64,
+            None => 0,
+        }
+    }
+}
+
+/// A byte range of the file that belongs to one structure.
+#[derive(Debug, Clone)]
+pub(crate) struct Region {
+    pub start: u64,
+    pub end: u64,
+    pub what: RegionKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RegionKind {
+    FooterCopy,
+    Header,
+    Bat,
+    Locator(usize),
+    Footer,
+    Block(u64),
+}
+
+impl std::fmt::Display for RegionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegionKind::FooterCopy => f.write_str("footer copy"),
+            RegionKind::Header => f.write_str("dynamic header"),
+            RegionKind::Bat => f.write_str("BAT"),
+            RegionKind::Locator(i) => write!(f, "parent locator {i} data"),
+            RegionKind::Footer => f.write_str("footer"),
+            RegionKind::Block(i) => write!(f, "block {i}"),
+        }
+    }
+}
+
+/// The metadata of a dynamic image as file regions. Locator data is listed
+/// only for differencing disks and only where it lies inside the file.
+pub(crate) fn metadata_regions(img: &Image, header: &DynamicHeader, entries: u64) -> Vec<Region> {
+    let mut r = vec![
+        Region {
+            start: 0,
+            end: SECTOR,
+            what: RegionKind::FooterCopy,
+        },
+        Region {
+            start: img.header_offset,
+            end: img.header_offset + HEADER_SIZE as u64,
+            what: RegionKind::Header,
+        },
+        Region {
+            start: header.table_offset,
+            end: header.table_offset + entries * 4,
+            what: RegionKind::Bat,
+        },
+    ];
+    if img.format == Format::Differencing {
+        for (i, l) in header.parent_locators.iter().enumerate() {
+            let end = l.data_offset.saturating_add(u64::from(l.data_length));
+            if !l.is_empty() && l.data_length > 0 && end <= img.data_end {
+                r.push(Region {
+                    start: l.data_offset,
+                    end,
+                    what: RegionKind::Locator(i),
+                });
+            }
+        }
+    }
+    if img.data_end < img.file_len {
+        r.push(Region {
+            start: img.data_end,
+            end: img.file_len,
+            what: RegionKind::Footer,
+        });
+    }
+    r
+}

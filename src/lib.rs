@@ -1,0 +1,43 @@
+//! # vhdkit
+//!
+//! Read, check, map and convert VHD disk images — the Virtual PC / Hyper-V /
+//! Azure format (not VHDX) — with sparse outputs and parallel, positional I/O.
+//!
+//! ```
+//! use std::io::Read;
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let raw = dir.path().join("disk.raw");
+//! # std::fs::write(&raw, vec![7u8; 1 << 20])?;
+//! // Convert a raw disk into a dynamic VHD, then read it back.
+//! let vhd = dir.path().join("disk.vhd");
+//! vhdkit::convert(&raw, &vhd, &vhdkit::ConvertOptions::new(vhdkit::Target::Dynamic))?;
+//! let image = vhdkit::Image::open(&vhd)?;
+//! assert_eq!(image.disk_type(), vhdkit::Format::Dynamic);
+//! assert_eq!(image.virtual_size(), 1 << 20);
+//! let mut first = [0u8; 512];
+//! image.reader().read_exact(&mut first)?;
+//! assert_eq!(first, [7u8; 512]);
+//! // The map says what is data and what is zero, without reading it.
+//! let extents = image.map_all()?;
+//! assert!(extents.iter().all(|e| e.is_data()));
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod check;
+pub mod convert;
+pub mod error;
+pub mod image;
+pub mod io;
+pub mod ondisk;
+pub mod ops;
+pub mod scan;
+pub mod write;
+
+
+
+pub use error::{Error, Result};
+pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, Reader};
