@@ -1,1 +1,568 @@
-//! convert
+//! Conversion between raw, fixed and dynamic images, writing sparse outputs.
+//!
+//! The walk: the input's map (parents resolved, filesystem holes and
+//! unallocated blocks already `Zero`) is taken a window at a time, so memory
+//! stays flat however large the disk. Data extents are cut into chunks that
+//! rayon workers scan for zero pages and write with positional I/O; zero
+//! extents cost nothing. A dynamic output first learns which of its blocks
+//! hold any non-zero byte (a scan that stops at the first one), gives those
+//! blocks file slots in block order, then copies. Everything is written to a
+//! temporary file beside the target, synced, and renamed into place.
+
+use crate::error::{Error, Result};
+use crate::image::{Extent, ExtentKind, Image, OpenOptions};
+use crate::io::WriteAt;
+use crate::ondisk::{Bat, DiskType, FOOTER_SIZE, UNALLOCATED};
+use crate::scan::{is_zero, nonzero_runs, with_bytes, ZERO_UNIT};
+use crate::write::{self, AtomicOutput, DynamicLayout};
+use rayon::prelude::*;
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The kind of image to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A plain disk image (sparse: zero pages are holes).
+    Raw,
+    /// A fixed VHD: the raw disk and a footer.
+    Fixed,
+    /// A dynamic VHD: only non-zero blocks are stored.
+    Dynamic,
+}
+
+/// Receives progress of a long operation, in bytes of the virtual disk.
+pub trait Progress: Send + Sync {
+    /// The total, known once the input is open.
+    fn start(&self, total: u64);
+    /// `bytes` more are done.
+    fn advance(&self, bytes: u64);
+}
+
+/// How to convert.
+#[derive(Clone)]
+pub struct ConvertOptions {
+    pub(crate) target: Target,
+    pub(crate) block_size: u32,
+    pub(crate) threads: Option<usize>,
+    pub(crate) sparse: bool,
+    pub(crate) azure: bool,
+    pub(crate) overwrite: bool,
+    pub(crate) sync: bool,
+    pub(crate) open: OpenOptions,
+    pub(crate) progress: Option<Arc<dyn Progress>>,
+    pub(crate) cancel: Option<Arc<AtomicBool>>,
+}
+
+impl std::fmt::Debug for ConvertOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConvertOptions")
+            .field("target", &self.target)
+            .field("block_size", &self.block_size)
+            .field("threads", &self.threads)
+            .field("sparse", &self.sparse)
+            .field("azure", &self.azure)
+            .field("overwrite", &self.overwrite)
+            .field("sync", &self.sync)
+            .field("open", &self.open)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConvertOptions {
+    /// Defaults: 2 MiB blocks, all cores, sparse output, no Azure sizing,
+    /// an existing output is not replaced.
+    pub fn new(target: Target) -> Self {
+        ConvertOptions {
+            target,
+            block_size: write::DEFAULT_BLOCK_SIZE,
+            threads: None,
+            sparse: true,
+            azure: false,
+            overwrite: false,
+            sync: true,
+            open: OpenOptions::default(),
+            progress: None,
+            cancel: None,
+        }
+    }
+    /// Block size of a dynamic output: a power of two from 512 KiB to 256 MiB.
+    pub fn block_size(mut self, bytes: u32) -> Self {
+        self.block_size = bytes;
+        self
+    }
+    /// Worker threads (default: one per core).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = Some(n);
+        self
+    }
+    /// Leave zero regions unwritten (default on). Off, every byte of a raw
+    /// or fixed output is allocated, and a dynamic output keeps every block
+    /// the input had allocated.
+    pub fn sparse(mut self, yes: bool) -> Self {
+        self.sparse = yes;
+        self
+    }
+    /// Prepare for Azure: a fixed VHD whose size is rounded up to a whole MiB.
+    pub fn azure(mut self, yes: bool) -> Self {
+        self.azure = yes;
+        self
+    }
+    /// Replace an existing output.
+    pub fn overwrite(mut self, yes: bool) -> Self {
+        self.overwrite = yes;
+        self
+    }
+    /// Sync the output to disk before renaming it into place (default on).
+    /// Off, the output is complete and renamed atomically, but a power
+    /// failure soon after may lose data that was still in the page cache.
+    pub fn sync(mut self, yes: bool) -> Self {
+        self.sync = yes;
+        self
+    }
+    /// How to open the input (parents, checksum policy, limits).
+    pub fn open_options(mut self, o: OpenOptions) -> Self {
+        self.open = o;
+        self
+    }
+    /// Receives progress.
+    pub fn progress(mut self, p: Arc<dyn Progress>) -> Self {
+        self.progress = Some(p);
+        self
+    }
+    /// Stops the conversion, leaving no output, when set.
+    pub fn cancel_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = Some(flag);
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bs = self.block_size;
+        if !bs.is_power_of_two() || !(write::MIN_BLOCK_SIZE..=write::MAX_BLOCK_SIZE).contains(&bs) {
+            return Err(Error::InvalidArgument(format!(
+                "block size {bs}: must be a power of two from 512 KiB to 256 MiB"
+            )));
+        }
+        if self.azure && self.target != Target::Fixed {
+            return Err(Error::InvalidArgument(
+                "Azure takes fixed VHDs only: --azure goes with --to fixed".into(),
+            ));
+        }
+        if self.threads == Some(0) {
+            return Err(Error::InvalidArgument("threads must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What a conversion did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// The output's virtual size.
+    pub virtual_size: u64,
+    /// Bytes read from the input (data only; zeros the map knows are not read).
+    pub bytes_read: u64,
+    /// Bytes written to the output, metadata included.
+    pub bytes_written: u64,
+    /// Bytes of the virtual disk skipped as zero.
+    pub bytes_skipped: u64,
+    /// The output file's length.
+    pub output_len: u64,
+    /// Blocks stored, for a dynamic output.
+    pub allocated_blocks: Option<u64>,
+    /// Wall-clock time.
+    pub elapsed: Duration,
+}
+
+/// Converts the image at `input` into `output`.
+///
+/// # Errors
+/// Any error opening the input ([`Image::open_with`]); [`Error::InvalidArgument`]
+/// for bad options, an input too large for the target, or an output that is
+/// the input (or one of its parents); [`Error::OutputExists`] without
+/// overwrite; [`Error::Interrupted`] when the cancel flag is set; I/O errors.
+/// On every error no file is left at `output`.
+pub fn convert(
+    input: impl AsRef<Path>,
+    output: impl AsRef<Path>,
+    opts: &ConvertOptions,
+) -> Result<Report> {
+    opts.validate()?;
+    let img = Image::open_with(input.as_ref(), &opts.open)?;
+    convert_image(&img, output.as_ref(), opts)
+}
+
+/// True when `a` and `b` are the same file (device and inode).
+pub(crate) fn same_file(a: &File, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Refuses an output that is the input or one of its parents.
+pub(crate) fn refuse_self(img: &Image, output: &Path) -> Result<()> {
+    for layer in img.chain() {
+        if same_file(layer.file(), output) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the output is the input{}; write to another file",
+                output.display(),
+                if std::ptr::eq(layer, img) { "" } else { "'s parent" }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Converts an open image into `output`.
+pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Result<Report> {
+    opts.validate()?;
+    let started = Instant::now();
+    refuse_self(img, output)?;
+    let input_size = img.virtual_size();
+    let size = if opts.azure {
+        write::azure_size(input_size)
+    } else {
+        input_size
+    };
+    if opts.target != Target::Raw && size > write::MAX_VHD_SIZE {
+        return Err(Error::InvalidArgument(format!(
+            "{}: {size} bytes is larger than a VHD can hold ({} bytes, 2040 GiB)",
+            img.path().display(),
+            write::MAX_VHD_SIZE
+        )));
+    }
+    let out = AtomicOutput::create(output, opts.overwrite)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.unwrap_or(0))
+        .build()
+        .map_err(|e| Error::InvalidArgument(format!("thread pool: {e}")))?;
+    if let Some(p) = &opts.progress {
+        p.start(input_size);
+    }
+    let stats = Stats::default();
+    let file = out.file();
+    let (output_len, allocated_blocks) = pool.install(|| -> Result<(u64, Option<u64>)> {
+        match opts.target {
+            Target::Raw | Target::Fixed => {
+                let footer_len = if opts.target == Target::Fixed { FOOTER_SIZE as u64 } else { 0 };
+                let len = size + footer_len;
+                file.set_len(len).map_err(|e| Error::io(out.temp_path(), "set length", e))?;
+                walk(img, opts, &stats, &|_block| Ok(()), &Dest::Linear, file, out.temp_path())?;
+                if !opts.sparse {
+                    allocate(file, 0, size, out.temp_path())?;
+                }
+                if opts.target == Target::Fixed {
+                    let footer = write::new_footer(DiskType::Fixed, size);
+                    file.write_all_at(&footer.to_bytes(), size)
+                        .map_err(|e| Error::io(out.temp_path(), "write footer", e))?;
+                    stats.written.fetch_add(FOOTER_SIZE as u64, Ordering::Relaxed);
+                }
+                Ok((len, None))
+            }
+            Target::Dynamic => {
+                let layout = DynamicLayout::new(size, opts.block_size);
+                let slots = std::sync::Mutex::new((Bat::new(layout.entries as usize), 0u64));
+                let dest = Dest::Dynamic { layout, slots: &slots };
+                let plan = |blocks: &[(u64, bool)]| -> Result<()> {
+                    let mut g = slots.lock().expect("slot lock");
+                    for &(b, keep) in blocks {
+                        if keep {
+                            let slot = g.1;
+                            g.0.entries[b as usize] = layout.bat_entry(slot)?;
+                            g.1 += 1;
+                        }
+                    }
+                    Ok(())
+                };
+                walk(img, opts, &stats, &plan, &dest, file, out.temp_path())?;
+                drop(dest);
+                let (bat, allocated) = slots.into_inner().expect("slot lock");
+                let len = layout.file_len(allocated);
+                file.set_len(len).map_err(|e| Error::io(out.temp_path(), "set length", e))?;
+                let footer = write::new_footer(DiskType::Dynamic, size);
+                let meta = layout
+                    .write_metadata(file, &footer, &bat)
+                    .map_err(|e| e.with_path(out.temp_path()))?;
+                stats.written.fetch_add(meta, Ordering::Relaxed);
+                if !opts.sparse {
+                    for (i, &e) in bat.entries.iter().enumerate() {
+                        if e != UNALLOCATED {
+                            let at = u64::from(e) * 512 + layout.bitmap_size;
+                            let _ = i;
+                            allocate(file, at, layout.block_size, out.temp_path())?;
+                        }
+                    }
+                }
+                Ok((len, Some(allocated)))
+            }
+        }
+    })?;
+    check_cancel(opts)?;
+    let written = stats.written.load(Ordering::Relaxed);
+    let data_written = stats.data_written.load(Ordering::Relaxed);
+    out.commit(opts.sync)?;
+    Ok(Report {
+        virtual_size: size,
+        bytes_read: stats.read.load(Ordering::Relaxed),
+        bytes_written: written,
+        bytes_skipped: size - data_written.min(size),
+        output_len,
+        allocated_blocks,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Allocates `len` bytes at `at` without writing them (falls back to
+/// writing zeros where the filesystem cannot).
+fn allocate(file: &File, at: u64, len: u64, path: &Path) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), at, len) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            let zeros = vec![0u8; 1 << 20];
+            let mut pos = at;
+            while pos < at + len {
+                let n = (at + len - pos).min(zeros.len() as u64);
+                file.write_all_at(&zeros[..n as usize], pos)
+                    .map_err(|e| Error::io(path, "write", e))?;
+                pos += n;
+            }
+            Ok(())
+        }
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    read: AtomicU64,
+    written: AtomicU64,
+    data_written: AtomicU64,
+}
+
+/// Where virtual offsets land in the output.
+enum Dest<'a> {
+    /// At the same offset (raw and fixed).
+    Linear,
+    /// In the block's slot (dynamic).
+    Dynamic {
+        layout: DynamicLayout,
+        slots: &'a std::sync::Mutex<(Bat, u64)>,
+    },
+}
+
+fn check_cancel(opts: &ConvertOptions) -> Result<()> {
+    match &opts.cancel {
+        Some(f) if f.load(Ordering::Relaxed) => Err(Error::Interrupted),
+        _ => Ok(()),
+    }
+}
+
+/// Virtual bytes per window of the walk: the map of one window is held at a time.
+const WINDOW: u64 = 1 << 30;
+/// Largest chunk one worker scans and writes at a time.
+const CHUNK: u64 = 4 << 20;
+
+/// A run of data: virtual range and where it lives.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Chunk {
+    pub offset: u64,
+    pub len: u64,
+    pub layer: usize,
+    pub file_offset: u64,
+}
+
+/// Cuts the data extents into chunks that do not cross `align` boundaries.
+pub(crate) fn chunks(extents: &[Extent], align: u64) -> Vec<Chunk> {
+    let mut v = Vec::new();
+    for e in extents {
+        if let ExtentKind::Data { layer, file_offset } = e.kind {
+            let mut pos = e.offset;
+            while pos < e.end() {
+                let stop = e.end().min((pos / align + 1) * align);
+                v.push(Chunk {
+                    offset: pos,
+                    len: stop - pos,
+                    layer,
+                    file_offset: file_offset + (pos - e.offset),
+                });
+                pos = stop;
+            }
+        }
+    }
+    v
+}
+
+/// Chunks waiting for the writer: bounds the memory held in windows.
+const QUEUE: usize = 4;
+
+/// A scanned chunk on its way to the writer.
+struct WriteJob {
+    data: crate::scan::Window,
+    /// Virtual offset of `data[0]`.
+    offset: u64,
+    /// Virtual ranges to write.
+    runs: Vec<std::ops::Range<u64>>,
+    /// Output offset minus virtual offset, for these runs.
+    shift: i128,
+}
+
+/// Scans chunks in parallel and writes what is not zero from one thread:
+/// buffered writers to one file contend on its inode lock, and a single
+/// writer keeps the page cache copy running at full speed while the other
+/// cores scan ahead.
+fn copy_chunks(
+    img: &Image,
+    opts: &ConvertOptions,
+    stats: &Stats,
+    dest: &Dest<'_>,
+    work: &[Chunk],
+    out: &File,
+    out_path: &Path,
+) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(QUEUE);
+    std::thread::scope(|s| -> Result<()> {
+        let writer = s.spawn(move || -> Result<()> {
+            for job in rx {
+                for r in &job.runs {
+                    let from = (r.start - job.offset) as usize;
+                    let to = (r.end - job.offset) as usize;
+                    let at = (i128::from(r.start) + job.shift) as u64;
+                    out.write_all_at(&job.data[from..to], at)
+                        .map_err(|e| Error::io(out_path, "write", e))?;
+                    stats.data_written.fetch_add(r.end - r.start, Ordering::Relaxed);
+                    if opts.sync {
+                        // Start writeback now, so the final sync finds little to do.
+                        let _ = rustix::fs::fadvise(
+                            out,
+                            at,
+                            std::num::NonZeroU64::new(r.end - r.start),
+                            rustix::fs::Advice::DontNeed,
+                        );
+                    }
+                }
+            }
+            Ok(())
+        });
+        let scanned = work.par_iter().try_for_each_with(tx, |tx, c| -> Result<()> {
+            check_cancel(opts)?;
+            let shift = match dest {
+                Dest::Linear => Some(0i128),
+                Dest::Dynamic { layout, slots } => {
+                    let b = c.offset / layout.block_size;
+                    let e = slots.lock().expect("slot lock").0.entries[b as usize];
+                    (e != UNALLOCATED).then(|| {
+                        i128::from(e) * 512 + i128::from(layout.bitmap_size)
+                            - i128::from(b * layout.block_size)
+                    })
+                }
+            };
+            if let Some(shift) = shift {
+                let src = img.layer(c.layer).expect("layer");
+                let data = crate::scan::window(src.file(), c.file_offset, c.len)
+                    .map_err(|e| Error::io(src.path(), "read", e))?;
+                stats.read.fetch_add(c.len, Ordering::Relaxed);
+                let mut runs = Vec::new();
+                if opts.sparse {
+                    nonzero_runs(&data, c.offset, ZERO_UNIT, &mut runs);
+                } else {
+                    runs.push(c.offset..c.offset + c.len);
+                }
+                if !runs.is_empty() {
+                    // A closed channel means the writer failed; its error is reported below.
+                    let _ = tx.send(WriteJob { data, offset: c.offset, runs, shift });
+                }
+            }
+            if let Some(p) = &opts.progress {
+                p.advance(c.len);
+            }
+            Ok(())
+        });
+        let written = writer.join().expect("writer thread panicked");
+        written?;
+        scanned
+    })
+}
+
+/// The walk shared by every target: for each window, map, plan blocks
+/// (dynamic), copy chunks in parallel.
+fn walk(
+    img: &Image,
+    opts: &ConvertOptions,
+    stats: &Stats,
+    plan: &(dyn Fn(&[(u64, bool)]) -> Result<()> + Sync),
+    dest: &Dest<'_>,
+    out: &File,
+    out_path: &Path,
+) -> Result<()> {
+    let size = img.virtual_size();
+    let bs = match dest {
+        Dest::Dynamic { layout, .. } => layout.block_size,
+        Dest::Linear => CHUNK,
+    };
+    let align = bs.min(CHUNK);
+    let window = WINDOW.max(bs) / bs * bs;
+    let mut start = 0;
+    while start < size {
+        check_cancel(opts)?;
+        let len = window.min(size - start);
+        let extents = img.map(start, len)?;
+        let work = chunks(&extents, align);
+        let zero_bytes = len - work.iter().map(|c| c.len).sum::<u64>();
+        if let Some(p) = &opts.progress {
+            p.advance(zero_bytes);
+        }
+        if let Dest::Dynamic { .. } = dest {
+            // Which blocks hold data: stop at the first non-zero byte.
+            let mut blocks: Vec<(u64, bool)> = Vec::new();
+            for c in &work {
+                let b = c.offset / bs;
+                if blocks.last().map(|l| l.0) != Some(b) {
+                    blocks.push((b, false));
+                }
+            }
+            let flags: Vec<bool> = blocks
+                .par_iter()
+                .map(|&(b, _)| -> Result<bool> {
+                    if !opts.sparse {
+                        return Ok(true);
+                    }
+                    let lo = work.partition_point(|c| c.offset / bs < b);
+                    let hi = work.partition_point(|c| c.offset / bs <= b);
+                    let mut examined = 0;
+                    for c in &work[lo..hi] {
+                        let f = img.layer(c.layer).expect("layer").file();
+                        let mut pos = 0;
+                        while pos < c.len {
+                            let n = (c.len - pos).min(1 << 20);
+                            let nz = with_bytes(f, c.file_offset + pos, n, |d| !is_zero(d))
+                                .map_err(|e| Error::io(img.path(), "read", e))?;
+                            if nz {
+                                // The copy reads this block again and counts it then.
+                                return Ok(true);
+                            }
+                            examined += n;
+                            pos += n;
+                        }
+                    }
+                    stats.read.fetch_add(examined, Ordering::Relaxed);
+                    Ok(false)
+                })
+                .collect::<Result<_>>()?;
+            for (b, f) in blocks.iter_mut().zip(flags) {
+                b.1 = f;
+            }
+            plan(&blocks)?;
+        }
+        copy_chunks(img, opts, stats, dest, &work, out, out_path)?;
+        start += len;
+    }
+    let dw = stats.data_written.load(Ordering::Relaxed);
+    stats.written.fetch_add(dw, Ordering::Relaxed);
+    Ok(())
+}

@@ -1,1 +1,202 @@
-//! scan
+//! Zero detection: a fast all-zero test for a buffer, the split of a buffer
+//! into runs of non-zero units, and windowed access to file bytes (mapped
+//! for large windows, read for small ones) for the parallel walks of
+//! [`crate::convert`] and [`crate::ops`].
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+
+/// The granularity at which zero regions are found and left as holes:
+/// one page, the smallest unit a filesystem can deallocate.
+pub const ZERO_UNIT: u64 = 4096;
+
+/// True when every byte of `buf` is zero.
+///
+/// Works on 256-byte stripes OR-ed together in u64 lanes, which the compiler
+/// vectorises; returns at the first stripe with a set bit.
+#[inline]
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut stripes = buf.chunks_exact(256);
+    for s in &mut stripes {
+        let mut acc = 0u64;
+        for w in s.chunks_exact(8) {
+            acc |= u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    stripes.remainder().iter().all(|&b| b == 0)
+}
+
+/// Appends to `out` the ranges of virtual offsets in `buf` (which starts at
+/// virtual offset `base`) that are not all zero, at the granularity of
+/// `unit`-byte units aligned on multiples of `unit` in virtual space.
+/// Adjacent non-zero units are merged, also with the last range in `out`.
+pub fn nonzero_runs(buf: &[u8], base: u64, unit: u64, out: &mut Vec<Range<u64>>) {
+    let end = base + buf.len() as u64;
+    let mut pos = base;
+    while pos < end {
+        let stop = ((pos / unit + 1) * unit).min(end);
+        let piece = &buf[(pos - base) as usize..(stop - base) as usize];
+        if !is_zero(piece) {
+            match out.last_mut() {
+                Some(last) if last.end == pos => last.end = stop,
+                _ => out.push(pos..stop),
+            }
+        }
+        pos = stop;
+    }
+}
+
+/// Windows at least this large are memory-mapped; smaller ones are read.
+const MAP_THRESHOLD: u64 = 256 * 1024;
+
+thread_local! {
+    static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Bytes of a file held for a while: a read-only mapping or a copy.
+pub enum Window {
+    /// A mapping of the file (large windows).
+    Mapped(memmap2::Mmap),
+    /// A copy (small windows).
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for Window {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Window::Mapped(m) => m,
+            Window::Read(v) => v,
+        }
+    }
+}
+
+/// `len` bytes of `file` at `offset`, mapped when large, read when small.
+pub fn window(file: &File, offset: u64, len: u64) -> io::Result<Window> {
+    let n = usize::try_from(len).map_err(|_| io::Error::other("window too large"))?;
+    if len >= MAP_THRESHOLD {
+        // SAFETY: as in `with_bytes`: a read-only mapping of a file vhdkit
+        // does not write while reading it.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(n)
+                .populate()
+                .map(file)?
+        };
+        return Ok(Window::Mapped(map));
+    }
+    let mut v = vec![0u8; n];
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut v, offset)?;
+    Ok(Window::Read(v))
+}
+
+/// Calls `f` with `len` bytes of `file` at `offset`: a read-only mapping for
+/// large windows (no copy), a per-thread buffer for small ones. The mapping
+/// lives only for the call, so resident memory stays at one window per
+/// thread whatever the file's size.
+pub fn with_bytes<R>(
+    file: &File,
+    offset: u64,
+    len: u64,
+    f: impl FnOnce(&[u8]) -> R,
+) -> io::Result<R> {
+    if len == 0 {
+        return Ok(f(&[]));
+    }
+    let n = usize::try_from(len).map_err(|_| io::Error::other("window too large"))?;
+    if len >= MAP_THRESHOLD {
+        // SAFETY: the mapping is read-only and private to this call. vhdkit
+        // never writes to its inputs while reading them; another process
+        // truncating the file meanwhile could raise SIGBUS, the usual caveat
+        // of mapped I/O, which positional reads would turn into short reads.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(n)
+                .populate()
+                .map(file)?
+        };
+        return Ok(f(&map));
+    }
+    BUF.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        buf.resize(n, 0);
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut buf[..n], offset)?;
+        Ok(f(&buf[..n]))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn zero_test_finds_any_set_byte() {
+        let mut v = vec![0u8; 10_000];
+        assert!(is_zero(&v));
+        assert!(is_zero(&[]));
+        for i in [0, 7, 255, 256, 4095, 9_999] {
+            v[i] = 1;
+            assert!(!is_zero(&v), "byte {i}");
+            v[i] = 0;
+        }
+    }
+
+    #[test]
+    fn runs_merge_and_align() {
+        let mut buf = vec![0u8; 5 * 4096 + 100];
+        buf[10] = 1;
+        buf[4096 + 5] = 1;
+        buf[3 * 4096] = 1;
+        buf[5 * 4096 + 99] = 1;
+        let mut out = Vec::new();
+        nonzero_runs(&buf, 0, 4096, &mut out);
+        assert_eq!(out, vec![0..8192, 12288..16384, 20480..20580]);
+        // A base that is not unit-aligned splits on virtual boundaries.
+        let mut out = Vec::new();
+        nonzero_runs(&[1u8; 100], 4090, 4096, &mut out);
+        assert_eq!(out, vec![4090..4190]);
+    }
+
+    proptest! {
+        #[test]
+        fn runs_cover_exactly_the_nonzero_units(
+            bytes in proptest::collection::vec(prop_oneof![9 => Just(0u8), 1 => any::<u8>()], 0..3000),
+            base in 0u64..1024,
+        ) {
+            let unit = 256;
+            let mut out = Vec::new();
+            nonzero_runs(&bytes, base, unit, &mut out);
+            for (i, &b) in bytes.iter().enumerate() {
+                let v = base + i as u64;
+                let covered = out.iter().any(|r| r.contains(&v));
+                if b != 0 {
+                    prop_assert!(covered);
+                }
+                if covered {
+                    // The unit holding v has a non-zero byte.
+                    let u0 = (v / unit * unit).max(base);
+                    let u1 = ((v / unit + 1) * unit).min(base + bytes.len() as u64);
+                    prop_assert!(!is_zero(&bytes[(u0 - base) as usize..(u1 - base) as usize]));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn windows_read_small_and_map_large() {
+        let f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        std::os::unix::fs::FileExt::write_all_at(&f, &data, 0).unwrap();
+        let small = with_bytes(&f, 1000, 10, |b| b.to_vec()).unwrap();
+        assert_eq!(small, &data[1000..1010]);
+        let large = with_bytes(&f, 4097, 500_000, |b| b.to_vec()).unwrap();
+        assert_eq!(large, &data[4097..504_097]);
+    }
+}

@@ -1,1 +1,518 @@
-fn main(){}
+//! The vhdkit command line: argument parsing, progress and output. No format
+//! logic lives here. Exit status: 0 success, 1 the operation ran and found a
+//! problem (check failed, images differ), 2 bad usage or an image that
+//! cannot be opened.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use vhdkit::{ConvertOptions, Format, Image, OpenOptions, Target};
+
+#[derive(Parser)]
+#[command(name = "vhdkit", version, about = "Read, check, map and convert VHD disk images")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone, Default)]
+struct OpenArgs {
+    /// A file that may be the parent of a differencing disk (repeatable)
+    #[arg(long = "parent", value_name = "FILE")]
+    parents: Vec<PathBuf>,
+    /// A folder parents may be opened from, besides the child's own (repeatable)
+    #[arg(long = "parent-dir", value_name = "DIR")]
+    parent_dirs: Vec<PathBuf>,
+    /// Read images whose footer or header checksum does not match
+    #[arg(long)]
+    ignore_checksums: bool,
+}
+
+impl OpenArgs {
+    fn options(&self) -> OpenOptions {
+        let mut o = OpenOptions::new().ignore_checksums(self.ignore_checksums);
+        for p in &self.parents {
+            o = o.parent(p);
+        }
+        for d in &self.parent_dirs {
+            o = o.parent_dir(d);
+        }
+        o
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum To {
+    Raw,
+    Fixed,
+    Dynamic,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Describe an image: type, sizes, geometry, creator, blocks, parents
+    Info {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
+    /// Report every structural problem (exit 1 when any is found)
+    Check {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Also check Azure's rules (fixed type, whole MiB, size range)
+        #[arg(long)]
+        azure: bool,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
+    /// Convert between raw, fixed and dynamic, writing sparse outputs
+    Convert {
+        input: PathBuf,
+        /// The output (omit with --in-place)
+        output: Option<PathBuf>,
+        /// The output type
+        #[arg(long, value_enum)]
+        to: To,
+        /// Block size of a dynamic output (power of two, 512K to 256M)
+        #[arg(long, value_parser = parse_size, default_value = "2M")]
+        block_size: u64,
+        /// Worker threads (default: all cores)
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Write zeros out instead of leaving holes / unallocated blocks
+        #[arg(long)]
+        no_sparse: bool,
+        /// Azure: a fixed VHD whose size is rounded up to a whole MiB
+        #[arg(long)]
+        azure: bool,
+        /// Replace an existing output
+        #[arg(long)]
+        force: bool,
+        /// Do not sync the output to disk before renaming it into place
+        #[arg(long)]
+        no_sync: bool,
+        /// Convert raw <-> fixed in place, in constant time
+        #[arg(long)]
+        in_place: bool,
+        /// No progress bar and no summary line
+        #[arg(long, short)]
+        quiet: bool,
+        /// Print the summary as JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
+}
+
+/// Parses `4096`, `512K`, `2M`, `1.5G`, `2T` (binary units, like qemu-img).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'B' => 1,
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'P' => 1 << 50,
+                _ => return Err(format!("{s:?}: unknown unit {c:?} (use K, M, G, T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n
+            .checked_mul(mult)
+            .ok_or_else(|| format!("{s:?} is too large"));
+    }
+    let f: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (bytes, or a number with K, M, G or T)"))?;
+    let v = f * mult as f64;
+    if !(0.0..1.8e19).contains(&v) || v.fract() != 0.0 {
+        return Err(format!("{s:?} is not a whole number of bytes"));
+    }
+    Ok(v as u64)
+}
+
+/// Exit statuses: the CLI's contract.
+const OK: u8 = 0;
+const PROBLEM: u8 = 1;
+const CANNOT_RUN: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { CANNOT_RUN } else { OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("vhdkit: {e}");
+            ExitCode::from(CANNOT_RUN)
+        }
+    }
+}
+
+fn run(cli: Cli) -> vhdkit::Result<u8> {
+    match cli.cmd {
+        Cmd::Info { image, json, open } => info(&image, json, &open),
+        Cmd::Check {
+            image,
+            json,
+            azure,
+            open,
+        } => check(&image, json, azure, &open),
+        Cmd::Convert {
+            input,
+            output,
+            to,
+            block_size,
+            threads,
+            no_sparse,
+            azure,
+            force,
+            no_sync,
+            in_place,
+            quiet,
+            json,
+            open,
+        } => {
+            let target = match to {
+                To::Raw => Target::Raw,
+                To::Fixed => Target::Fixed,
+                To::Dynamic => Target::Dynamic,
+            };
+            if in_place {
+                if output.is_some() {
+                    return Err(vhdkit::Error::InvalidArgument(
+                        "--in-place takes one image, no output".into(),
+                    ));
+                }
+                return in_place_convert(&input, target, azure, quiet, json);
+            }
+            let Some(output) = output else {
+                return Err(vhdkit::Error::InvalidArgument(
+                    "convert needs an OUTPUT (or --in-place)".into(),
+                ));
+            };
+            let bs = u32::try_from(block_size).map_err(|_| {
+                vhdkit::Error::InvalidArgument(format!("block size {block_size} is too large"))
+            })?;
+            let mut opts = ConvertOptions::new(target)
+                .block_size(bs)
+                .sparse(!no_sparse)
+                .azure(azure)
+                .overwrite(force)
+                .sync(!no_sync)
+                .open_options(open.options());
+            if let Some(t) = threads {
+                opts = opts.threads(t);
+            }
+            convert(&input, &output, opts, quiet, json)
+        }
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+fn open_for_info(path: &PathBuf, open: &OpenArgs) -> vhdkit::Result<Image> {
+    match Image::open_with(path, &open.options()) {
+        Err(vhdkit::Error::ParentNotFound { .. }) => {
+            // Describe the child even when its parent is missing.
+            Image::open_with(path, &open.options().missing_parent_as_zero(true))
+        }
+        other => other,
+    }
+}
+
+fn info_json(img: &Image) -> Value {
+    let mut v = json!({
+        "path": img.path().display().to_string(),
+        "format": img.disk_type().name(),
+        "virtual_size": img.virtual_size(),
+        "file_size": img.file_len(),
+        "allocated_file_bytes": vhdkit::io::allocated_bytes(img.file()).ok(),
+        "warnings": img.warnings(),
+    });
+    if let Some(f) = img.footer() {
+        let g = f.geometry;
+        v["original_size"] = json!(f.original_size);
+        v["geometry"] = json!({
+            "cylinders": g.cylinders, "heads": g.heads, "sectors_per_track": g.sectors,
+            "size": g.size(),
+        });
+        v["creator"] = json!({
+            "application": vhdkit::ondisk::fourcc(f.creator_app),
+            "version": f.creator_version_string(),
+            "host_os": vhdkit::ondisk::fourcc(f.creator_host_os),
+        });
+        v["timestamp"] = json!(f.timestamp.to_string());
+        v["unique_id"] = json!(f.unique_id.to_string());
+        v["saved_state"] = json!(f.saved_state != 0);
+        v["features"] = json!(f.features);
+        v["footer_source"] = json!(format!("{:?}", img.footer_source().unwrap()).to_lowercase());
+    }
+    if let Some(h) = img.header() {
+        v["block_size"] = json!(img.block_size());
+        v["bat_entries"] = json!(h.max_table_entries);
+        v["allocated_blocks"] = json!(img.allocated_blocks());
+        v["allocated_bytes"] = json!(img.allocated_blocks() * img.block_size());
+    }
+    if img.disk_type() == Format::Differencing {
+        let h = img.header().unwrap();
+        v["parent"] = json!({
+            "unique_id": h.parent_unique_id.to_string(),
+            "name": h.parent_name(),
+            "timestamp": h.parent_timestamp.to_string(),
+            "found": !img.parent_missing(),
+        });
+        v["chain"] = Value::Array(
+            img.chain()
+                .iter()
+                .skip(1)
+                .map(|p| {
+                    json!({
+                        "path": p.path().display().to_string(),
+                        "format": p.disk_type().name(),
+                        "virtual_size": p.virtual_size(),
+                        "unique_id": p.footer().map(|f| f.unique_id.to_string()),
+                    })
+                })
+                .collect(),
+        );
+    }
+    v
+}
+
+fn info(path: &PathBuf, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+    let img = open_for_info(path, open)?;
+    let v = info_json(&img);
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(OK);
+    }
+    println!("image:          {}", img.path().display());
+    println!("format:         {}", img.disk_type());
+    println!("virtual size:   {} ({} bytes)", human(img.virtual_size()), img.virtual_size());
+    if let Some(f) = img.footer() {
+        if f.original_size != f.current_size {
+            println!("original size:  {} ({} bytes)", human(f.original_size), f.original_size);
+        }
+        let gs = f.geometry.size();
+        if gs != f.current_size {
+            println!("geometry:       {} (C/H/S), {} bytes: differs from the virtual size", f.geometry, gs);
+        } else {
+            println!("geometry:       {} (C/H/S), {} bytes", f.geometry, gs);
+        }
+        println!(
+            "creator:        {:?} {} on {:?}",
+            vhdkit::ondisk::fourcc(f.creator_app),
+            f.creator_version_string(),
+            vhdkit::ondisk::fourcc(f.creator_host_os)
+        );
+        println!("created:        {}", f.timestamp);
+        println!("unique id:      {}", f.unique_id);
+        if f.saved_state != 0 {
+            println!("saved state:    yes");
+        }
+    }
+    println!("file size:      {} ({} bytes)", human(img.file_len()), img.file_len());
+    if let Ok(a) = vhdkit::io::allocated_bytes(img.file()) {
+        println!("on disk:        {}", human(a));
+    }
+    if img.header().is_some() {
+        println!("block size:     {}", human(img.block_size()));
+        println!(
+            "allocated:      {} of {} blocks ({})",
+            img.allocated_blocks(),
+            img.block_count(),
+            human(img.allocated_blocks() * img.block_size())
+        );
+    }
+    if img.disk_type() == Format::Differencing {
+        let h = img.header().unwrap();
+        println!("parent id:      {}", h.parent_unique_id);
+        println!("parent name:    {}", h.parent_name());
+        if img.parent_missing() {
+            println!("parent:         NOT FOUND (use --parent FILE or --parent-dir DIR)");
+        }
+        for (i, p) in img.chain().iter().enumerate().skip(1) {
+            println!("parent {i}:       {} ({}, {})", p.path().display(), p.disk_type(), p.footer().map(|f| f.unique_id.to_string()).unwrap_or_default());
+        }
+    }
+    for w in img.warnings() {
+        println!("warning:        {w}");
+    }
+    Ok(OK)
+}
+
+fn check(path: &PathBuf, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+    let report = vhdkit::check(
+        path,
+        &vhdkit::CheckOptions {
+            open: open.options(),
+            azure,
+        },
+    )?;
+    let code = if report.is_clean() { OK } else { PROBLEM };
+    if as_json {
+        let v = json!({
+            "path": report.path.display().to_string(),
+            "format": report.format.map(|f| f.name()),
+            "virtual_size": report.virtual_size,
+            "clean": report.is_clean(),
+            "problems": report.problems.iter().map(|p| json!({
+                "severity": match p.severity { vhdkit::Severity::Error => "error", vhdkit::Severity::Warning => "warning" },
+                "structure": p.structure,
+                "field": p.field,
+                "offset": p.offset,
+                "message": p.message,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(code);
+    }
+    for p in &report.problems {
+        let sev = match p.severity {
+            vhdkit::Severity::Error => "error",
+            vhdkit::Severity::Warning => "warning",
+        };
+        let place = match (&p.structure, p.offset) {
+            (Some(s), Some(o)) => format!("{s} @ {o}: "),
+            (Some(s), None) => format!("{s}: "),
+            (None, Some(o)) => format!("@ {o}: "),
+            (None, None) => String::new(),
+        };
+        println!("{sev}: {place}{}", p.message);
+    }
+    let errors = report.problems.iter().filter(|p| p.severity == vhdkit::Severity::Error).count();
+    let warnings = report.problems.len() - errors;
+    println!(
+        "{}: {} ({} error{}, {} warning{})",
+        path.display(),
+        if errors == 0 { "clean" } else { "PROBLEMS FOUND" },
+        errors,
+        if errors == 1 { "" } else { "s" },
+        warnings,
+        if warnings == 1 { "" } else { "s" },
+    );
+    Ok(code)
+}
+
+struct Bar(indicatif::ProgressBar);
+
+impl vhdkit::Progress for Bar {
+    fn start(&self, total: u64) {
+        self.0.set_length(total);
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+/// A progress bar on a terminal, nothing otherwise.
+fn progress_bar(quiet: bool) -> Option<Arc<Bar>> {
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("template"),
+    );
+    Some(Arc::new(Bar(pb)))
+}
+
+/// A flag set by Ctrl-C, which long operations poll to stop cleanly.
+fn cancel_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || f.store(true, std::sync::atomic::Ordering::SeqCst));
+    flag
+}
+
+fn convert(
+    input: &PathBuf,
+    output: &PathBuf,
+    mut opts: ConvertOptions,
+    quiet: bool,
+    as_json: bool,
+) -> vhdkit::Result<u8> {
+    let bar = progress_bar(quiet || as_json);
+    if let Some(b) = &bar {
+        opts = opts.progress(b.clone());
+    }
+    opts = opts.cancel_flag(cancel_flag());
+    let result = vhdkit::convert(input, output, &opts);
+    if let Some(b) = &bar {
+        b.0.finish_and_clear();
+    }
+    let r = result?;
+    if as_json {
+        let v = json!({
+            "input": input.display().to_string(),
+            "output": output.display().to_string(),
+            "virtual_size": r.virtual_size,
+            "bytes_read": r.bytes_read,
+            "bytes_written": r.bytes_written,
+            "bytes_skipped": r.bytes_skipped,
+            "output_len": r.output_len,
+            "allocated_blocks": r.allocated_blocks,
+            "seconds": r.elapsed.as_secs_f64(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+    } else if !quiet {
+        println!(
+            "{} -> {}: {} virtual, read {}, wrote {}, skipped {} as zero, {:.3} s",
+            input.display(),
+            output.display(),
+            human(r.virtual_size),
+            human(r.bytes_read),
+            human(r.bytes_written),
+            human(r.bytes_skipped),
+            r.elapsed.as_secs_f64()
+        );
+    }
+    Ok(OK)
+}
+
+fn in_place_convert(
+    _image: &PathBuf,
+    _target: Target,
+    _azure: bool,
+    _quiet: bool,
+    _json: bool,
+) -> vhdkit::Result<u8> {
+    Err(vhdkit::Error::InvalidArgument("--in-place is not available yet".into()))
+}

@@ -167,6 +167,8 @@ pub struct Image {
     parent: Option<Box<Image>>,
     parent_missing: bool,
     warnings: Vec<String>,
+    /// Check mode: problems that did not stop the walk (None: fail fast).
+    diag: Option<Vec<Error>>,
 }
 
 /// Reads `N` bytes at `offset` into an array.
@@ -196,11 +198,36 @@ impl Image {
         Self::open_level(path, opts, 0, &mut visited)
     }
 
+    /// Opens in check mode: problems that still allow the walk to go on are
+    /// collected rather than returned. Returns the image when the walk got
+    /// through, and every problem found either way.
+    pub(crate) fn open_collect(path: &Path, opts: &OpenOptions) -> (Option<Image>, Vec<Error>) {
+        let mut visited = Vec::new();
+        let mut problems = Vec::new();
+        match Self::open_level_mode(path, opts, 0, &mut visited, Some(&mut problems)) {
+            Ok(img) => (Some(img), problems),
+            Err(e) => {
+                problems.push(e);
+                (None, problems)
+            }
+        }
+    }
+
     fn open_level(
         path: &Path,
         opts: &OpenOptions,
         depth: usize,
         visited: &mut Vec<PathBuf>,
+    ) -> Result<Image> {
+        Self::open_level_mode(path, opts, depth, visited, None)
+    }
+
+    fn open_level_mode(
+        path: &Path,
+        opts: &OpenOptions,
+        depth: usize,
+        visited: &mut Vec<PathBuf>,
+        collect: Option<&mut Vec<Error>>,
     ) -> Result<Image> {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -234,15 +261,42 @@ impl Image {
             parent: None,
             parent_missing: false,
             warnings: Vec::new(),
+            diag: None,
         };
-        if opts.format != Some(Format::Raw) {
-            img.detect(opts).map_err(|e| e.with_path(path))?;
+        if collect.is_some() {
+            img.diag = Some(Vec::new());
         }
-        if img.format == Format::Differencing {
+        let detected = if opts.format != Some(Format::Raw) {
+            img.detect(opts).map_err(|e| e.with_path(path))
+        } else {
+            Ok(())
+        };
+        let mut result = detected.map(|_| ());
+        if result.is_ok() && img.format == Format::Differencing {
             visited.push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
-            parent::resolve(&mut img, opts, depth, visited)?;
+            result = parent::resolve(&mut img, opts, depth, visited);
+            if let (Err(Error::ParentNotFound { .. }), Some(_)) = (&result, &img.diag) {
+                img.parent_missing = true;
+                let e = std::mem::replace(&mut result, Ok(()));
+                img.diag.as_mut().map(|d| d.push(e.unwrap_err()));
+            }
         }
-        Ok(img)
+        if let (Some(out), Some(found)) = (collect, img.diag.take()) {
+            out.extend(found.into_iter().map(|e| e.with_path(path)));
+        }
+        result.map(|_| img)
+    }
+
+    /// A problem that need not stop the walk: returned when failing fast,
+    /// recorded in check mode.
+    fn report(&mut self, e: Error) -> Result<()> {
+        match &mut self.diag {
+            Some(d) => {
+                d.push(e);
+                Ok(())
+            }
+            None => Err(e),
+        }
     }
 
     fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -301,7 +355,8 @@ impl Image {
                             self.warnings.push(format!("{e} (ignored on request)"));
                             (f, source, at)
                         } else {
-                            return Err(e);
+                            self.report(e)?;
+                            (f, source, at)
                         }
                     }
                 }
@@ -347,13 +402,13 @@ impl Image {
         self.footer_source = Some(source);
         if self.format == Format::Fixed {
             if footer.current_size > data_end {
-                return Err(Error::corrupt(
+                self.report(Error::corrupt(
                     Structure::Footer,
                     "current size",
                     foot_at + 48,
                     footer.current_size,
                     format!("at most {data_end}, the bytes in front of the footer (file truncated?)"),
-                ));
+                ))?;
             }
             if footer.current_size < data_end {
                 self.warnings.push(format!(
@@ -378,7 +433,7 @@ impl Image {
 
     /// Reads and validates the dynamic header and the BAT.
     fn load_dynamic(&mut self, opts: &OpenOptions, foot_at: u64) -> Result<()> {
-        let footer = self.footer.as_ref().expect("footer set before load_dynamic");
+        let footer = self.footer.clone().expect("footer set before load_dynamic");
         let end = self.data_end;
         let hdr_at = footer.data_offset;
         if hdr_at < SECTOR
@@ -403,7 +458,7 @@ impl Image {
             if opts.ignore_checksums {
                 self.warnings.push(format!("{e} (ignored on request)"));
             } else {
-                return Err(e);
+                self.report(e)?;
             }
         }
         use crate::ondisk::header_fields as hf;
@@ -429,13 +484,13 @@ impl Image {
         let size = footer.current_size;
         let needed = size.div_ceil(u64::from(bs));
         if n < needed {
-            return Err(Error::corrupt(
+            self.report(Error::corrupt(
                 Structure::DynamicHeader,
                 "max table entries",
                 hdr_at + hf::MAX_TABLE_ENTRIES as u64,
                 n,
                 format!("at least {needed}, to cover the current size {size} in blocks of {bs}"),
-            ));
+            ))?;
         }
         let tbl = header.table_offset;
         let bat_len = n * 4;
@@ -464,7 +519,7 @@ impl Image {
 
     /// Every allocated block lies inside the file and overlaps neither the
     /// metadata nor another block.
-    fn validate_layout(&self, header: &DynamicHeader, bat: &Bat, needed: u64) -> Result<()> {
+    fn validate_layout(&mut self, header: &DynamicHeader, bat: &Bat, needed: u64) -> Result<()> {
         let tbl = header.table_offset;
         let mut regions = metadata_regions(self, header, bat.entries.len() as u64);
         for (i, &e) in bat.entries.iter().enumerate() {
@@ -473,7 +528,7 @@ impl Image {
             }
             let (start, end) = self.block_span(i as u64, e);
             if end > self.data_end {
-                return Err(Error::corrupt(
+                self.report(Error::corrupt(
                     Structure::BatEntry(i as u64),
                     "block sector offset",
                     tbl + 4 * i as u64,
@@ -482,7 +537,8 @@ impl Image {
                         "a block that ends inside the data area (before {})",
                         self.data_end
                     ),
-                ));
+                ))?;
+                continue;
             }
             regions.push(Region {
                 start,
@@ -491,28 +547,37 @@ impl Image {
             });
         }
         regions.sort_by_key(|r| (r.start, r.end));
-        for w in regions.windows(2) {
-            if w[0].end > w[1].start {
-                let (a, b) = (&w[0], &w[1]);
-                let (culprit, other) = if matches!(b.what, RegionKind::Block(_)) {
-                    (b, a)
-                } else {
-                    (a, b)
-                };
-                let (structure, field, at) = match culprit.what {
-                    RegionKind::Block(i) => (Structure::BatEntry(i), "block sector offset", tbl + 4 * i),
-                    _ => (Structure::DynamicHeader, "table offset", self.header_offset + 16),
-                };
-                return Err(Error::corrupt(
-                    structure,
-                    field,
-                    at,
-                    format!(
-                        "{} at {}..{} overlapping {} at {}..{}",
-                        culprit.what, culprit.start, culprit.end, other.what, other.start, other.end
-                    ),
-                    "no overlap between blocks and metadata",
-                ));
+        // Sweep: each region against the one reaching furthest before it.
+        let mut reach: Option<Region> = None;
+        for r in regions {
+            if let Some(a) = &reach {
+                if a.end > r.start {
+                    let (culprit, other) = if matches!(r.what, RegionKind::Block(_)) {
+                        (&r, a)
+                    } else {
+                        (a, &r)
+                    };
+                    let (structure, field, at) = match culprit.what {
+                        RegionKind::Block(i) => {
+                            (Structure::BatEntry(i), "block sector offset", tbl + 4 * i)
+                        }
+                        _ => (Structure::DynamicHeader, "table offset", self.header_offset + 16),
+                    };
+                    let e = Error::corrupt(
+                        structure,
+                        field,
+                        at,
+                        format!(
+                            "{} at {}..{} overlapping {} at {}..{}",
+                            culprit.what, culprit.start, culprit.end, other.what, other.start, other.end
+                        ),
+                        "no overlap between blocks and metadata",
+                    );
+                    self.report(e)?;
+                }
+            }
+            if reach.as_ref().is_none_or(|a| r.end > a.end) {
+                reach = Some(r);
             }
         }
         Ok(())
