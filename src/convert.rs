@@ -51,6 +51,8 @@ pub struct ConvertOptions {
     pub(crate) azure: bool,
     pub(crate) overwrite: bool,
     pub(crate) sync: bool,
+    pub(crate) identity: Option<crate::ondisk::Footer>,
+    pub(crate) size: Option<u64>,
     pub(crate) open: OpenOptions,
     pub(crate) progress: Option<Arc<dyn Progress>>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
@@ -83,6 +85,8 @@ impl ConvertOptions {
             azure: false,
             overwrite: false,
             sync: true,
+            identity: None,
+            size: None,
             open: OpenOptions::default(),
             progress: None,
             cancel: None,
@@ -120,6 +124,18 @@ impl ConvertOptions {
     /// failure soon after may lose data that was still in the page cache.
     pub fn sync(mut self, yes: bool) -> Self {
         self.sync = yes;
+        self
+    }
+    /// Write the output under this footer's identity (unique id, creator,
+    /// timestamp, original size), for rewrites of an image in place.
+    pub fn identity(mut self, footer: crate::ondisk::Footer) -> Self {
+        self.identity = Some(footer);
+        self
+    }
+    /// Make the output this many bytes (at least the input's virtual size;
+    /// the extra reads as zeros). Never cuts data.
+    pub fn virtual_size(mut self, bytes: u64) -> Self {
+        self.size = Some(bytes);
         self
     }
     /// How to open the input (parents, checksum policy, limits).
@@ -223,11 +239,13 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
     let started = Instant::now();
     refuse_self(img, output)?;
     let input_size = img.virtual_size();
-    let size = if opts.azure {
-        write::azure_size(input_size)
-    } else {
-        input_size
-    };
+    let wanted = opts.size.unwrap_or(input_size);
+    if wanted < input_size {
+        return Err(Error::InvalidArgument(format!(
+            "output size {wanted} is smaller than the input's {input_size} bytes; conversion never cuts data"
+        )));
+    }
+    let size = if opts.azure { write::azure_size(wanted) } else { wanted };
     if opts.target != Target::Raw && size > write::MAX_VHD_SIZE {
         return Err(Error::InvalidArgument(format!(
             "{}: {size} bytes is larger than a VHD can hold ({} bytes, 2040 GiB)",
@@ -256,7 +274,7 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
                     allocate(file, 0, size, out.temp_path())?;
                 }
                 if opts.target == Target::Fixed {
-                    let footer = write::new_footer(DiskType::Fixed, size);
+                    let footer = output_footer(opts, DiskType::Fixed, size);
                     file.write_all_at(&footer.to_bytes(), size)
                         .map_err(|e| Error::io(out.temp_path(), "write footer", e))?;
                     stats.written.fetch_add(FOOTER_SIZE as u64, Ordering::Relaxed);
@@ -283,7 +301,7 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
                 let (bat, allocated) = slots.into_inner().expect("slot lock");
                 let len = layout.file_len(allocated);
                 file.set_len(len).map_err(|e| Error::io(out.temp_path(), "set length", e))?;
-                let footer = write::new_footer(DiskType::Dynamic, size);
+                let footer = output_footer(opts, DiskType::Dynamic, size);
                 let meta = layout
                     .write_metadata(file, &footer, &bat)
                     .map_err(|e| e.with_path(out.temp_path()))?;
@@ -314,6 +332,22 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
         allocated_blocks,
         elapsed: started.elapsed(),
     })
+}
+
+/// The footer of a new output: fresh, or under the identity asked for.
+fn output_footer(opts: &ConvertOptions, disk_type: DiskType, size: u64) -> crate::ondisk::Footer {
+    let fresh = write::new_footer(disk_type, size);
+    match &opts.identity {
+        Some(id) => crate::ondisk::Footer {
+            disk_type,
+            data_offset: fresh.data_offset,
+            current_size: size,
+            original_size: id.original_size,
+            geometry: if id.current_size == size { id.geometry } else { fresh.geometry },
+            ..id.clone()
+        },
+        None => fresh,
+    }
 }
 
 /// Allocates `len` bytes at `at` without writing them (falls back to

@@ -1,1 +1,821 @@
-//! ops
+//! Pipeline operations around conversion: map, compare, checksum, in-place
+//! conversion, sparsify and resize.
+//!
+//! Read-only operations walk the map a window at a time and never read what
+//! the map knows to be zero. In-place operations are sequences of [`Step`]s
+//! ordered so that an interruption after any step leaves a valid image (see
+//! [`InPlacePlan`]).
+
+use crate::convert::{chunks, refuse_self, Chunk};
+use crate::error::{Error, Result};
+use crate::image::{Extent, ExtentKind, Format, Image, OpenOptions};
+use crate::io::WriteAt;
+use crate::ondisk::{DiskType, FOOTER_SIZE, SECTOR, UNALLOCATED};
+use crate::scan::{is_zero, nonzero_runs, window, ZERO_UNIT};
+use crate::write::{azure_size, MIB};
+use rayon::prelude::*;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Virtual bytes mapped at a time by the read-only walks.
+const WINDOW: u64 = 1 << 30;
+/// Largest piece one worker reads at a time.
+const PIECE: u64 = 4 << 20;
+
+fn read_err(img: &Image, layer: usize) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| {
+        let p = img.layer(layer).map(|l| l.path()).unwrap_or(img.path());
+        Error::io(p, "read", e)
+    }
+}
+
+/// Bytes of a data chunk.
+fn chunk_bytes(img: &Image, c: &Chunk) -> Result<crate::scan::Window> {
+    let src = img.layer(c.layer).expect("chunk layer inside the chain");
+    window(src.file(), c.file_offset, c.len).map_err(read_err(img, c.layer))
+}
+
+// ---------------------------------------------------------------- map
+
+/// One extent of [`map`]: data or zero, and where data lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapExtent {
+    /// Virtual offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// True when the range holds non-zero bytes (at the scan's granularity).
+    pub data: bool,
+    /// The file that holds the data.
+    pub file: Option<PathBuf>,
+    /// Where in that file.
+    pub file_offset: Option<u64>,
+}
+
+/// The virtual disk as merged extents of data and zero: unallocated blocks,
+/// clear bitmap bits and filesystem holes are zero without being read, and
+/// the rest is scanned (in parallel) for zero pages when `scan` is set.
+///
+/// # Errors
+/// I/O errors reading the image.
+pub fn map(img: &Image, scan: bool) -> Result<Vec<MapExtent>> {
+    let size = img.virtual_size();
+    let mut out: Vec<Extent> = Vec::new();
+    let mut start = 0;
+    while start < size {
+        let len = WINDOW.min(size - start);
+        let extents = img.map(start, len)?;
+        if !scan {
+            for e in extents {
+                crate::image::push_extent(&mut out, e);
+            }
+        } else {
+            let pieces = chunks(&extents, PIECE);
+            let scanned: Vec<Vec<Extent>> = pieces
+                .par_iter()
+                .map(|c| -> Result<Vec<Extent>> {
+                    let data = chunk_bytes(img, c)?;
+                    let mut runs = Vec::new();
+                    nonzero_runs(&data, c.offset, ZERO_UNIT, &mut runs);
+                    let mut v = Vec::new();
+                    let mut pos = c.offset;
+                    for r in runs {
+                        if r.start > pos {
+                            v.push(Extent { offset: pos, length: r.start - pos, kind: ExtentKind::Zero });
+                        }
+                        v.push(Extent {
+                            offset: r.start,
+                            length: r.end - r.start,
+                            kind: ExtentKind::Data {
+                                layer: c.layer,
+                                file_offset: c.file_offset + (r.start - c.offset),
+                            },
+                        });
+                        pos = r.end;
+                    }
+                    if pos < c.offset + c.len {
+                        v.push(Extent { offset: pos, length: c.offset + c.len - pos, kind: ExtentKind::Zero });
+                    }
+                    Ok(v)
+                })
+                .collect::<Result<_>>()?;
+            // Put zero extents and scanned pieces back in order.
+            let mut it = scanned.into_iter();
+            for e in extents {
+                if e.is_data() {
+                    let mut pos = e.offset;
+                    while pos < e.end() {
+                        let piece = it.next().expect("one piece list per chunk");
+                        for x in &piece {
+                            crate::image::push_extent(&mut out, *x);
+                        }
+                        pos = piece.last().map(|x| x.end()).unwrap_or(e.end());
+                    }
+                } else {
+                    crate::image::push_extent(&mut out, e);
+                }
+            }
+        }
+        start += len;
+    }
+    Ok(out
+        .into_iter()
+        .map(|e| match e.kind {
+            ExtentKind::Data { layer, file_offset } => MapExtent {
+                offset: e.offset,
+                length: e.length,
+                data: true,
+                file: img.layer(layer).map(|l| l.path().to_path_buf()),
+                file_offset: Some(file_offset),
+            },
+            _ => MapExtent {
+                offset: e.offset,
+                length: e.length,
+                data: false,
+                file: None,
+                file_offset: None,
+            },
+        })
+        .collect())
+}
+
+// ---------------------------------------------------------------- compare
+
+/// The result of [`compare`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Comparison {
+    /// Virtual size of the first image.
+    pub size_a: u64,
+    /// Virtual size of the second image.
+    pub size_b: u64,
+    /// The first offset where the contents differ, if any. With
+    /// `strict_size`, differing sizes differ at the smaller size.
+    pub first_difference: Option<u64>,
+}
+
+impl Comparison {
+    /// True when the contents are equal.
+    pub fn equal(&self) -> bool {
+        self.first_difference.is_none()
+    }
+}
+
+/// Offset of the first byte where `a` and `b` differ.
+fn first_mismatch(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a == b {
+        return None;
+    }
+    // Narrow down by 4 KiB pieces, then bytes.
+    let mut base = 0;
+    for (x, y) in a.chunks(4096).zip(b.chunks(4096)) {
+        if x != y {
+            return x.iter().zip(y).position(|(p, q)| p != q).map(|i| base + i);
+        }
+        base += x.len();
+    }
+    None
+}
+
+fn first_nonzero(a: &[u8]) -> Option<usize> {
+    if is_zero(a) {
+        return None;
+    }
+    let mut base = 0;
+    for x in a.chunks(4096) {
+        if !is_zero(x) {
+            return x.iter().position(|&b| b != 0).map(|i| base + i);
+        }
+        base += x.len();
+    }
+    None
+}
+
+/// A piece of one image: data at a layer/file offset, or zero.
+#[derive(Clone, Copy)]
+enum Side {
+    Zero,
+    Data { layer: usize, file_offset: u64 },
+}
+
+fn side_bytes(img: &Image, s: Side, len: u64) -> Result<Option<crate::scan::Window>> {
+    match s {
+        Side::Zero => Ok(None),
+        Side::Data { layer, file_offset } => {
+            let src = img.layer(layer).expect("layer");
+            window(src.file(), file_offset, len).map(Some).map_err(read_err(img, layer))
+        }
+    }
+}
+
+/// Splits `extents` at `offset` boundaries into sides.
+fn side_at(extents: &[Extent], idx: &mut usize, pos: u64) -> (Side, u64) {
+    while extents[*idx].end() <= pos {
+        *idx += 1;
+    }
+    let e = extents[*idx];
+    let side = match e.kind {
+        ExtentKind::Data { layer, file_offset } => Side::Data { layer, file_offset: file_offset + (pos - e.offset) },
+        _ => Side::Zero,
+    };
+    (side, e.end())
+}
+
+/// Compares the virtual contents of two images of any types. Regions both
+/// sides know to be zero are not read; the rest is compared in parallel.
+/// Without `strict_size`, the larger image's extra bytes must be zero.
+///
+/// # Errors
+/// I/O errors reading either image.
+pub fn compare(a: &Image, b: &Image, strict_size: bool) -> Result<Comparison> {
+    let (sa, sb) = (a.virtual_size(), b.virtual_size());
+    let common = sa.min(sb);
+    let mut result = Comparison { size_a: sa, size_b: sb, first_difference: None };
+    let mut start = 0;
+    while start < common {
+        let len = WINDOW.min(common - start);
+        let (ea, eb) = (a.map(start, len)?, b.map(start, len)?);
+        // Segments where both sides are of one kind, cut to pieces.
+        let mut tasks: Vec<(u64, u64, Side, Side)> = Vec::new();
+        let (mut ia, mut ib) = (0, 0);
+        let mut pos = start;
+        while pos < start + len {
+            let (xa, enda) = side_at(&ea, &mut ia, pos);
+            let (xb, endb) = side_at(&eb, &mut ib, pos);
+            let end = enda.min(endb).min((pos / PIECE + 1) * PIECE);
+            if !matches!((xa, xb), (Side::Zero, Side::Zero)) {
+                tasks.push((pos, end - pos, xa, xb));
+            }
+            pos = end;
+        }
+        let found = tasks
+            .par_iter()
+            .map(|&(off, n, xa, xb)| -> Result<Option<u64>> {
+                let da = side_bytes(a, xa, n)?;
+                let db = side_bytes(b, xb, n)?;
+                let at = match (&da, &db) {
+                    (Some(x), Some(y)) => first_mismatch(x, y),
+                    (Some(x), None) | (None, Some(x)) => first_nonzero(x),
+                    (None, None) => None,
+                };
+                Ok(at.map(|i| off + i as u64))
+            })
+            .filter_map(|r| r.transpose())
+            .collect::<Result<Vec<u64>>>()?;
+        if let Some(&first) = found.iter().min() {
+            result.first_difference = Some(first);
+            return Ok(result);
+        }
+        start += len;
+    }
+    if sa != sb {
+        if strict_size {
+            result.first_difference = Some(common);
+        } else {
+            let larger = if sa > sb { a } else { b };
+            result.first_difference = first_nonzero_in(larger, common, larger.virtual_size())?;
+        }
+    }
+    Ok(result)
+}
+
+/// The first non-zero byte of `img` in `from..to`.
+fn first_nonzero_in(img: &Image, from: u64, to: u64) -> Result<Option<u64>> {
+    let mut start = from;
+    while start < to {
+        let len = WINDOW.min(to - start);
+        let extents = img.map(start, len)?;
+        let pieces = chunks(&extents, PIECE);
+        let found = pieces
+            .par_iter()
+            .map(|c| -> Result<Option<u64>> {
+                let d = chunk_bytes(img, c)?;
+                Ok(first_nonzero(&d).map(|i| c.offset + i as u64))
+            })
+            .filter_map(|r| r.transpose())
+            .collect::<Result<Vec<u64>>>()?;
+        if let Some(&m) = found.iter().min() {
+            return Ok(Some(m));
+        }
+        start += len;
+    }
+    Ok(None)
+}
+
+// ---------------------------------------------------------------- checksum
+
+/// The CRC-32 (IEEE, as zlib and `crc32fast`) of `n` zero bytes, as a
+/// hasher that can be combined: built by doubling, in O(log n) combinations.
+fn zeros_hasher(n: u64) -> crc32fast::Hasher {
+    let mut result = crc32fast::Hasher::new();
+    let mut unit = crc32fast::Hasher::new();
+    unit.update(&[0u8; 4096]);
+    let mut q = n / 4096;
+    while q > 0 {
+        if q & 1 == 1 {
+            result.combine(&unit);
+        }
+        let u2 = unit.clone();
+        unit.combine(&u2);
+        q >>= 1;
+    }
+    let mut tail = crc32fast::Hasher::new();
+    tail.update(&vec![0u8; (n % 4096) as usize]);
+    result.combine(&tail);
+    result
+}
+
+/// CRC-32 of the virtual content and its length. Identical for the raw,
+/// fixed, dynamic and differencing forms of one disk. Data pieces are hashed
+/// in parallel and combined; zero regions are combined without being read.
+///
+/// # Errors
+/// I/O errors reading the image.
+pub fn checksum(img: &Image) -> Result<(u32, u64)> {
+    let size = img.virtual_size();
+    let mut total = crc32fast::Hasher::new();
+    let mut start = 0;
+    while start < size {
+        let len = WINDOW.min(size - start);
+        let extents = img.map(start, len)?;
+        let mut pieces: Vec<Extent> = Vec::new();
+        for e in &extents {
+            if e.is_data() {
+                for c in chunks(std::slice::from_ref(e), PIECE) {
+                    pieces.push(Extent {
+                        offset: c.offset,
+                        length: c.len,
+                        kind: ExtentKind::Data { layer: c.layer, file_offset: c.file_offset },
+                    });
+                }
+            } else {
+                pieces.push(*e);
+            }
+        }
+        let hashes = pieces
+            .par_iter()
+            .map(|e| -> Result<crc32fast::Hasher> {
+                match e.kind {
+                    ExtentKind::Data { layer, file_offset } => {
+                        let c = Chunk { offset: e.offset, len: e.length, layer, file_offset };
+                        let d = chunk_bytes(img, &c)?;
+                        let mut h = crc32fast::Hasher::new();
+                        h.update(&d);
+                        Ok(h)
+                    }
+                    _ => Ok(zeros_hasher(e.length)),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for h in hashes {
+            total.combine(&h);
+        }
+        start += len;
+    }
+    Ok((total.finalize(), size))
+}
+
+// ---------------------------------------------------------------- in place
+
+/// One step of an in-place operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Change the file's length (a single metadata operation).
+    SetLen(u64),
+    /// Write these bytes at this offset (at most one sector: storage writes
+    /// a sector whole).
+    Write(u64, Vec<u8>),
+    /// Deallocate a range (it reads as zeros).
+    PunchHole(u64, u64),
+    /// Flush data and metadata to disk.
+    Sync,
+}
+
+/// The steps of an in-place operation, in an order chosen so that stopping
+/// after any of them leaves a valid image: the old one or the new one.
+#[derive(Clone, Debug)]
+pub struct InPlacePlan {
+    /// The file.
+    pub path: PathBuf,
+    /// What the steps do, in words.
+    pub description: String,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+}
+
+impl InPlacePlan {
+    /// Runs the first `n` steps (all of them with `usize::MAX`).
+    pub fn run_steps(&self, n: usize) -> Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| Error::io(&self.path, "open for writing", e))?;
+        for s in self.steps.iter().take(n) {
+            let r = match s {
+                Step::SetLen(l) => f.set_len(*l),
+                Step::Write(at, b) => f.write_all_at(b, *at),
+                Step::PunchHole(at, n) => crate::io::punch_hole(&f, *at..*at + *n),
+                Step::Sync => f.sync_all(),
+            };
+            r.map_err(|e| Error::io(&self.path, "in-place step", e))?;
+        }
+        Ok(())
+    }
+
+    /// Runs every step.
+    pub fn run(&self) -> Result<()> {
+        self.run_steps(usize::MAX)
+    }
+}
+
+/// A fresh fixed-disk footer for `size` bytes.
+fn fixed_footer(size: u64) -> Vec<u8> {
+    crate::write::new_footer(DiskType::Fixed, size).to_bytes().to_vec()
+}
+
+/// Plans an in-place conversion of `path` between raw and fixed, in constant
+/// time whatever its size:
+///
+/// * raw → fixed: extend the file by the footer's 512 bytes (and, with
+///   `azure`, to a whole MiB first) — still the raw image, with zeros after
+///   it — sync, then write the footer into those last 512 bytes with one
+///   sector write, and sync. Before that write the file is the old raw
+///   image; after it, the new fixed image.
+/// * fixed → raw: cut the footer off with one truncation (atomic).
+/// * fixed → fixed with `azure`: write a copy of the old footer at the new
+///   end (the bytes between are padding a reader skips: still the old
+///   image), clear the old footer, sync, then rewrite the end footer with
+///   the new size in one sector write.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for dynamic or differencing images (convert to
+/// a new file instead) or an unsupported direction; open errors.
+pub fn plan_in_place(path: &Path, target: Format, azure: bool, opts: &OpenOptions) -> Result<InPlacePlan> {
+    let img = Image::open_with(path, opts)?;
+    let size = img.virtual_size();
+    let mut steps = Vec::new();
+    let description;
+    match (img.disk_type(), target) {
+        (Format::Raw, Format::Fixed) => {
+            let mut new_size = size.div_ceil(SECTOR) * SECTOR;
+            if azure {
+                new_size = azure_size(new_size);
+            }
+            if new_size > crate::write::MAX_VHD_SIZE {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: {new_size} bytes is larger than a VHD can hold (2040 GiB)",
+                    path.display()
+                )));
+            }
+            steps.push(Step::SetLen(new_size + FOOTER_SIZE as u64));
+            steps.push(Step::Sync);
+            steps.push(Step::Write(new_size, fixed_footer(new_size)));
+            steps.push(Step::Sync);
+            description = if new_size != size {
+                format!("raw -> fixed: extended {size} -> {new_size} bytes with zeros, footer appended")
+            } else {
+                format!("raw -> fixed: footer appended ({size} bytes)")
+            };
+        }
+        (Format::Fixed, Format::Raw) => {
+            if azure {
+                return Err(Error::InvalidArgument("--azure goes with --to fixed".into()));
+            }
+            steps.push(Step::SetLen(size));
+            steps.push(Step::Sync);
+            description = format!("fixed -> raw: footer removed ({size} bytes)");
+        }
+        (Format::Fixed, Format::Fixed) if azure => {
+            let new_size = azure_size(size);
+            let old_at = img.data_end();
+            if new_size == size {
+                description = format!("already a whole number of MiB ({size} bytes)");
+            } else {
+                let old = img.footer().expect("fixed has a footer").clone();
+                steps.push(Step::Write(new_size, old.to_bytes().to_vec()));
+                steps.push(Step::Sync);
+                steps.push(Step::PunchHole(old_at, new_size - old_at));
+                steps.push(Step::Sync);
+                let mut f = old;
+                f.current_size = new_size;
+                f.original_size = new_size;
+                f.geometry = crate::ondisk::Geometry::for_size(new_size);
+                steps.push(Step::Write(new_size, f.to_bytes().to_vec()));
+                steps.push(Step::Sync);
+                description = format!("fixed: grown {size} -> {new_size} bytes (a whole number of MiB)");
+            }
+        }
+        (Format::Raw, Format::Raw) | (Format::Fixed, Format::Fixed) => {
+            description = format!("already {target}");
+        }
+        (from, to) => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: in-place conversion goes between raw and fixed only, not {from} -> {to}; \
+                 convert to a new file instead",
+                path.display()
+            )))
+        }
+    }
+    Ok(InPlacePlan { path: path.to_path_buf(), description, steps })
+}
+
+// ---------------------------------------------------------------- sparsify
+
+/// What [`sparsify`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SparsifyReport {
+    /// Bytes the file occupied on disk before.
+    pub allocated_before: u64,
+    /// Bytes the file occupies on disk after.
+    pub allocated_after: u64,
+    /// Zero bytes made holes (raw, fixed) or blocks freed (dynamic) × block size.
+    pub zero_bytes: u64,
+}
+
+/// Makes every zero region of an image cost no disk space, in place:
+/// raw and fixed images get holes punched over their zero pages (found in
+/// parallel; the content is unchanged after each punch, so an interruption
+/// leaves a valid image); a dynamic image is rewritten compactly without its
+/// all-zero blocks into a temporary file renamed over it (keeping its unique
+/// id, so differencing children still match). Differencing disks are refused:
+/// a zero block in a child hides its parent's data.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for differencing disks; I/O errors.
+pub fn sparsify(path: &Path, opts: &OpenOptions) -> Result<SparsifyReport> {
+    let img = Image::open_with(path, &opts.clone().writable(true))?;
+    let before = crate::io::allocated_bytes(img.file()).map_err(|e| Error::io(path, "stat", e))?;
+    let zero_bytes;
+    match img.disk_type() {
+        Format::Raw | Format::Fixed => {
+            let file = img.file();
+            let size = img.virtual_size();
+            let mut zeros = 0u64;
+            let mut start = 0;
+            while start < size {
+                let len = WINDOW.min(size - start);
+                let extents = img.map(start, len)?;
+                let pieces = chunks(&extents, PIECE);
+                zeros += pieces
+                    .par_iter()
+                    .map(|c| -> Result<u64> {
+                        let d = chunk_bytes(&img, c)?;
+                        let mut runs = Vec::new();
+                        nonzero_runs(&d, c.offset, ZERO_UNIT, &mut runs);
+                        // Punch page-aligned zero gaps between the runs.
+                        let mut punched = 0;
+                        let mut pos = c.offset;
+                        let end = c.offset + c.len;
+                        for r in runs.iter().map(|r| (r.start, r.end)).chain(std::iter::once((end, end))) {
+                            let a = pos.div_ceil(ZERO_UNIT) * ZERO_UNIT;
+                            let b = r.0 / ZERO_UNIT * ZERO_UNIT;
+                            // Only whole pages inside the data area of the disk.
+                            let b = if r.0 == end && end == size { r.0 } else { b };
+                            if b > a {
+                                crate::io::punch_hole(file, a..b).map_err(|e| Error::io(path, "punch hole", e))?;
+                                punched += b - a;
+                            }
+                            pos = r.1;
+                        }
+                        Ok(punched)
+                    })
+                    .sum::<Result<u64>>()?;
+                start += len;
+            }
+            file.sync_all().map_err(|e| Error::io(path, "sync", e))?;
+            zero_bytes = zeros;
+        }
+        Format::Dynamic => {
+            let footer = img.footer().expect("dynamic has a footer").clone();
+            let opts_c = crate::ConvertOptions::new(crate::Target::Dynamic)
+                .block_size(u32::try_from(img.block_size()).unwrap_or(crate::write::DEFAULT_BLOCK_SIZE))
+                .overwrite(true);
+            let tmp = tempfile::Builder::new()
+                .prefix(".vhdkit-sparsify.")
+                .tempfile_in(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+                .map_err(|e| Error::io(path, "create temporary file beside", e))?;
+            let tmp_path = tmp.path().to_path_buf();
+            let opts_c = opts_c.identity(footer.clone());
+            let report = crate::convert::convert_image(&img, &tmp_path, &opts_c)?;
+            let freed = img.allocated_blocks() - report.allocated_blocks.unwrap_or(0);
+            zero_bytes = freed * img.block_size();
+            drop(img);
+            // The temporary file was renamed onto itself by convert; keep it and move it over the image.
+            tmp.persist(path).map_err(|e| Error::io(path, "rename into place", e.error))?;
+            let after = crate::io::allocated_bytes(&File::open(path).map_err(|e| Error::io(path, "open", e))?)
+                .map_err(|e| Error::io(path, "stat", e))?;
+            return Ok(SparsifyReport { allocated_before: before, allocated_after: after, zero_bytes });
+        }
+        Format::Differencing => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: a differencing disk cannot be sparsified: its zero blocks hide the parent's data",
+                path.display()
+            )))
+        }
+    }
+    let after = crate::io::allocated_bytes(img.file()).map_err(|e| Error::io(path, "stat", e))?;
+    Ok(SparsifyReport { allocated_before: before, allocated_after: after, zero_bytes })
+}
+
+// ---------------------------------------------------------------- resize
+
+/// Plans a resize of `path` to `new_size` bytes (rounded up to a whole MiB
+/// with `azure`, and to a sector always). Grows raw, fixed and dynamic
+/// images; shrinks only when the region cut away is all zero; refuses
+/// differencing disks (their parents fix the size).
+///
+/// Fixed images move their footer as in [`plan_in_place`]'s Azure case.
+/// Dynamic images update the BAT, header and both footers in that order,
+/// each a write that leaves a consistent image; when the BAT needs more
+/// entries than fit before the first block, the plan is `None` and
+/// [`resize`] rewrites the image to a new file renamed into place instead.
+pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InPlacePlan>> {
+    let path = img.path();
+    let mut new_size = new_size.div_ceil(SECTOR) * SECTOR;
+    if azure {
+        new_size = azure_size(new_size);
+    }
+    let size = img.virtual_size();
+    if img.disk_type() == Format::Differencing {
+        return Err(Error::InvalidArgument(format!(
+            "{}: a differencing disk cannot be resized: its parent fixes the size",
+            path.display()
+        )));
+    }
+    if img.disk_type() != Format::Raw && new_size > crate::write::MAX_VHD_SIZE {
+        return Err(Error::InvalidArgument(format!(
+            "{new_size} bytes is larger than a VHD can hold (2040 GiB)"
+        )));
+    }
+    if new_size < size {
+        if let Some(at) = first_nonzero_in(img, new_size, size)? {
+            return Err(Error::InvalidArgument(format!(
+                "{}: cannot shrink to {new_size} bytes: the region cut away holds data (first non-zero byte at {at})",
+                path.display()
+            )));
+        }
+    }
+    let mut steps = Vec::new();
+    let description = format!("{}: {size} -> {new_size} bytes", img.disk_type());
+    if new_size == size {
+        return Ok(Some(InPlacePlan { path: path.to_path_buf(), description: format!("already {size} bytes"), steps }));
+    }
+    match img.disk_type() {
+        Format::Raw => {
+            steps.push(Step::SetLen(new_size));
+            steps.push(Step::Sync);
+        }
+        Format::Fixed => {
+            let old = img.footer().expect("fixed").clone();
+            let mut f = old.clone();
+            f.current_size = new_size;
+            f.geometry = crate::ondisk::Geometry::for_size(new_size);
+            let old_at = img.data_end();
+            if new_size > size {
+                // Old footer copied to the new end: the old image with padding.
+                steps.push(Step::Write(new_size, old.to_bytes().to_vec()));
+                steps.push(Step::Sync);
+                steps.push(Step::PunchHole(old_at, new_size - old_at));
+                steps.push(Step::Sync);
+                steps.push(Step::Write(new_size, f.to_bytes().to_vec()));
+                steps.push(Step::Sync);
+            } else {
+                // The cut region is zero: the new footer goes there, then one
+                // truncation switches to the new image.
+                steps.push(Step::Write(new_size, f.to_bytes().to_vec()));
+                steps.push(Step::Sync);
+                steps.push(Step::SetLen(new_size + FOOTER_SIZE as u64));
+                steps.push(Step::Sync);
+            }
+        }
+        Format::Dynamic => {
+            let h = img.header().expect("dynamic").clone();
+            let bat = img.bat().expect("dynamic");
+            let bs = img.block_size();
+            let needed = new_size.div_ceil(bs);
+            let have = u64::from(h.max_table_entries);
+            let mut h2 = h.clone();
+            if needed > have {
+                // Room for more entries before anything that follows the BAT?
+                let bat_end = h.table_offset + needed * 4;
+                let mut next = img.data_end();
+                for (i, &e) in bat.entries.iter().enumerate() {
+                    if e != UNALLOCATED && (i as u64) < img.block_count() {
+                        next = next.min(u64::from(e) * SECTOR);
+                    }
+                }
+                for l in h.parent_locators.iter().filter(|l| !l.is_empty()) {
+                    if l.data_offset >= h.table_offset {
+                        next = next.min(l.data_offset);
+                    }
+                }
+                if img.header_offset() > h.table_offset {
+                    next = next.min(img.header_offset());
+                }
+                if bat_end > next {
+                    return Ok(None);
+                }
+                // New entries, unallocated, before the header points at them.
+                let fill = vec![0xffu8; ((needed - have) * 4) as usize];
+                for (k, piece) in fill.chunks(512).enumerate() {
+                    steps.push(Step::Write(h.table_offset + have * 4 + 512 * k as u64, piece.to_vec()));
+                }
+                steps.push(Step::Sync);
+                h2.max_table_entries = needed as u32;
+                steps.push(Step::Write(img.header_offset(), h2.to_bytes().to_vec()));
+                steps.push(Step::Sync);
+            } else if new_size < size {
+                // Free the blocks past the new end (their data is zero).
+                for b in needed..img.block_count() {
+                    if bat.entries[b as usize] != UNALLOCATED {
+                        steps.push(Step::Write(h.table_offset + 4 * b, UNALLOCATED.to_be_bytes().to_vec()));
+                    }
+                }
+                steps.push(Step::Sync);
+            }
+            let mut f = img.footer().expect("dynamic").clone();
+            f.current_size = new_size;
+            f.geometry = crate::ondisk::Geometry::for_size(new_size);
+            let fb = f.to_bytes().to_vec();
+            // The end footer (vhdkit's authority) first, then the copy (qemu's).
+            steps.push(Step::Write(img.data_end(), fb.clone()));
+            steps.push(Step::Sync);
+            steps.push(Step::Write(0, fb));
+            steps.push(Step::Sync);
+        }
+        Format::Differencing => unreachable!("refused above"),
+    }
+    Ok(Some(InPlacePlan { path: path.to_path_buf(), description, steps }))
+}
+
+/// Resizes the image at `path` in place (see [`plan_resize`]); returns what
+/// was done.
+///
+/// # Errors
+/// As [`plan_resize`], and I/O errors.
+pub fn resize(path: &Path, new_size: u64, azure: bool, opts: &OpenOptions) -> Result<String> {
+    let img = Image::open_with(path, opts)?;
+    match plan_resize(&img, new_size, azure)? {
+        Some(plan) => {
+            drop(img);
+            plan.run()?;
+            Ok(plan.description)
+        }
+        None => {
+            // Rewrite with a larger BAT into a temporary file, renamed over the image.
+            let mut target = new_size.div_ceil(SECTOR) * SECTOR;
+            if azure {
+                target = azure_size(target);
+            }
+            let footer = img.footer().expect("dynamic").clone();
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let tmp = tempfile::Builder::new()
+                .prefix(".vhdkit-resize.")
+                .tempfile_in(dir)
+                .map_err(|e| Error::io(path, "create temporary file beside", e))?;
+            let opts_c = crate::ConvertOptions::new(crate::Target::Dynamic)
+                .block_size(u32::try_from(img.block_size()).unwrap_or(crate::write::DEFAULT_BLOCK_SIZE))
+                .overwrite(true)
+                .identity(footer)
+                .virtual_size(target);
+            crate::convert::convert_image(&img, tmp.path(), &opts_c)?;
+            drop(img);
+            tmp.persist(path).map_err(|e| Error::io(path, "rename into place", e.error))?;
+            Ok(format!("dynamic: rewritten with {target} bytes (the BAT had no room to grow in place)"))
+        }
+    }
+}
+
+/// Refuses when `a` is `b` (for operations taking two paths).
+pub fn refuse_same(img: &Image, other: &Path) -> Result<()> {
+    refuse_self(img, other)
+}
+
+/// Whole MiB check used by callers: true when `size` is a whole MiB.
+pub fn is_whole_mib(size: u64) -> bool {
+    size % MIB == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_crc_matches_hashing_zeros() {
+        for n in [0u64, 1, 511, 4096, 4097, 100_000, 1 << 20] {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&vec![0u8; n as usize]);
+            assert_eq!(zeros_hasher(n).finalize(), h.finalize(), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn mismatch_positions() {
+        let a = vec![0u8; 10_000];
+        let mut b = a.clone();
+        assert_eq!(first_mismatch(&a, &b), None);
+        b[9_000] = 1;
+        assert_eq!(first_mismatch(&a, &b), Some(9_000));
+        assert_eq!(first_nonzero(&b), Some(9_000));
+        assert_eq!(first_nonzero(&a), None);
+    }
+}

@@ -111,6 +111,57 @@ enum Cmd {
         #[command(flatten)]
         open: OpenArgs,
     },
+    /// List the virtual disk as extents of data and zero
+    Map {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Do not scan data for zero pages: report the allocation only
+        #[arg(long)]
+        no_scan: bool,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
+    /// Compare the virtual contents of two images (exit 1 when they differ)
+    Compare {
+        a: PathBuf,
+        b: PathBuf,
+        /// Images of different sizes differ (otherwise the extra must be zero)
+        #[arg(long)]
+        strict_size: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
+    /// CRC-32 of the virtual content, the same for every form of one disk
+    Checksum {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
+    /// Make zero regions cost no disk space, in place
+    Sparsify {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
+    /// Grow an image (or shrink it when the cut region is all zero), in place
+    Resize {
+        image: PathBuf,
+        /// The new virtual size: bytes, or with K/M/G/T (binary)
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Round the size up to a whole MiB
+        #[arg(long)]
+        azure: bool,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
 }
 
 /// Parses `4096`, `512K`, `2M`, `1.5G`, `2T` (binary units, like qemu-img).
@@ -204,7 +255,7 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                         "--in-place takes one image, no output".into(),
                     ));
                 }
-                return in_place_convert(&input, target, azure, quiet, json);
+                return in_place_convert(&input, target, azure, quiet, json, &open);
             }
             let Some(output) = output else {
                 return Err(vhdkit::Error::InvalidArgument(
@@ -226,7 +277,100 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             }
             convert(&input, &output, opts, quiet, json)
         }
+        Cmd::Map { image, json, no_scan, open } => map_cmd(&image, json, !no_scan, &open),
+        Cmd::Compare { a, b, strict_size, json, open } => compare_cmd(&a, &b, strict_size, json, &open),
+        Cmd::Checksum { image, json, open } => checksum_cmd(&image, json, &open),
+        Cmd::Sparsify { image, json, open } => sparsify_cmd(&image, json, &open),
+        Cmd::Resize { image, size, azure, open } => {
+            let done = vhdkit::ops::resize(&image, size, azure, &open.options())?;
+            println!("{}: {done}", image.display());
+            Ok(OK)
+        }
     }
+}
+
+fn map_cmd(path: &PathBuf, as_json: bool, scan: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+    let img = Image::open_with(path, &open.options())?;
+    let extents = vhdkit::ops::map(&img, scan)?;
+    if as_json {
+        let v: Vec<Value> = extents
+            .iter()
+            .map(|e| {
+                let mut o = json!({"offset": e.offset, "length": e.length, "data": e.data});
+                if let (Some(f), Some(fo)) = (&e.file, e.file_offset) {
+                    o["file"] = json!(f.display().to_string());
+                    o["file_offset"] = json!(fo);
+                }
+                o
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&v).expect("json"));
+        return Ok(OK);
+    }
+    println!("{:>16} {:>16}  {:<5} {:>16}  file", "offset", "length", "kind", "file offset");
+    for e in &extents {
+        println!(
+            "{:>16} {:>16}  {:<5} {:>16}  {}",
+            e.offset,
+            e.length,
+            if e.data { "data" } else { "zero" },
+            e.file_offset.map(|o| o.to_string()).unwrap_or_default(),
+            e.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default()
+        );
+    }
+    let data: u64 = extents.iter().filter(|e| e.data).map(|e| e.length).sum();
+    println!("{} extents, {} data, {} zero", extents.len(), human(data), human(img.virtual_size() - data));
+    Ok(OK)
+}
+
+fn compare_cmd(a: &PathBuf, b: &PathBuf, strict: bool, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+    let ia = Image::open_with(a, &open.options())?;
+    let ib = Image::open_with(b, &open.options())?;
+    let c = vhdkit::ops::compare(&ia, &ib, strict)?;
+    if as_json {
+        let v = json!({"equal": c.equal(), "first_difference": c.first_difference, "size_a": c.size_a, "size_b": c.size_b});
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+    } else {
+        match c.first_difference {
+            None if c.size_a == c.size_b => println!("Images are identical."),
+            None => println!("Images are identical (sizes {} and {}; the extra is zero).", c.size_a, c.size_b),
+            Some(at) if strict && c.size_a != c.size_b && at == c.size_a.min(c.size_b) => {
+                println!("Image sizes differ: {} and {} bytes", c.size_a, c.size_b)
+            }
+            Some(at) => println!("Content mismatch at offset {at}"),
+        }
+    }
+    Ok(if c.equal() { OK } else { PROBLEM })
+}
+
+fn checksum_cmd(path: &PathBuf, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+    let img = Image::open_with(path, &open.options())?;
+    let (crc, size) = vhdkit::ops::checksum(&img)?;
+    if as_json {
+        println!("{}", json!({"crc32": format!("{crc:08x}"), "size": size}));
+    } else {
+        println!("{crc:08x} {size} {}", path.display());
+    }
+    Ok(OK)
+}
+
+fn sparsify_cmd(path: &PathBuf, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+    let r = vhdkit::ops::sparsify(path, &open.options())?;
+    if as_json {
+        println!(
+            "{}",
+            json!({"allocated_before": r.allocated_before, "allocated_after": r.allocated_after, "zero_bytes": r.zero_bytes})
+        );
+    } else {
+        println!(
+            "{}: {} on disk before, {} after ({} of zeros released)",
+            path.display(),
+            human(r.allocated_before),
+            human(r.allocated_after),
+            human(r.zero_bytes)
+        );
+    }
+    Ok(OK)
 }
 
 fn human(bytes: u64) -> String {
@@ -508,11 +652,24 @@ fn convert(
 }
 
 fn in_place_convert(
-    _image: &PathBuf,
-    _target: Target,
-    _azure: bool,
-    _quiet: bool,
-    _json: bool,
+    image: &PathBuf,
+    target: Target,
+    azure: bool,
+    quiet: bool,
+    as_json: bool,
+    open: &OpenArgs,
 ) -> vhdkit::Result<u8> {
-    Err(vhdkit::Error::InvalidArgument("--in-place is not available yet".into()))
+    let to = match target {
+        Target::Raw => Format::Raw,
+        Target::Fixed => Format::Fixed,
+        Target::Dynamic => Format::Dynamic,
+    };
+    let plan = vhdkit::ops::plan_in_place(image, to, azure, &open.options())?;
+    plan.run()?;
+    if as_json {
+        println!("{}", json!({"image": image.display().to_string(), "done": plan.description}));
+    } else if !quiet {
+        println!("{}: {}", image.display(), plan.description);
+    }
+    Ok(OK)
 }

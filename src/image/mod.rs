@@ -9,6 +9,7 @@ mod map;
 mod parent;
 mod reader;
 
+pub(crate) use map::push_extent;
 pub use map::{Extent, ExtentKind};
 pub use reader::Reader;
 
