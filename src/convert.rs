@@ -297,7 +297,6 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
                     Ok(())
                 };
                 walk(img, opts, &stats, &plan, &dest, file, out.temp_path())?;
-                drop(dest);
                 let (bat, allocated) = slots.into_inner().expect("slot lock");
                 let len = layout.file_len(allocated);
                 file.set_len(len).map_err(|e| Error::io(out.temp_path(), "set length", e))?;
@@ -400,7 +399,7 @@ fn check_cancel(opts: &ConvertOptions) -> Result<()> {
 /// Virtual bytes per window of the walk: the map of one window is held at a time.
 const WINDOW: u64 = 1 << 30;
 /// Largest chunk one worker scans and writes at a time.
-const CHUNK: u64 = 4 << 20;
+const CHUNK: u64 = 2 << 20;
 
 /// A run of data: virtual range and where it lives.
 #[derive(Clone, Copy, Debug)]
@@ -433,7 +432,7 @@ pub(crate) fn chunks(extents: &[Extent], align: u64) -> Vec<Chunk> {
 }
 
 /// Chunks waiting for the writer: bounds the memory held in windows.
-const QUEUE: usize = 4;
+const QUEUE: usize = 2;
 
 /// A scanned chunk on its way to the writer.
 struct WriteJob {
@@ -523,13 +522,16 @@ fn copy_chunks(
     })
 }
 
+/// Receives, per window, the blocks that hold data: `(block, keep)`.
+type PlanFn<'a> = dyn Fn(&[(u64, bool)]) -> Result<()> + Sync + 'a;
+
 /// The walk shared by every target: for each window, map, plan blocks
 /// (dynamic), copy chunks in parallel.
 fn walk(
     img: &Image,
     opts: &ConvertOptions,
     stats: &Stats,
-    plan: &(dyn Fn(&[(u64, bool)]) -> Result<()> + Sync),
+    plan: &PlanFn<'_>,
     dest: &Dest<'_>,
     out: &File,
     out_path: &Path,

@@ -6,7 +6,7 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -289,7 +289,7 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
     }
 }
 
-fn map_cmd(path: &PathBuf, as_json: bool, scan: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+fn map_cmd(path: &Path, as_json: bool, scan: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     let img = Image::open_with(path, &open.options())?;
     let extents = vhdkit::ops::map(&img, scan)?;
     if as_json {
@@ -323,7 +323,7 @@ fn map_cmd(path: &PathBuf, as_json: bool, scan: bool, open: &OpenArgs) -> vhdkit
     Ok(OK)
 }
 
-fn compare_cmd(a: &PathBuf, b: &PathBuf, strict: bool, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+fn compare_cmd(a: &Path, b: &Path, strict: bool, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     let ia = Image::open_with(a, &open.options())?;
     let ib = Image::open_with(b, &open.options())?;
     let c = vhdkit::ops::compare(&ia, &ib, strict)?;
@@ -343,7 +343,7 @@ fn compare_cmd(a: &PathBuf, b: &PathBuf, strict: bool, as_json: bool, open: &Ope
     Ok(if c.equal() { OK } else { PROBLEM })
 }
 
-fn checksum_cmd(path: &PathBuf, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+fn checksum_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     let img = Image::open_with(path, &open.options())?;
     let (crc, size) = vhdkit::ops::checksum(&img)?;
     if as_json {
@@ -354,7 +354,7 @@ fn checksum_cmd(path: &PathBuf, as_json: bool, open: &OpenArgs) -> vhdkit::Resul
     Ok(OK)
 }
 
-fn sparsify_cmd(path: &PathBuf, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+fn sparsify_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     let r = vhdkit::ops::sparsify(path, &open.options())?;
     if as_json {
         println!(
@@ -388,7 +388,7 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn open_for_info(path: &PathBuf, open: &OpenArgs) -> vhdkit::Result<Image> {
+fn open_for_info(path: &Path, open: &OpenArgs) -> vhdkit::Result<Image> {
     match Image::open_with(path, &open.options()) {
         Err(vhdkit::Error::ParentNotFound { .. }) => {
             // Describe the child even when its parent is missing.
@@ -457,7 +457,7 @@ fn info_json(img: &Image) -> Value {
     v
 }
 
-fn info(path: &PathBuf, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     let img = open_for_info(path, open)?;
     let v = info_json(&img);
     if as_json {
@@ -519,7 +519,7 @@ fn info(path: &PathBuf, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     Ok(OK)
 }
 
-fn check(path: &PathBuf, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     let report = vhdkit::check(
         path,
         &vhdkit::CheckOptions {
@@ -607,8 +607,8 @@ fn cancel_flag() -> Arc<AtomicBool> {
 }
 
 fn convert(
-    input: &PathBuf,
-    output: &PathBuf,
+    input: &Path,
+    output: &Path,
     mut opts: ConvertOptions,
     quiet: bool,
     as_json: bool,
@@ -652,7 +652,7 @@ fn convert(
 }
 
 fn in_place_convert(
-    image: &PathBuf,
+    image: &Path,
     target: Target,
     azure: bool,
     quiet: bool,

@@ -66,6 +66,9 @@ pub struct OpenOptions {
     pub(crate) max_bat_entries: u64,
     pub(crate) max_chain_depth: usize,
     pub(crate) writable: bool,
+    /// Open the file alone, without looking for its parent (used to check a
+    /// candidate parent's unique id before walking further).
+    pub(crate) shallow: bool,
 }
 
 impl Default for OpenOptions {
@@ -80,6 +83,7 @@ impl Default for OpenOptions {
             max_bat_entries: 1 << 24,
             max_chain_depth: 32,
             writable: false,
+            shallow: false,
         }
     }
 }
@@ -106,7 +110,8 @@ impl OpenOptions {
         self.parents.push(path.into());
         self
     }
-    /// Allows parents to be opened from this folder, besides the child's own.
+    /// Allows parents to be opened from this folder, besides the child's
+    /// own, and looks in it for the file names the child's locators give.
     pub fn parent_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.parent_dirs.push(dir.into());
         self
@@ -195,7 +200,7 @@ impl Image {
     /// [`Error::Limit`] when the file asks for more than the options allow.
     pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
-        let mut visited = Vec::new();
+        let mut visited = parent::Walk::default();
         Self::open_level(path, opts, 0, &mut visited)
     }
 
@@ -203,7 +208,7 @@ impl Image {
     /// collected rather than returned. Returns the image when the walk got
     /// through, and every problem found either way.
     pub(crate) fn open_collect(path: &Path, opts: &OpenOptions) -> (Option<Image>, Vec<Error>) {
-        let mut visited = Vec::new();
+        let mut visited = parent::Walk::default();
         let mut problems = Vec::new();
         match Self::open_level_mode(path, opts, 0, &mut visited, Some(&mut problems)) {
             Ok(img) => (Some(img), problems),
@@ -218,7 +223,7 @@ impl Image {
         path: &Path,
         opts: &OpenOptions,
         depth: usize,
-        visited: &mut Vec<PathBuf>,
+        visited: &mut parent::Walk,
     ) -> Result<Image> {
         Self::open_level_mode(path, opts, depth, visited, None)
     }
@@ -227,7 +232,7 @@ impl Image {
         path: &Path,
         opts: &OpenOptions,
         depth: usize,
-        visited: &mut Vec<PathBuf>,
+        visited: &mut parent::Walk,
         collect: Option<&mut Vec<Error>>,
     ) -> Result<Image> {
         let file = std::fs::OpenOptions::new()
@@ -273,13 +278,18 @@ impl Image {
             Ok(())
         };
         let mut result = detected.map(|_| ());
-        if result.is_ok() && img.format == Format::Differencing {
-            visited.push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
+        if result.is_ok() && img.format == Format::Differencing && !opts.shallow {
+            visited
+                .path
+                .push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
             result = parent::resolve(&mut img, opts, depth, visited);
+            visited.path.pop();
             if let (Err(Error::ParentNotFound { .. }), Some(_)) = (&result, &img.diag) {
                 img.parent_missing = true;
                 let e = std::mem::replace(&mut result, Ok(()));
-                img.diag.as_mut().map(|d| d.push(e.unwrap_err()));
+                if let (Some(d), Err(e)) = (img.diag.as_mut(), e) {
+                    d.push(e);
+                }
             }
         }
         if let (Some(out), Some(found)) = (collect, img.diag.take()) {
@@ -370,7 +380,17 @@ impl Image {
                     ));
                     (copy, FooterSource::Copy, len)
                 }
-                None => return Ok(()), // raw
+                None => {
+                    // Raw: no footer anywhere. A VHD format forced by the
+                    // caller cannot be honoured without one.
+                    if let Some(forced) = opts.format {
+                        return Err(Error::InvalidArgument(format!(
+                            "{}: no VHD footer at the end or at offset 0, so not {forced}",
+                            self.path.display()
+                        )));
+                    }
+                    return Ok(());
+                }
             },
         };
         let foot_at = if source == FooterSource::Copy { 0 } else { data_end };
@@ -437,13 +457,18 @@ impl Image {
         let footer = self.footer.clone().expect("footer set before load_dynamic");
         let end = self.data_end;
         let hdr_at = footer.data_offset;
+        let footer_structure = if self.footer_source == Some(FooterSource::Copy) {
+            Structure::FooterCopy
+        } else {
+            Structure::Footer
+        };
         if hdr_at < SECTOR
             || hdr_at
                 .checked_add(HEADER_SIZE as u64)
                 .is_none_or(|e| e > end)
         {
             return Err(Error::corrupt(
-                Structure::Footer,
+                footer_structure,
                 "data offset",
                 foot_at + 16,
                 format!("{hdr_at:#x}"),
@@ -522,12 +547,19 @@ impl Image {
     /// metadata nor another block.
     fn validate_layout(&mut self, header: &DynamicHeader, bat: &Bat, needed: u64) -> Result<()> {
         let tbl = header.table_offset;
-        let mut regions = metadata_regions(self, header, bat.entries.len() as u64);
-        for (i, &e) in bat.entries.iter().enumerate() {
-            if e == UNALLOCATED || i as u64 >= needed {
-                continue;
-            }
-            let (start, end) = self.block_span(i as u64, e);
+        // The metadata among itself first: a BAT over the header, say, makes
+        // every entry read from it meaningless.
+        let mut meta = metadata_regions(self, header, bat.entries.len() as u64);
+        meta.sort_by_key(|r| (r.start, r.end));
+        self.report_overlaps(header, meta.iter().cloned(), false)?;
+        // Then the blocks. They are kept as indices sorted by file offset, 4
+        // bytes per block: the BAT may hold millions of entries, and the
+        // bookkeeping must stay within the size of the BAT itself.
+        let in_disk = |&(i, e): &(usize, &u32)| *e != UNALLOCATED && (i as u64) < needed;
+        let count = bat.entries.iter().enumerate().filter(in_disk).count();
+        let mut blocks: Vec<u32> = Vec::with_capacity(count);
+        for (i, &e) in bat.entries.iter().enumerate().filter(in_disk) {
+            let (_, end) = self.block_span(i as u64, e);
             if end > self.data_end {
                 self.report(Error::corrupt(
                     Structure::BatEntry(i as u64),
@@ -541,27 +573,66 @@ impl Image {
                 ))?;
                 continue;
             }
-            regions.push(Region {
-                start,
-                end,
-                what: RegionKind::Block(i as u64),
-            });
+            // Entries number at most u32::MAX (the field is a u32).
+            blocks.push(i as u32);
         }
-        regions.sort_by_key(|r| (r.start, r.end));
-        // Sweep: each region against the one reaching furthest before it.
+        let (size, bs, bm) = (self.virtual_size, self.block_size, self.bitmap_size);
+        let span = |i: u32| block_span_of(size, bs, bm, u64::from(i), bat.entries[i as usize]);
+        blocks.sort_unstable_by_key(|&i| (span(i), i));
+        // Metadata and blocks merged in (start, end) order.
+        let mut meta = meta.into_iter().peekable();
+        let mut blocks = blocks.into_iter().peekable();
+        let merged = std::iter::from_fn(move || {
+            let next_block = blocks.peek().map(|&i| (span(i), i));
+            match (meta.peek(), next_block) {
+                (Some(m), Some(((s, e), _))) if (m.start, m.end) <= (s, e) => meta.next(),
+                (_, Some(((start, end), i))) => {
+                    blocks.next();
+                    Some(Region {
+                        start,
+                        end,
+                        what: RegionKind::Block(u64::from(i)),
+                    })
+                }
+                (Some(_), None) => meta.next(),
+                (None, None) => None,
+            }
+        });
+        self.report_overlaps(header, merged, true)
+    }
+
+    /// Reports regions (in `(start, end)` order) that overlap: each against
+    /// the one reaching furthest before it. With `blocks_only`, overlaps
+    /// between two pieces of metadata are left out (already reported).
+    fn report_overlaps(
+        &mut self,
+        header: &DynamicHeader,
+        regions: impl Iterator<Item = Region>,
+        blocks_only: bool,
+    ) -> Result<()> {
+        // Who is to blame for an overlap: a block before a locator before
+        // the rest (the BAT's place is the table offset's doing).
+        let rank = |r: &Region| match r.what {
+            RegionKind::Block(_) => 2,
+            RegionKind::Locator(_) => 1,
+            _ => 0,
+        };
         let mut reach: Option<Region> = None;
         for r in regions {
             if let Some(a) = &reach {
-                if a.end > r.start {
-                    let (culprit, other) = if matches!(r.what, RegionKind::Block(_)) {
-                        (&r, a)
-                    } else {
-                        (a, &r)
-                    };
+                if a.end > r.start && (!blocks_only || rank(a) == 2 || rank(&r) == 2) {
+                    let (culprit, other) = if rank(&r) >= rank(a) { (&r, a) } else { (a, &r) };
                     let (structure, field, at) = match culprit.what {
-                        RegionKind::Block(i) => {
-                            (Structure::BatEntry(i), "block sector offset", tbl + 4 * i)
-                        }
+                        RegionKind::Block(i) => (
+                            Structure::BatEntry(i),
+                            "block sector offset",
+                            header.table_offset + 4 * i,
+                        ),
+                        RegionKind::Locator(i) => (
+                            Structure::ParentLocator(i),
+                            "platform data offset",
+                            self.header_offset + 576 + 24 * i as u64 + 16,
+                        ),
                         _ => (Structure::DynamicHeader, "table offset", self.header_offset + 16),
                     };
                     let e = Error::corrupt(
@@ -587,13 +658,7 @@ impl Image {
     /// File bytes that block `i` (BAT entry `e`) must occupy: its bitmap and
     /// the sectors of its data that lie inside the virtual disk.
     pub(crate) fn block_span(&self, i: u64, e: u32) -> (u64, u64) {
-        let start = u64::from(e) * SECTOR;
-        let in_disk = self
-            .virtual_size
-            .saturating_sub(i * self.block_size)
-            .min(self.block_size);
-        let data = in_disk.div_ceil(SECTOR) * SECTOR;
-        (start, start + self.bitmap_size + data)
+        block_span_of(self.virtual_size, self.block_size, self.bitmap_size, i, e)
     }
 
     /// The file's path.
@@ -699,6 +764,18 @@ impl Image {
             None => 0,
         }
     }
+}
+
+/// [`Image::block_span`] from the image's sizes: the file bytes block `i`
+/// (BAT entry `e`) occupies, its bitmap and its sectors inside the disk.
+fn block_span_of(virtual_size: u64, block_size: u64, bitmap_size: u64, i: u64, e: u32) -> (u64, u64) {
+    let start = u64::from(e) * SECTOR;
+    let in_disk = virtual_size
+        .saturating_sub(i.saturating_mul(block_size))
+        .min(block_size);
+    let data = in_disk.div_ceil(SECTOR) * SECTOR;
+    // At most (2^32 - 1) * 512 + 512 KiB + 2 GiB: no overflow.
+    (start, start + bitmap_size + data)
 }
 
 /// A byte range of the file that belongs to one structure.

@@ -5,9 +5,10 @@
 //! unicode name. A path from the image is only a hint: relative paths are
 //! taken against the child's folder, absolute ones are reduced to their file
 //! name in the child's folder (POSIX absolute paths from `MacX` are tried as
-//! they are too), and a candidate is opened only if it lies, after resolving
-//! links, in the child's folder, a folder the caller allowed, or is a file
-//! the caller named. A hostile image cannot make vhdkit open anything else.
+//! they are too), every hint's file name is also looked for in the folders
+//! the caller allowed, and a candidate is opened only if it lies, after
+//! resolving links, in the child's folder, a folder the caller allowed, or is
+//! a file the caller named. A hostile image cannot make vhdkit open anything else.
 //! The parent's unique id must equal the child's header's parent unique id;
 //! depth is limited and loops are refused.
 
@@ -84,6 +85,19 @@ pub(crate) fn candidates(hint: &str, child_dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The state of one walk up a parent chain.
+#[derive(Debug, Default)]
+pub(crate) struct Walk {
+    /// The differencing disks being resolved, child first: a candidate
+    /// parent with the right unique id that is already here is a loop.
+    pub(crate) path: Vec<PathBuf>,
+    /// Candidates whose own parents could not be resolved. Resolving them
+    /// again cannot succeed, so each is walked at most once: a folder of
+    /// hostile images that name each other costs time in proportion to
+    /// their number, not to the number of paths through them.
+    pub(crate) failed: Vec<PathBuf>,
+}
+
 fn canon(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
@@ -92,7 +106,7 @@ pub(crate) fn resolve(
     img: &mut Image,
     opts: &OpenOptions,
     depth: usize,
-    visited: &mut Vec<PathBuf>,
+    walk: &mut Walk,
 ) -> Result<()> {
     if depth >= opts.max_chain_depth {
         return Err(Error::Limit {
@@ -164,8 +178,34 @@ pub(crate) fn resolve(
         for c in candidates(hint, &child_dir) {
             paths.push((format!("{source} {hint:?}"), c));
         }
+        // A folder the caller allowed is also searched for the file name,
+        // so that a parent moved there is found.
+        let unified = hint.replace('\\', "/");
+        let file_name = unified
+            .rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty() && *n != "." && *n != "..");
+        if let Some(name) = file_name {
+            for dir in &opts.parent_dirs {
+                paths.push((
+                    format!("{source} {hint:?} in an allowed folder"),
+                    dir.join(name),
+                ));
+            }
+        }
     }
 
+    // Parents are opened read-only and detected, whatever was asked of the child.
+    let popts = OpenOptions {
+        format: None,
+        writable: false,
+        shallow: false,
+        ..opts.clone()
+    };
+    let alone = OpenOptions {
+        shallow: true,
+        ..popts.clone()
+    };
     let mut seen: Vec<PathBuf> = Vec::new();
     for (source, p) in paths {
         let real = match std::fs::canonicalize(&p) {
@@ -191,24 +231,19 @@ pub(crate) fn resolve(
             ));
             continue;
         }
-        if visited.contains(&real) {
-            return Err(Error::corrupt(
-                Structure::ParentChain,
-                "parent unique id",
-                img.header_offset + 40,
-                format!("a loop back to {}", real.display()),
-                "a chain that ends in a non-differencing disk",
-            )
-            .with_path(&img.path));
+        if false && walk.failed.contains(&real) {
+            tried.push(format!(
+                "{}: {} was tried already and its own parent was not found",
+                source,
+                real.display()
+            ));
+            continue;
         }
-        let parent = match Image::open_level(&real, opts, depth + 1, visited) {
+        // The candidate alone first: its unique id decides whether it is the
+        // parent, before any of its own parents is looked for. (A file the
+        // caller named for another link of the chain is passed over here.)
+        let mut parent = match Image::open_level(&real, &alone, depth + 1, walk) {
             Ok(p) => p,
-            Err(e @ (Error::Limit { .. } | Error::Corrupt(_)))
-                if matches!(&e, Error::Limit { .. })
-                    || matches!(&e, Error::Corrupt(c) if c.structure == Structure::ParentChain) =>
-            {
-                return Err(e)
-            }
             Err(e) => {
                 tried.push(format!("{}: {} could not be opened: {e}", source, real.display()));
                 continue;
@@ -226,6 +261,35 @@ pub(crate) fn resolve(
         if parent.format == super::Format::Raw {
             tried.push(format!("{}: {} is not a VHD", source, real.display()));
             continue;
+        }
+        if walk.path.contains(&real) {
+            return Err(Error::corrupt(
+                Structure::ParentChain,
+                "parent unique id",
+                img.header_offset + 40,
+                format!("a loop back to {}", real.display()),
+                "a chain that ends in a non-differencing disk",
+            )
+            .with_path(&img.path));
+        }
+        if parent.format == super::Format::Differencing {
+            walk.path.push(real.clone());
+            let r = resolve(&mut parent, &popts, depth + 1, walk);
+            walk.path.pop();
+            match r {
+                Ok(()) => {}
+                Err(e @ (Error::Limit { .. } | Error::Corrupt(_)))
+                    if matches!(&e, Error::Limit { .. })
+                        || matches!(&e, Error::Corrupt(c) if c.structure == Structure::ParentChain) =>
+                {
+                    return Err(e)
+                }
+                Err(e) => {
+                    walk.failed.push(real.clone());
+                    tried.push(format!("{}: {} could not be opened: {e}", source, real.display()));
+                    continue;
+                }
+            }
         }
         if parent.virtual_size() != img.virtual_size() {
             img.warnings.push(format!(
