@@ -573,9 +573,18 @@ fn walk(
                     let mut examined = 0;
                     for c in &work[lo..hi] {
                         let f = img.layer(c.layer).expect("layer").file();
-                        let mut pos = 0;
+                        // Data blocks almost always show a non-zero byte in
+                        // their first page: one small read settles them
+                        // without mapping the block.
+                        let probe = c.len.min(ZERO_UNIT);
+                        let nz = with_bytes(f, c.file_offset, probe, |d| !is_zero(d))
+                            .map_err(|e| Error::io(img.path(), "read", e))?;
+                        if nz {
+                            return Ok(true);
+                        }
+                        let mut pos = probe;
                         while pos < c.len {
-                            let n = (c.len - pos).min(1 << 20);
+                            let n = (c.len - pos).min(CHUNK);
                             let nz = with_bytes(f, c.file_offset + pos, n, |d| !is_zero(d))
                                 .map_err(|e| Error::io(img.path(), "read", e))?;
                             if nz {
