@@ -53,6 +53,8 @@ pub struct ConvertOptions {
     pub(crate) sync: bool,
     pub(crate) identity: Option<crate::ondisk::Footer>,
     pub(crate) size: Option<u64>,
+    /// The output replaces the input itself (sparsify, resize).
+    pub(crate) rewrite: bool,
     pub(crate) open: OpenOptions,
     pub(crate) progress: Option<Arc<dyn Progress>>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
@@ -87,6 +89,7 @@ impl ConvertOptions {
             sync: true,
             identity: None,
             size: None,
+            rewrite: false,
             open: OpenOptions::default(),
             progress: None,
             cancel: None,
@@ -237,7 +240,9 @@ pub(crate) fn refuse_self(img: &Image, output: &Path) -> Result<()> {
 pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Result<Report> {
     opts.validate()?;
     let started = Instant::now();
-    refuse_self(img, output)?;
+    if !opts.rewrite {
+        refuse_self(img, output)?;
+    }
     let input_size = img.virtual_size();
     let wanted = opts.size.unwrap_or(input_size);
     if wanted < input_size {

@@ -529,6 +529,8 @@ pub struct SparsifyReport {
     pub allocated_after: u64,
     /// Zero bytes made holes (raw, fixed) or blocks freed (dynamic) × block size.
     pub zero_bytes: u64,
+    /// All-zero blocks freed (dynamic images).
+    pub freed_blocks: Option<u64>,
 }
 
 /// Makes every zero region of an image cost no disk space, in place:
@@ -585,25 +587,13 @@ pub fn sparsify(path: &Path, opts: &OpenOptions) -> Result<SparsifyReport> {
             zero_bytes = zeros;
         }
         Format::Dynamic => {
-            let footer = img.footer().expect("dynamic has a footer").clone();
-            let opts_c = crate::ConvertOptions::new(crate::Target::Dynamic)
-                .block_size(u32::try_from(img.block_size()).unwrap_or(crate::write::DEFAULT_BLOCK_SIZE))
-                .overwrite(true);
-            let tmp = tempfile::Builder::new()
-                .prefix(".vhdkit-sparsify.")
-                .tempfile_in(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
-                .map_err(|e| Error::io(path, "create temporary file beside", e))?;
-            let tmp_path = tmp.path().to_path_buf();
-            let opts_c = opts_c.identity(footer.clone());
-            let report = crate::convert::convert_image(&img, &tmp_path, &opts_c)?;
+            let report = rewrite_dynamic(&img, None)?;
             let freed = img.allocated_blocks() - report.allocated_blocks.unwrap_or(0);
-            zero_bytes = freed * img.block_size();
+            let bs = img.block_size();
             drop(img);
-            // The temporary file was renamed onto itself by convert; keep it and move it over the image.
-            tmp.persist(path).map_err(|e| Error::io(path, "rename into place", e.error))?;
             let after = crate::io::allocated_bytes(&File::open(path).map_err(|e| Error::io(path, "open", e))?)
                 .map_err(|e| Error::io(path, "stat", e))?;
-            return Ok(SparsifyReport { allocated_before: before, allocated_after: after, zero_bytes });
+            return Ok(SparsifyReport { allocated_before: before, allocated_after: after, zero_bytes: freed * bs, freed_blocks: Some(freed) });
         }
         Format::Differencing => {
             return Err(Error::InvalidArgument(format!(
@@ -613,7 +603,7 @@ pub fn sparsify(path: &Path, opts: &OpenOptions) -> Result<SparsifyReport> {
         }
     }
     let after = crate::io::allocated_bytes(img.file()).map_err(|e| Error::io(path, "stat", e))?;
-    Ok(SparsifyReport { allocated_before: before, allocated_after: after, zero_bytes })
+    Ok(SparsifyReport { allocated_before: before, allocated_after: after, zero_bytes, freed_blocks: None })
 }
 
 // ---------------------------------------------------------------- resize
@@ -766,23 +756,27 @@ pub fn resize(path: &Path, new_size: u64, azure: bool, opts: &OpenOptions) -> Re
             if azure {
                 target = azure_size(target);
             }
-            let footer = img.footer().expect("dynamic").clone();
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let tmp = tempfile::Builder::new()
-                .prefix(".vhdkit-resize.")
-                .tempfile_in(dir)
-                .map_err(|e| Error::io(path, "create temporary file beside", e))?;
-            let opts_c = crate::ConvertOptions::new(crate::Target::Dynamic)
-                .block_size(u32::try_from(img.block_size()).unwrap_or(crate::write::DEFAULT_BLOCK_SIZE))
-                .overwrite(true)
-                .identity(footer)
-                .virtual_size(target);
-            crate::convert::convert_image(&img, tmp.path(), &opts_c)?;
-            drop(img);
-            tmp.persist(path).map_err(|e| Error::io(path, "rename into place", e.error))?;
+            rewrite_dynamic(&img, Some(target))?;
             Ok(format!("dynamic: rewritten with {target} bytes (the BAT had no room to grow in place)"))
         }
     }
+}
+
+/// Rewrites a dynamic image over itself: compactly (no all-zero blocks),
+/// with the same block size and identity (unique id, creator, timestamp),
+/// optionally larger. The new file is written beside the image and renamed
+/// over it when complete, keeping its mode; until then the old image is
+/// untouched.
+fn rewrite_dynamic(img: &Image, size: Option<u64>) -> Result<crate::Report> {
+    let mut o = crate::ConvertOptions::new(crate::Target::Dynamic)
+        .block_size(u32::try_from(img.block_size()).unwrap_or(crate::write::DEFAULT_BLOCK_SIZE))
+        .overwrite(true)
+        .identity(img.footer().expect("dynamic has a footer").clone());
+    if let Some(s) = size {
+        o = o.virtual_size(s);
+    }
+    o.rewrite = true;
+    crate::convert::convert_image(img, img.path(), &o)
 }
 
 /// Refuses when `a` is `b` (for operations taking two paths).

@@ -157,9 +157,16 @@ impl AtomicOutput {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // An ordinary file's mode (0666 less the umask), not tempfile's 0600;
+        // a rewrite in place keeps the replaced file's mode.
+        let mode = match std::fs::metadata(target) {
+            Ok(m) if overwrite => m.permissions(),
+            _ => std::os::unix::fs::PermissionsExt::from_mode(0o666),
+        };
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
             .suffix(".vhdkit-tmp")
+            .permissions(mode)
             .tempfile_in(&dir)
             .map_err(|e| Error::io(&dir, "create temporary file in", e))?;
         Ok(AtomicOutput {
@@ -249,6 +256,8 @@ mod tests {
         o.file().write_all_at(b"done", 0).unwrap();
         o.commit(true).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"done");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&target).unwrap().permissions());
+        assert_eq!(mode & 0o644, 0o644, "an ordinary file's mode, not 0600: {mode:o}");
         assert!(matches!(AtomicOutput::create(&target, false), Err(Error::OutputExists(_))));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }

@@ -359,15 +359,19 @@ fn sparsify_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u
     if as_json {
         println!(
             "{}",
-            json!({"allocated_before": r.allocated_before, "allocated_after": r.allocated_after, "zero_bytes": r.zero_bytes})
+            json!({"allocated_before": r.allocated_before, "allocated_after": r.allocated_after,
+                   "zero_bytes": r.zero_bytes, "freed_blocks": r.freed_blocks})
         );
     } else {
+        let what = match r.freed_blocks {
+            Some(n) => format!("{n} all-zero blocks freed, the image rewritten compactly"),
+            None => format!("{} of zero pages made holes", human(r.zero_bytes)),
+        };
         println!(
-            "{}: {} on disk before, {} after ({} of zeros released)",
+            "{}: {} on disk before, {} after ({what})",
             path.display(),
             human(r.allocated_before),
             human(r.allocated_after),
-            human(r.zero_bytes)
         );
     }
     Ok(OK)

@@ -133,7 +133,13 @@ impl Image {
                             },
                         );
                     }
-                    None => push_extent(out, Extent { kind: ExtentKind::Zero, ..e }),
+                    None => push_extent(
+                        out,
+                        Extent {
+                            kind: ExtentKind::Zero,
+                            ..e
+                        },
+                    ),
                 },
                 ExtentKind::Data { file_offset, .. } => push_extent(
                     out,
@@ -159,18 +165,35 @@ impl Image {
                     .map_err(|e| Error::io(&self.path, "seek data/hole", e))?;
                 let mut pos = offset;
                 for r in ranges {
-                    push_extent(&mut out, Extent { offset: pos, length: r.start - pos, kind: ExtentKind::Zero });
+                    push_extent(
+                        &mut out,
+                        Extent {
+                            offset: pos,
+                            length: r.start - pos,
+                            kind: ExtentKind::Zero,
+                        },
+                    );
                     push_extent(
                         &mut out,
                         Extent {
                             offset: r.start,
                             length: r.end - r.start,
-                            kind: ExtentKind::Data { layer: 0, file_offset: r.start },
+                            kind: ExtentKind::Data {
+                                layer: 0,
+                                file_offset: r.start,
+                            },
                         },
                     );
                     pos = r.end;
                 }
-                push_extent(&mut out, Extent { offset: pos, length: end - pos, kind: ExtentKind::Zero });
+                push_extent(
+                    &mut out,
+                    Extent {
+                        offset: pos,
+                        length: end - pos,
+                        kind: ExtentKind::Zero,
+                    },
+                );
             }
             Format::Dynamic | Format::Differencing => {
                 let mut bitmap = Vec::new();
@@ -179,7 +202,13 @@ impl Image {
                     let block = pos / self.block_size;
                     let block_start = block * self.block_size;
                     let stop = end.min(block_start + self.block_size);
-                    self.map_block(block, pos - block_start, stop - block_start, &mut bitmap, &mut out)?;
+                    self.map_block(
+                        block,
+                        pos - block_start,
+                        stop - block_start,
+                        &mut bitmap,
+                        &mut out,
+                    )?;
                     pos = stop;
                 }
             }
@@ -203,16 +232,30 @@ impl Image {
             ExtentKind::Zero
         };
         let bat = self.bat.as_ref().expect("dynamic image has a BAT");
-        let entry = bat.entries.get(block as usize).copied().unwrap_or(UNALLOCATED);
+        let entry = bat
+            .entries
+            .get(block as usize)
+            .copied()
+            .unwrap_or(UNALLOCATED);
         if entry == UNALLOCATED {
-            push_extent(out, Extent { offset: base + a, length: b - a, kind: absent });
+            push_extent(
+                out,
+                Extent {
+                    offset: base + a,
+                    length: b - a,
+                    kind: absent,
+                },
+            );
             return Ok(());
         }
         let data_at = u64::from(entry) * SECTOR + self.bitmap_size;
         let data = |from: u64, to: u64| Extent {
             offset: base + from,
             length: to - from,
-            kind: ExtentKind::Data { layer: 0, file_offset: data_at + from },
+            kind: ExtentKind::Data {
+                layer: 0,
+                file_offset: data_at + from,
+            },
         };
         let state = &self.bitmap_state[block as usize];
         if state.load(Ordering::Relaxed) == STATE_FULL {
@@ -220,9 +263,8 @@ impl Image {
             return Ok(());
         }
         bitmap.resize(self.bitmap_size as usize, 0);
-        ReadAt::read_exact_at(&self.file, bitmap, u64::from(entry) * SECTOR).map_err(|e| {
-            Error::io(&self.path, "read sector bitmap", e)
-        })?;
+        ReadAt::read_exact_at(&self.file, bitmap, u64::from(entry) * SECTOR)
+            .map_err(|e| Error::io(&self.path, "read sector bitmap", e))?;
         let bits = SectorBitmap(bitmap);
         let sectors_in_block = self.block_size / SECTOR;
         if bits.all_set(sectors_in_block) {
@@ -238,7 +280,14 @@ impl Image {
             if set {
                 push_extent(out, data(from, to));
             } else {
-                push_extent(out, Extent { offset: base + from, length: to - from, kind: absent });
+                push_extent(
+                    out,
+                    Extent {
+                        offset: base + from,
+                        length: to - from,
+                        kind: absent,
+                    },
+                );
             }
         }
         Ok(())

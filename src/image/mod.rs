@@ -393,7 +393,11 @@ impl Image {
                 }
             },
         };
-        let foot_at = if source == FooterSource::Copy { 0 } else { data_end };
+        let foot_at = if source == FooterSource::Copy {
+            0
+        } else {
+            data_end
+        };
         self.data_end = data_end;
         self.format = match footer.disk_type {
             DiskType::Fixed => Format::Fixed,
@@ -428,7 +432,9 @@ impl Image {
                     "current size",
                     foot_at + 48,
                     footer.current_size,
-                    format!("at most {data_end}, the bytes in front of the footer (file truncated?)"),
+                    format!(
+                        "at most {data_end}, the bytes in front of the footer (file truncated?)"
+                    ),
                 ))?;
             }
             if footer.current_size < data_end {
@@ -526,7 +532,9 @@ impl Image {
                 "table offset",
                 hdr_at + hf::TABLE_OFFSET as u64,
                 format!("{tbl:#x}"),
-                format!("an offset where {bat_len} bytes of BAT fit inside the file (before {end})"),
+                format!(
+                    "an offset where {bat_len} bytes of BAT fit inside the file (before {end})"
+                ),
             ));
         }
         // bat_len <= file length here, so this allocation is bounded by the file.
@@ -621,7 +629,11 @@ impl Image {
         for r in regions {
             if let Some(a) = &reach {
                 if a.end > r.start && (!blocks_only || rank(a) == 2 || rank(&r) == 2) {
-                    let (culprit, other) = if rank(&r) >= rank(a) { (&r, a) } else { (a, &r) };
+                    let (culprit, other) = if rank(&r) >= rank(a) {
+                        (&r, a)
+                    } else {
+                        (a, &r)
+                    };
                     let (structure, field, at) = match culprit.what {
                         RegionKind::Block(i) => (
                             Structure::BatEntry(i),
@@ -633,7 +645,11 @@ impl Image {
                             "platform data offset",
                             self.header_offset + 576 + 24 * i as u64 + 16,
                         ),
-                        _ => (Structure::DynamicHeader, "table offset", self.header_offset + 16),
+                        _ => (
+                            Structure::DynamicHeader,
+                            "table offset",
+                            self.header_offset + 16,
+                        ),
                     };
                     let e = Error::corrupt(
                         structure,
@@ -641,7 +657,12 @@ impl Image {
                         at,
                         format!(
                             "{} at {}..{} overlapping {} at {}..{}",
-                            culprit.what, culprit.start, culprit.end, other.what, other.start, other.end
+                            culprit.what,
+                            culprit.start,
+                            culprit.end,
+                            other.what,
+                            other.start,
+                            other.end
                         ),
                         "no overlap between blocks and metadata",
                     );
@@ -768,7 +789,13 @@ impl Image {
 
 /// [`Image::block_span`] from the image's sizes: the file bytes block `i`
 /// (BAT entry `e`) occupies, its bitmap and its sectors inside the disk.
-fn block_span_of(virtual_size: u64, block_size: u64, bitmap_size: u64, i: u64, e: u32) -> (u64, u64) {
+fn block_span_of(
+    virtual_size: u64,
+    block_size: u64,
+    bitmap_size: u64,
+    i: u64,
+    e: u32,
+) -> (u64, u64) {
     let start = u64::from(e) * SECTOR;
     let in_disk = virtual_size
         .saturating_sub(i.saturating_mul(block_size))
@@ -818,14 +845,17 @@ pub(crate) fn metadata_regions(img: &Image, header: &DynamicHeader, entries: u64
             end: SECTOR,
             what: RegionKind::FooterCopy,
         },
+        // Saturating: callers may pass a header that failed validation.
         Region {
             start: img.header_offset,
-            end: img.header_offset + HEADER_SIZE as u64,
+            end: img.header_offset.saturating_add(HEADER_SIZE as u64),
             what: RegionKind::Header,
         },
         Region {
             start: header.table_offset,
-            end: header.table_offset + entries * 4,
+            end: header
+                .table_offset
+                .saturating_add(entries.saturating_mul(4)),
             what: RegionKind::Bat,
         },
     ];

@@ -69,8 +69,8 @@ fn percent_decode(s: &str) -> String {
 /// Paths to try for one hint, relative to the child's folder.
 pub(crate) fn candidates(hint: &str, child_dir: &Path) -> Vec<PathBuf> {
     let unified = hint.replace('\\', "/");
-    let is_windows_abs = unified.len() >= 2 && unified.as_bytes()[1] == b':'
-        || unified.starts_with("//");
+    let is_windows_abs =
+        unified.len() >= 2 && unified.as_bytes()[1] == b':' || unified.starts_with("//");
     let mut v = Vec::new();
     if unified.starts_with('/') && !unified.starts_with("//") {
         v.push(PathBuf::from(&unified));
@@ -121,7 +121,13 @@ pub(crate) fn resolve(
     let child_dir = img
         .path
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let named: Vec<PathBuf> = opts.parents.iter().map(|p| canon(p)).collect();
@@ -231,7 +237,7 @@ pub(crate) fn resolve(
             ));
             continue;
         }
-        if false && walk.failed.contains(&real) {
+        if walk.failed.contains(&real) {
             tried.push(format!(
                 "{}: {} was tried already and its own parent was not found",
                 source,
@@ -245,7 +251,11 @@ pub(crate) fn resolve(
         let mut parent = match Image::open_level(&real, &alone, depth + 1, walk) {
             Ok(p) => p,
             Err(e) => {
-                tried.push(format!("{}: {} could not be opened: {e}", source, real.display()));
+                tried.push(format!(
+                    "{}: {} could not be opened: {e}",
+                    source,
+                    real.display()
+                ));
                 continue;
             }
         };
@@ -286,7 +296,11 @@ pub(crate) fn resolve(
                 }
                 Err(e) => {
                     walk.failed.push(real.clone());
-                    tried.push(format!("{}: {} could not be opened: {e}", source, real.display()));
+                    tried.push(format!(
+                        "{}: {} could not be opened: {e}",
+                        source,
+                        real.display()
+                    ));
                     continue;
                 }
             }
@@ -306,7 +320,11 @@ pub(crate) fn resolve(
         img.parent_missing = true;
         img.warnings.push(format!(
             "parent {want} not found ({}); what the child leaves to it reads as zeros",
-            if tried.is_empty() { "no locator and no name".to_string() } else { tried.join("; ") }
+            if tried.is_empty() {
+                "no locator and no name".to_string()
+            } else {
+                tried.join("; ")
+            }
         ));
         return Ok(());
     }
@@ -324,21 +342,33 @@ mod tests {
     #[test]
     fn windows_paths_reduce_to_the_childs_folder() {
         let d = Path::new("/imgs");
-        assert_eq!(candidates(".\\fat-parent.vhd", d), vec![PathBuf::from("/imgs/./fat-parent.vhd")]);
+        assert_eq!(
+            candidates(".\\fat-parent.vhd", d),
+            vec![PathBuf::from("/imgs/./fat-parent.vhd")]
+        );
         assert_eq!(
             candidates("C:\\Projects\\x\\fat-parent.vhd", d),
             vec![PathBuf::from("/imgs/fat-parent.vhd")]
         );
         assert_eq!(
             candidates("/Users/a/base.vhd", d),
-            vec![PathBuf::from("/Users/a/base.vhd"), PathBuf::from("/imgs/base.vhd")]
+            vec![
+                PathBuf::from("/Users/a/base.vhd"),
+                PathBuf::from("/imgs/base.vhd")
+            ]
         );
-        assert_eq!(candidates("sub\\p.vhd", d), vec![PathBuf::from("/imgs/sub/p.vhd")]);
+        assert_eq!(
+            candidates("sub\\p.vhd", d),
+            vec![PathBuf::from("/imgs/sub/p.vhd")]
+        );
     }
 
     #[test]
     fn locators_decode() {
-        let w: Vec<u8> = ".\\p.vhd".encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+        let w: Vec<u8> = ".\\p.vhd"
+            .encode_utf16()
+            .flat_map(|u| u.to_le_bytes())
+            .collect();
         assert_eq!(decode(PlatformCode::W2ru, &w).as_deref(), Some(".\\p.vhd"));
         assert_eq!(
             decode(PlatformCode::MacX, b"file://localhost/Users/a%20b/p.vhd").as_deref(),

@@ -13,7 +13,10 @@ pub struct Reader<'a> {
 impl Image {
     /// A `Read + Seek` cursor over the virtual disk, starting at offset 0.
     pub fn reader(&self) -> Reader<'_> {
-        Reader { image: self, pos: 0 }
+        Reader {
+            image: self,
+            pos: 0,
+        }
     }
 }
 
@@ -48,7 +51,10 @@ impl Seek for Reader<'_> {
             SeekFrom::Current(d) => (self.pos, d),
         };
         let p = base.checked_add_signed(delta).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the disk")
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the disk",
+            )
         })?;
         self.pos = p;
         Ok(p)

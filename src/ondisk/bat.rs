@@ -29,9 +29,13 @@ impl Bat {
         }
     }
 
-    /// Bytes the table occupies on disk: 4 per entry, padded to a sector.
+    /// Bytes the table occupies on disk: 4 per entry, padded to a sector
+    /// (saturating at `u64::MAX` for counts no file can hold).
     pub fn disk_size(entries: u64) -> u64 {
-        (entries * 4).div_ceil(SECTOR) * SECTOR
+        entries
+            .saturating_mul(4)
+            .div_ceil(SECTOR)
+            .saturating_mul(SECTOR)
     }
 
     /// The table as written on disk, padded with `0xFF` to a whole sector.
@@ -61,7 +65,10 @@ impl Bat {
 /// Bytes of the sector bitmap in front of each block of `block_size` bytes:
 /// one bit per sector, padded to a whole sector.
 pub fn bitmap_size(block_size: u32) -> u64 {
-    (u64::from(block_size) / SECTOR).div_ceil(8).div_ceil(SECTOR) * SECTOR
+    (u64::from(block_size) / SECTOR)
+        .div_ceil(8)
+        .div_ceil(SECTOR)
+        * SECTOR
 }
 
 /// A block's sector bitmap: bit 7 of byte 0 is sector 0; a set bit means the
@@ -87,7 +94,8 @@ impl SectorBitmap<'_> {
     /// True when the first `sectors` bits are all clear.
     pub fn all_clear(&self, sectors: u64) -> bool {
         let full = ((sectors / 8) as usize).min(self.0.len());
-        self.0[..full].iter().all(|&b| b == 0) && (full as u64 * 8..sectors).all(|s| !self.is_set(s))
+        self.0[..full].iter().all(|&b| b == 0)
+            && (full as u64 * 8..sectors).all(|s| !self.is_set(s))
     }
 
     /// Runs of equal bits among sectors `start..end`: `(first sector, count, set)`.
@@ -99,7 +107,7 @@ impl SectorBitmap<'_> {
             let bit = self.is_set(s);
             let mut e = s + 1;
             while e < end {
-                if e % 8 == 0 && e + 8 <= end {
+                if e % 8 == 0 && end - e >= 8 {
                     let byte = self.0.get((e / 8) as usize).copied().unwrap_or(0);
                     if byte == if bit { 0xff } else { 0 } {
                         e += 8;
@@ -145,7 +153,13 @@ mod tests {
         let runs = SectorBitmap(&bits).runs(0, 32);
         assert_eq!(
             runs,
-            vec![(0, 3, true), (3, 5, false), (8, 8, true), (16, 15, false), (31, 1, true)]
+            vec![
+                (0, 3, true),
+                (3, 5, false),
+                (8, 8, true),
+                (16, 15, false),
+                (31, 1, true)
+            ]
         );
         assert_eq!(SectorBitmap(&bits).runs(9, 12), vec![(9, 3, true)]);
         assert!(SectorBitmap(&[0xff, 0xf0]).all_set(12));
@@ -155,7 +169,9 @@ mod tests {
 
     #[test]
     fn bat_pads_with_ones() {
-        let bat = Bat { entries: vec![3, UNALLOCATED, 7] };
+        let bat = Bat {
+            entries: vec![3, UNALLOCATED, 7],
+        };
         let b = bat.to_bytes();
         assert_eq!(b.len(), 512);
         assert_eq!(&b[..12], &[0, 0, 0, 3, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 7]);

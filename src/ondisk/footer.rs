@@ -174,7 +174,11 @@ impl Footer {
             geometry: Geometry::from_bytes(four(off::GEOMETRY)),
             disk_type: DiskType::from_code(BE::read_u32(&b[off::DISK_TYPE..])),
             checksum: BE::read_u32(&b[off::CHECKSUM..]),
-            unique_id: Uuid(b[off::UNIQUE_ID..off::UNIQUE_ID + 16].try_into().unwrap_or([0; 16])),
+            unique_id: Uuid(
+                b[off::UNIQUE_ID..off::UNIQUE_ID + 16]
+                    .try_into()
+                    .unwrap_or([0; 16]),
+            ),
             saved_state: b[off::SAVED_STATE],
         })
     }
@@ -194,7 +198,7 @@ impl Footer {
             Err(Error::Checksum {
                 path: None,
                 structure,
-                offset: base + off::CHECKSUM as u64,
+                offset: base.saturating_add(off::CHECKSUM as u64),
                 found,
                 computed,
             })
@@ -237,6 +241,10 @@ impl Footer {
 
     /// The creator version as `major.minor`.
     pub fn creator_version_string(&self) -> String {
-        format!("{}.{}", self.creator_version >> 16, self.creator_version & 0xffff)
+        format!(
+            "{}.{}",
+            self.creator_version >> 16,
+            self.creator_version & 0xffff
+        )
     }
 }

@@ -116,7 +116,11 @@ mod tests {
 
     #[test]
     fn bytes_round_trip() {
-        let g = Geometry { cylinders: 0x1234, heads: 16, sectors: 63 };
+        let g = Geometry {
+            cylinders: 0x1234,
+            heads: 16,
+            sectors: 63,
+        };
         assert_eq!(g.to_bytes(), [0x12, 0x34, 16, 63]);
         assert_eq!(Geometry::from_bytes(g.to_bytes()), g);
     }

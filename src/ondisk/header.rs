@@ -235,7 +235,7 @@ impl DynamicHeader {
             Err(Error::Checksum {
                 path: None,
                 structure: Structure::DynamicHeader,
-                offset: base + off::CHECKSUM as u64,
+                offset: base.saturating_add(off::CHECKSUM as u64),
                 found,
                 computed,
             })

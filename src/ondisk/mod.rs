@@ -12,7 +12,9 @@ mod geometry;
 mod header;
 
 pub use bat::{bitmap_size, Bat, SectorBitmap, UNALLOCATED};
-pub use footer::{DiskType, Footer, CHECKSUM_OFFSET as FOOTER_CHECKSUM_OFFSET, FOOTER_SIZE, LEGACY_FOOTER_SIZE};
+pub use footer::{
+    DiskType, Footer, CHECKSUM_OFFSET as FOOTER_CHECKSUM_OFFSET, FOOTER_SIZE, LEGACY_FOOTER_SIZE,
+};
 pub use geometry::Geometry;
 pub use header::field_offset as header_fields;
 pub use header::{DynamicHeader, ParentLocator, PlatformCode, HEADER_SIZE};
