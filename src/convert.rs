@@ -394,10 +394,22 @@ enum Dest<'a> {
     },
 }
 
+/// Set by [`cancel_all`].
+static CANCEL_ALL: AtomicBool = AtomicBool::new(false);
+
+/// Asks every long operation of this process (conversions and the rewrites
+/// of sparsify and resize) to stop at its next chunk, removing its partial
+/// output and returning [`Error::Interrupted`]. For a Ctrl-C handler.
+pub fn cancel_all() {
+    CANCEL_ALL.store(true, Ordering::SeqCst);
+}
+
 fn check_cancel(opts: &ConvertOptions) -> Result<()> {
-    match &opts.cancel {
-        Some(f) if f.load(Ordering::Relaxed) => Err(Error::Interrupted),
-        _ => Ok(()),
+    let flagged = opts.cancel.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
+    if flagged || CANCEL_ALL.load(Ordering::Relaxed) {
+        Err(Error::Interrupted)
+    } else {
+        Ok(())
     }
 }
 

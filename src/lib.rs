@@ -39,7 +39,7 @@ pub mod write;
 
 
 
-pub use convert::{convert, ConvertOptions, Progress, Report, Target};
+pub use convert::{cancel_all, convert, ConvertOptions, Progress, Report, Target};
 pub use check::{check, CheckOptions, CheckReport, Problem, Severity};
 pub use error::{Error, Result};
 pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, Reader};

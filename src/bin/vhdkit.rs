@@ -221,6 +221,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> vhdkit::Result<u8> {
+    install_interrupt_handler();
     match cli.cmd {
         Cmd::Info { image, json, open } => info(&image, json, &open),
         Cmd::Check {
@@ -602,12 +603,16 @@ fn progress_bar(quiet: bool) -> Option<Arc<Bar>> {
     Some(Arc::new(Bar(pb)))
 }
 
-/// A flag set by Ctrl-C, which long operations poll to stop cleanly.
-fn cancel_flag() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
-    let _ = ctrlc::set_handler(move || f.store(true, std::sync::atomic::Ordering::SeqCst));
-    flag
+/// Ctrl-C asks long operations to stop cleanly (they remove their partial
+/// output); a second Ctrl-C exits at once.
+fn install_interrupt_handler() {
+    let pressed = AtomicBool::new(false);
+    let _ = ctrlc::set_handler(move || {
+        if pressed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        vhdkit::cancel_all();
+    });
 }
 
 fn convert(
@@ -621,7 +626,6 @@ fn convert(
     if let Some(b) = &bar {
         opts = opts.progress(b.clone());
     }
-    opts = opts.cancel_flag(cancel_flag());
     let result = vhdkit::convert(input, output, &opts);
     if let Some(b) = &bar {
         b.0.finish_and_clear();
