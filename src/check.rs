@@ -138,7 +138,10 @@ pub fn check(path: impl AsRef<Path>, opts: &CheckOptions) -> Result<CheckReport>
         extra_checks(img, &mut problems)?;
         for p in img.chain().iter().skip(1) {
             for w in p.warnings() {
-                problems.push(Problem::warning(format!("parent {}: {w}", p.path().display())));
+                problems.push(Problem::warning(format!(
+                    "parent {}: {w}",
+                    p.path().display()
+                )));
             }
         }
     }
@@ -154,7 +157,8 @@ pub fn check(path: impl AsRef<Path>, opts: &CheckOptions) -> Result<CheckReport>
 fn read_footer(img: &Image, at: u64) -> Result<[u8; FOOTER_SIZE]> {
     let mut b = [0u8; FOOTER_SIZE];
     let n = (img.file_len() - at).min(FOOTER_SIZE as u64) as usize;
-    ReadAt::read_exact_at(img.file(), &mut b[..n], at).map_err(|e| Error::io(img.path(), "read", e))?;
+    ReadAt::read_exact_at(img.file(), &mut b[..n], at)
+        .map_err(|e| Error::io(img.path(), "read", e))?;
     Ok(b)
 }
 
@@ -168,42 +172,63 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
         let bytes = read_footer(img, foot_at)?;
         let s = Structure::Footer;
         if Footer::reserved_nonzero(&bytes) {
-            problems.push(Problem::warning("reserved bytes 85..512 are not zero").at(s, "reserved", foot_at + 85));
+            problems.push(Problem::warning("reserved bytes 85..512 are not zero").at(
+                s,
+                "reserved",
+                foot_at + 85,
+            ));
         }
         if img.footer_source() == Some(crate::image::FooterSource::EndLegacy) {
-            problems.push(Problem::warning("511-byte footer (written by Virtual PC before 2004)").at(s, "cookie", foot_at));
+            problems.push(
+                Problem::warning("511-byte footer (written by Virtual PC before 2004)")
+                    .at(s, "cookie", foot_at),
+            );
         }
     }
     let s = Structure::Footer;
     if footer.format_version != Footer::VERSION {
         problems.push(
-            Problem::error(format!("format version {:#010x}, expected 0x00010000", footer.format_version))
-                .at(s, "format version", foot_at + 12),
+            Problem::error(format!(
+                "format version {:#010x}, expected 0x00010000",
+                footer.format_version
+            ))
+            .at(s, "format version", foot_at + 12),
         );
     }
     if footer.features & 0x2 == 0 {
         problems.push(
-            Problem::warning(format!("features {:#x}: the reserved bit 0x2 is not set", footer.features))
-                .at(s, "features", foot_at + 8),
+            Problem::warning(format!(
+                "features {:#x}: the reserved bit 0x2 is not set",
+                footer.features
+            ))
+            .at(s, "features", foot_at + 8),
         );
     }
     if footer.current_size % 512 != 0 {
         problems.push(
-            Problem::warning(format!("current size {} is not a whole number of sectors", footer.current_size))
-                .at(s, "current size", foot_at + 48),
+            Problem::warning(format!(
+                "current size {} is not a whole number of sectors",
+                footer.current_size
+            ))
+            .at(s, "current size", foot_at + 48),
         );
     }
     if footer.saved_state != 0 {
         problems.push(
-            Problem::warning("saved state is set: the virtual machine was saved with this disk attached")
-                .at(s, "saved state", foot_at + 84),
+            Problem::warning(
+                "saved state is set: the virtual machine was saved with this disk attached",
+            )
+            .at(s, "saved state", foot_at + 84),
         );
     }
     if img.disk_type() == Format::Fixed {
         if footer.data_offset != Footer::NO_DATA_OFFSET {
             problems.push(
-                Problem::warning(format!("data offset {:#x} in a fixed disk, expected all ones", footer.data_offset))
-                    .at(s, "data offset", foot_at + 16),
+                Problem::warning(format!(
+                    "data offset {:#x} in a fixed disk, expected all ones",
+                    footer.data_offset
+                ))
+                .at(s, "data offset", foot_at + 16),
             );
         }
         return Ok(());
@@ -211,13 +236,21 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
     // Dynamic and differencing.
     let copy = read_footer(img, 0)?;
     if !Footer::has_cookie(&copy) {
-        problems.push(Problem::error("no footer copy at offset 0").at(Structure::FooterCopy, "cookie", 0));
+        problems.push(Problem::error("no footer copy at offset 0").at(
+            Structure::FooterCopy,
+            "cookie",
+            0,
+        ));
     } else if let Err(e) = Footer::verify_checksum(&copy, 0, Structure::FooterCopy) {
         problems.push(Problem::from_error(&e));
     } else if img.footer_source() != Some(crate::image::FooterSource::Copy) {
         let end = read_footer(img, foot_at)?;
         if end != copy {
-            let first = end.iter().zip(copy.iter()).position(|(a, b)| a != b).unwrap_or(0);
+            let first = end
+                .iter()
+                .zip(copy.iter())
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
             problems.push(
                 Problem::error(format!(
                     "the footer copy at offset 0 differs from the footer at {foot_at} (first at byte {first})"
@@ -230,14 +263,20 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
         let at = img.header_offset();
         if h.header_version != crate::ondisk::DynamicHeader::VERSION {
             problems.push(
-                Problem::error(format!("header version {:#010x}, expected 0x00010000", h.header_version))
-                    .at(Structure::DynamicHeader, "header version", at + 24),
+                Problem::error(format!(
+                    "header version {:#010x}, expected 0x00010000",
+                    h.header_version
+                ))
+                .at(Structure::DynamicHeader, "header version", at + 24),
             );
         }
         if h.data_offset != u64::MAX {
             problems.push(
-                Problem::warning(format!("data offset {:#x}, expected all ones", h.data_offset))
-                    .at(Structure::DynamicHeader, "data offset", at + 8),
+                Problem::warning(format!(
+                    "data offset {:#x}, expected all ones",
+                    h.data_offset
+                ))
+                .at(Structure::DynamicHeader, "data offset", at + 8),
             );
         }
         if let Some(bat) = img.bat() {
@@ -256,7 +295,11 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                         "{} BAT entries past the end of the disk are allocated (ignored)",
                         past.len()
                     ))
-                    .at(Structure::BatEntry(first as u64), "block sector offset", h.table_offset + 4 * first as u64),
+                    .at(
+                        Structure::BatEntry(first as u64),
+                        "block sector offset",
+                        h.table_offset + 4 * first as u64,
+                    ),
                 );
             }
         }
@@ -276,13 +319,24 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                             "locator data at {}+{} lies outside the file",
                             l.data_offset, l.data_length
                         ))
-                        .at(Structure::ParentLocator(i), "platform data offset", field_at + 16),
+                        .at(
+                            Structure::ParentLocator(i),
+                            "platform data offset",
+                            field_at + 16,
+                        ),
                     );
                 }
                 if let crate::ondisk::PlatformCode::Other(c) = l.platform_code {
                     problems.push(
-                        Problem::warning(format!("unknown platform code {}", crate::ondisk::fourcc(c.to_be_bytes())))
-                            .at(Structure::ParentLocator(i), "platform code", field_at),
+                        Problem::warning(format!(
+                            "unknown platform code {}",
+                            crate::ondisk::fourcc(c.to_be_bytes())
+                        ))
+                        .at(
+                            Structure::ParentLocator(i),
+                            "platform code",
+                            field_at,
+                        ),
                     );
                 }
             }
@@ -294,7 +348,9 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
 /// Azure's rules: fixed type, size a whole MiB, size within range.
 fn azure_checks(img: Option<&Image>, problems: &mut Vec<Problem>) {
     let Some(img) = img else {
-        problems.push(Problem::error("Azure: the image could not be read, so it cannot be uploaded"));
+        problems.push(Problem::error(
+            "Azure: the image could not be read, so it cannot be uploaded",
+        ));
         return;
     };
     let size = img.virtual_size();
@@ -306,9 +362,12 @@ fn azure_checks(img: Option<&Image>, problems: &mut Vec<Problem>) {
         )));
     }
     if size % MIB != 0 {
+        let next = match size.div_ceil(MIB).checked_mul(MIB) {
+            Some(n) => format!("the next is {n} bytes"),
+            None => "no whole MiB above it fits in 64 bits".to_string(),
+        };
         problems.push(Problem::error(format!(
-            "Azure: the virtual size {size} bytes is not a whole number of MiB (the next is {} bytes); {fix}",
-            size.div_ceil(MIB) * MIB
+            "Azure: the virtual size {size} bytes is not a whole number of MiB ({next}); {fix}"
         )));
     }
     if size == 0 || size > MAX_VHD_SIZE {

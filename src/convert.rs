@@ -229,7 +229,11 @@ pub(crate) fn refuse_self(img: &Image, output: &Path) -> Result<()> {
             return Err(Error::InvalidArgument(format!(
                 "{}: the output is the input{}; write to another file",
                 output.display(),
-                if std::ptr::eq(layer, img) { "" } else { "'s parent" }
+                if std::ptr::eq(layer, img) {
+                    ""
+                } else {
+                    "'s parent"
+                }
             )));
         }
     }
@@ -250,7 +254,11 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
             "output size {wanted} is smaller than the input's {input_size} bytes; conversion never cuts data"
         )));
     }
-    let size = if opts.azure { write::azure_size(wanted) } else { wanted };
+    let size = if opts.azure {
+        write::azure_size(wanted)
+    } else {
+        wanted
+    };
     if opts.target != Target::Raw && size > write::MAX_VHD_SIZE {
         return Err(Error::InvalidArgument(format!(
             "{}: {size} bytes is larger than a VHD can hold ({} bytes, 2040 GiB)",
@@ -271,10 +279,23 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
     let (output_len, allocated_blocks) = pool.install(|| -> Result<(u64, Option<u64>)> {
         match opts.target {
             Target::Raw | Target::Fixed => {
-                let footer_len = if opts.target == Target::Fixed { FOOTER_SIZE as u64 } else { 0 };
+                let footer_len = if opts.target == Target::Fixed {
+                    FOOTER_SIZE as u64
+                } else {
+                    0
+                };
                 let len = size + footer_len;
-                file.set_len(len).map_err(|e| Error::io(out.temp_path(), "set length", e))?;
-                walk(img, opts, &stats, &|_block| Ok(()), &Dest::Linear, file, out.temp_path())?;
+                file.set_len(len)
+                    .map_err(|e| Error::io(out.temp_path(), "set length", e))?;
+                walk(
+                    img,
+                    opts,
+                    &stats,
+                    &|_block| Ok(()),
+                    &Dest::Linear,
+                    file,
+                    out.temp_path(),
+                )?;
                 if !opts.sparse {
                     allocate(file, 0, size, out.temp_path())?;
                 }
@@ -282,14 +303,19 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
                     let footer = output_footer(opts, DiskType::Fixed, size);
                     file.write_all_at(&footer.to_bytes(), size)
                         .map_err(|e| Error::io(out.temp_path(), "write footer", e))?;
-                    stats.written.fetch_add(FOOTER_SIZE as u64, Ordering::Relaxed);
+                    stats
+                        .written
+                        .fetch_add(FOOTER_SIZE as u64, Ordering::Relaxed);
                 }
                 Ok((len, None))
             }
             Target::Dynamic => {
                 let layout = DynamicLayout::new(size, opts.block_size);
                 let slots = std::sync::Mutex::new((Bat::new(layout.entries as usize), 0u64));
-                let dest = Dest::Dynamic { layout, slots: &slots };
+                let dest = Dest::Dynamic {
+                    layout,
+                    slots: &slots,
+                };
                 let plan = |blocks: &[(u64, bool)]| -> Result<()> {
                     let mut g = slots.lock().expect("slot lock");
                     for &(b, keep) in blocks {
@@ -304,7 +330,8 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
                 walk(img, opts, &stats, &plan, &dest, file, out.temp_path())?;
                 let (bat, allocated) = slots.into_inner().expect("slot lock");
                 let len = layout.file_len(allocated);
-                file.set_len(len).map_err(|e| Error::io(out.temp_path(), "set length", e))?;
+                file.set_len(len)
+                    .map_err(|e| Error::io(out.temp_path(), "set length", e))?;
                 let footer = output_footer(opts, DiskType::Dynamic, size);
                 let meta = layout
                     .write_metadata(file, &footer, &bat)
@@ -347,7 +374,11 @@ fn output_footer(opts: &ConvertOptions, disk_type: DiskType, size: u64) -> crate
             data_offset: fresh.data_offset,
             current_size: size,
             original_size: id.original_size,
-            geometry: if id.current_size == size { id.geometry } else { fresh.geometry },
+            geometry: if id.current_size == size {
+                id.geometry
+            } else {
+                fresh.geometry
+            },
             ..id.clone()
         },
         None => fresh,
@@ -405,7 +436,10 @@ pub fn cancel_all() {
 }
 
 fn check_cancel(opts: &ConvertOptions) -> Result<()> {
-    let flagged = opts.cancel.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
+    let flagged = opts
+        .cancel
+        .as_ref()
+        .is_some_and(|f| f.load(Ordering::Relaxed));
     if flagged || CANCEL_ALL.load(Ordering::Relaxed) {
         Err(Error::Interrupted)
     } else {
@@ -485,7 +519,9 @@ fn copy_chunks(
                     let at = (i128::from(r.start) + job.shift) as u64;
                     out.write_all_at(&job.data[from..to], at)
                         .map_err(|e| Error::io(out_path, "write", e))?;
-                    stats.data_written.fetch_add(r.end - r.start, Ordering::Relaxed);
+                    stats
+                        .data_written
+                        .fetch_add(r.end - r.start, Ordering::Relaxed);
                     if opts.sync {
                         // Start writeback now, so the final sync finds little to do.
                         let _ = rustix::fs::fadvise(
@@ -499,40 +535,47 @@ fn copy_chunks(
             }
             Ok(())
         });
-        let scanned = work.par_iter().try_for_each_with(tx, |tx, c| -> Result<()> {
-            check_cancel(opts)?;
-            let shift = match dest {
-                Dest::Linear => Some(0i128),
-                Dest::Dynamic { layout, slots } => {
-                    let b = c.offset / layout.block_size;
-                    let e = slots.lock().expect("slot lock").0.entries[b as usize];
-                    (e != UNALLOCATED).then(|| {
-                        i128::from(e) * 512 + i128::from(layout.bitmap_size)
-                            - i128::from(b * layout.block_size)
-                    })
+        let scanned = work
+            .par_iter()
+            .try_for_each_with(tx, |tx, c| -> Result<()> {
+                check_cancel(opts)?;
+                let shift = match dest {
+                    Dest::Linear => Some(0i128),
+                    Dest::Dynamic { layout, slots } => {
+                        let b = c.offset / layout.block_size;
+                        let e = slots.lock().expect("slot lock").0.entries[b as usize];
+                        (e != UNALLOCATED).then(|| {
+                            i128::from(e) * 512 + i128::from(layout.bitmap_size)
+                                - i128::from(b * layout.block_size)
+                        })
+                    }
+                };
+                if let Some(shift) = shift {
+                    let src = img.layer(c.layer).expect("layer");
+                    let data = crate::scan::window(src.file(), c.file_offset, c.len)
+                        .map_err(|e| Error::io(src.path(), "read", e))?;
+                    stats.read.fetch_add(c.len, Ordering::Relaxed);
+                    let mut runs = Vec::new();
+                    if opts.sparse {
+                        nonzero_runs(&data, c.offset, ZERO_UNIT, &mut runs);
+                    } else {
+                        runs.push(c.offset..c.offset + c.len);
+                    }
+                    if !runs.is_empty() {
+                        // A closed channel means the writer failed; its error is reported below.
+                        let _ = tx.send(WriteJob {
+                            data,
+                            offset: c.offset,
+                            runs,
+                            shift,
+                        });
+                    }
                 }
-            };
-            if let Some(shift) = shift {
-                let src = img.layer(c.layer).expect("layer");
-                let data = crate::scan::window(src.file(), c.file_offset, c.len)
-                    .map_err(|e| Error::io(src.path(), "read", e))?;
-                stats.read.fetch_add(c.len, Ordering::Relaxed);
-                let mut runs = Vec::new();
-                if opts.sparse {
-                    nonzero_runs(&data, c.offset, ZERO_UNIT, &mut runs);
-                } else {
-                    runs.push(c.offset..c.offset + c.len);
+                if let Some(p) = &opts.progress {
+                    p.advance(c.len);
                 }
-                if !runs.is_empty() {
-                    // A closed channel means the writer failed; its error is reported below.
-                    let _ = tx.send(WriteJob { data, offset: c.offset, runs, shift });
-                }
-            }
-            if let Some(p) = &opts.progress {
-                p.advance(c.len);
-            }
-            Ok(())
-        });
+                Ok(())
+            });
         let written = writer.join().expect("writer thread panicked");
         written?;
         scanned

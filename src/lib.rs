@@ -37,9 +37,7 @@ pub mod ops;
 pub mod scan;
 pub mod write;
 
-
-
-pub use convert::{cancel_all, convert, ConvertOptions, Progress, Report, Target};
 pub use check::{check, CheckOptions, CheckReport, Problem, Severity};
+pub use convert::{cancel_all, convert, ConvertOptions, Progress, Report, Target};
 pub use error::{Error, Result};
 pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, Reader};

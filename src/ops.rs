@@ -81,7 +81,11 @@ pub fn map(img: &Image, scan: bool) -> Result<Vec<MapExtent>> {
                     let mut pos = c.offset;
                     for r in runs {
                         if r.start > pos {
-                            v.push(Extent { offset: pos, length: r.start - pos, kind: ExtentKind::Zero });
+                            v.push(Extent {
+                                offset: pos,
+                                length: r.start - pos,
+                                kind: ExtentKind::Zero,
+                            });
                         }
                         v.push(Extent {
                             offset: r.start,
@@ -94,7 +98,11 @@ pub fn map(img: &Image, scan: bool) -> Result<Vec<MapExtent>> {
                         pos = r.end;
                     }
                     if pos < c.offset + c.len {
-                        v.push(Extent { offset: pos, length: c.offset + c.len - pos, kind: ExtentKind::Zero });
+                        v.push(Extent {
+                            offset: pos,
+                            length: c.offset + c.len - pos,
+                            kind: ExtentKind::Zero,
+                        });
                     }
                     Ok(v)
                 })
@@ -202,7 +210,9 @@ fn side_bytes(img: &Image, s: Side, len: u64) -> Result<Option<crate::scan::Wind
         Side::Zero => Ok(None),
         Side::Data { layer, file_offset } => {
             let src = img.layer(layer).expect("layer");
-            window(src.file(), file_offset, len).map(Some).map_err(read_err(img, layer))
+            window(src.file(), file_offset, len)
+                .map(Some)
+                .map_err(read_err(img, layer))
         }
     }
 }
@@ -214,7 +224,10 @@ fn side_at(extents: &[Extent], idx: &mut usize, pos: u64) -> (Side, u64) {
     }
     let e = extents[*idx];
     let side = match e.kind {
-        ExtentKind::Data { layer, file_offset } => Side::Data { layer, file_offset: file_offset + (pos - e.offset) },
+        ExtentKind::Data { layer, file_offset } => Side::Data {
+            layer,
+            file_offset: file_offset + (pos - e.offset),
+        },
         _ => Side::Zero,
     };
     (side, e.end())
@@ -229,7 +242,11 @@ fn side_at(extents: &[Extent], idx: &mut usize, pos: u64) -> (Side, u64) {
 pub fn compare(a: &Image, b: &Image, strict_size: bool) -> Result<Comparison> {
     let (sa, sb) = (a.virtual_size(), b.virtual_size());
     let common = sa.min(sb);
-    let mut result = Comparison { size_a: sa, size_b: sb, first_difference: None };
+    let mut result = Comparison {
+        size_a: sa,
+        size_b: sb,
+        first_difference: None,
+    };
     let mut start = 0;
     while start < common {
         let len = WINDOW.min(common - start);
@@ -344,7 +361,10 @@ pub fn checksum(img: &Image) -> Result<(u32, u64)> {
                     pieces.push(Extent {
                         offset: c.offset,
                         length: c.len,
-                        kind: ExtentKind::Data { layer: c.layer, file_offset: c.file_offset },
+                        kind: ExtentKind::Data {
+                            layer: c.layer,
+                            file_offset: c.file_offset,
+                        },
                     });
                 }
             } else {
@@ -356,7 +376,12 @@ pub fn checksum(img: &Image) -> Result<(u32, u64)> {
             .map(|e| -> Result<crc32fast::Hasher> {
                 match e.kind {
                     ExtentKind::Data { layer, file_offset } => {
-                        let c = Chunk { offset: e.offset, len: e.length, layer, file_offset };
+                        let c = Chunk {
+                            offset: e.offset,
+                            len: e.length,
+                            layer,
+                            file_offset,
+                        };
                         let d = chunk_bytes(img, &c)?;
                         let mut h = crc32fast::Hasher::new();
                         h.update(&d);
@@ -429,7 +454,9 @@ impl InPlacePlan {
 
 /// A fresh fixed-disk footer for `size` bytes.
 fn fixed_footer(size: u64) -> Vec<u8> {
-    crate::write::new_footer(DiskType::Fixed, size).to_bytes().to_vec()
+    crate::write::new_footer(DiskType::Fixed, size)
+        .to_bytes()
+        .to_vec()
 }
 
 /// Plans an in-place conversion of `path` between raw and fixed, in constant
@@ -449,7 +476,12 @@ fn fixed_footer(size: u64) -> Vec<u8> {
 /// # Errors
 /// [`Error::InvalidArgument`] for dynamic or differencing images (convert to
 /// a new file instead) or an unsupported direction; open errors.
-pub fn plan_in_place(path: &Path, target: Format, azure: bool, opts: &OpenOptions) -> Result<InPlacePlan> {
+pub fn plan_in_place(
+    path: &Path,
+    target: Format,
+    azure: bool,
+    opts: &OpenOptions,
+) -> Result<InPlacePlan> {
     let img = Image::open_with(path, opts)?;
     let size = img.virtual_size();
     let mut steps = Vec::new();
@@ -471,14 +503,18 @@ pub fn plan_in_place(path: &Path, target: Format, azure: bool, opts: &OpenOption
             steps.push(Step::Write(new_size, fixed_footer(new_size)));
             steps.push(Step::Sync);
             description = if new_size != size {
-                format!("raw -> fixed: extended {size} -> {new_size} bytes with zeros, footer appended")
+                format!(
+                    "raw -> fixed: extended {size} -> {new_size} bytes with zeros, footer appended"
+                )
             } else {
                 format!("raw -> fixed: footer appended ({size} bytes)")
             };
         }
         (Format::Fixed, Format::Raw) => {
             if azure {
-                return Err(Error::InvalidArgument("--azure goes with --to fixed".into()));
+                return Err(Error::InvalidArgument(
+                    "--azure goes with --to fixed".into(),
+                ));
             }
             steps.push(Step::SetLen(size));
             steps.push(Step::Sync);
@@ -501,7 +537,8 @@ pub fn plan_in_place(path: &Path, target: Format, azure: bool, opts: &OpenOption
                 f.geometry = crate::ondisk::Geometry::for_size(new_size);
                 steps.push(Step::Write(new_size, f.to_bytes().to_vec()));
                 steps.push(Step::Sync);
-                description = format!("fixed: grown {size} -> {new_size} bytes (a whole number of MiB)");
+                description =
+                    format!("fixed: grown {size} -> {new_size} bytes (a whole number of MiB)");
             }
         }
         (Format::Raw, Format::Raw) | (Format::Fixed, Format::Fixed) => {
@@ -515,7 +552,11 @@ pub fn plan_in_place(path: &Path, target: Format, azure: bool, opts: &OpenOption
             )))
         }
     }
-    Ok(InPlacePlan { path: path.to_path_buf(), description, steps })
+    Ok(InPlacePlan {
+        path: path.to_path_buf(),
+        description,
+        steps,
+    })
 }
 
 // ---------------------------------------------------------------- sparsify
@@ -567,13 +608,18 @@ pub fn sparsify(path: &Path, opts: &OpenOptions) -> Result<SparsifyReport> {
                         let mut punched = 0;
                         let mut pos = c.offset;
                         let end = c.offset + c.len;
-                        for r in runs.iter().map(|r| (r.start, r.end)).chain(std::iter::once((end, end))) {
+                        for r in runs
+                            .iter()
+                            .map(|r| (r.start, r.end))
+                            .chain(std::iter::once((end, end)))
+                        {
                             let a = pos.div_ceil(ZERO_UNIT) * ZERO_UNIT;
                             let b = r.0 / ZERO_UNIT * ZERO_UNIT;
                             // Only whole pages inside the data area of the disk.
                             let b = if r.0 == end && end == size { r.0 } else { b };
                             if b > a {
-                                crate::io::punch_hole(file, a..b).map_err(|e| Error::io(path, "punch hole", e))?;
+                                crate::io::punch_hole(file, a..b)
+                                    .map_err(|e| Error::io(path, "punch hole", e))?;
                                 punched += b - a;
                             }
                             pos = r.1;
@@ -591,19 +637,31 @@ pub fn sparsify(path: &Path, opts: &OpenOptions) -> Result<SparsifyReport> {
             let freed = img.allocated_blocks() - report.allocated_blocks.unwrap_or(0);
             let bs = img.block_size();
             drop(img);
-            let after = crate::io::allocated_bytes(&File::open(path).map_err(|e| Error::io(path, "open", e))?)
-                .map_err(|e| Error::io(path, "stat", e))?;
-            return Ok(SparsifyReport { allocated_before: before, allocated_after: after, zero_bytes: freed * bs, freed_blocks: Some(freed) });
+            let after = crate::io::allocated_bytes(
+                &File::open(path).map_err(|e| Error::io(path, "open", e))?,
+            )
+            .map_err(|e| Error::io(path, "stat", e))?;
+            return Ok(SparsifyReport {
+                allocated_before: before,
+                allocated_after: after,
+                zero_bytes: freed * bs,
+                freed_blocks: Some(freed),
+            });
         }
         Format::Differencing => {
             return Err(Error::InvalidArgument(format!(
-                "{}: a differencing disk cannot be sparsified: its zero blocks hide the parent's data",
-                path.display()
-            )))
+            "{}: a differencing disk cannot be sparsified: its zero blocks hide the parent's data",
+            path.display()
+        )))
         }
     }
     let after = crate::io::allocated_bytes(img.file()).map_err(|e| Error::io(path, "stat", e))?;
-    Ok(SparsifyReport { allocated_before: before, allocated_after: after, zero_bytes, freed_blocks: None })
+    Ok(SparsifyReport {
+        allocated_before: before,
+        allocated_after: after,
+        zero_bytes,
+        freed_blocks: None,
+    })
 }
 
 // ---------------------------------------------------------------- resize
@@ -647,7 +705,11 @@ pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InP
     let mut steps = Vec::new();
     let description = format!("{}: {size} -> {new_size} bytes", img.disk_type());
     if new_size == size {
-        return Ok(Some(InPlacePlan { path: path.to_path_buf(), description: format!("already {size} bytes"), steps }));
+        return Ok(Some(InPlacePlan {
+            path: path.to_path_buf(),
+            description: format!("already {size} bytes"),
+            steps,
+        }));
     }
     match img.disk_type() {
         Format::Raw => {
@@ -707,7 +769,10 @@ pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InP
                 // New entries, unallocated, before the header points at them.
                 let fill = vec![0xffu8; ((needed - have) * 4) as usize];
                 for (k, piece) in fill.chunks(512).enumerate() {
-                    steps.push(Step::Write(h.table_offset + have * 4 + 512 * k as u64, piece.to_vec()));
+                    steps.push(Step::Write(
+                        h.table_offset + have * 4 + 512 * k as u64,
+                        piece.to_vec(),
+                    ));
                 }
                 steps.push(Step::Sync);
                 h2.max_table_entries = needed as u32;
@@ -717,7 +782,10 @@ pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InP
                 // Free the blocks past the new end (their data is zero).
                 for b in needed..img.block_count() {
                     if bat.entries[b as usize] != UNALLOCATED {
-                        steps.push(Step::Write(h.table_offset + 4 * b, UNALLOCATED.to_be_bytes().to_vec()));
+                        steps.push(Step::Write(
+                            h.table_offset + 4 * b,
+                            UNALLOCATED.to_be_bytes().to_vec(),
+                        ));
                     }
                 }
                 steps.push(Step::Sync);
@@ -734,7 +802,11 @@ pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InP
         }
         Format::Differencing => unreachable!("refused above"),
     }
-    Ok(Some(InPlacePlan { path: path.to_path_buf(), description, steps }))
+    Ok(Some(InPlacePlan {
+        path: path.to_path_buf(),
+        description,
+        steps,
+    }))
 }
 
 /// Resizes the image at `path` in place (see [`plan_resize`]); returns what
@@ -757,7 +829,9 @@ pub fn resize(path: &Path, new_size: u64, azure: bool, opts: &OpenOptions) -> Re
                 target = azure_size(target);
             }
             rewrite_dynamic(&img, Some(target))?;
-            Ok(format!("dynamic: rewritten with {target} bytes (the BAT had no room to grow in place)"))
+            Ok(format!(
+                "dynamic: rewritten with {target} bytes (the BAT had no room to grow in place)"
+            ))
         }
     }
 }

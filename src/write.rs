@@ -4,7 +4,9 @@
 
 use crate::error::{Error, Result};
 use crate::io::WriteAt;
-use crate::ondisk::{bitmap_size, Bat, DiskType, DynamicHeader, Footer, FOOTER_SIZE, HEADER_SIZE, SECTOR};
+use crate::ondisk::{
+    bitmap_size, Bat, DiskType, DynamicHeader, Footer, FOOTER_SIZE, HEADER_SIZE, SECTOR,
+};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -93,7 +95,11 @@ impl DynamicLayout {
     /// bits set) and the end footer. `bat` maps block index to slot.
     pub fn write_metadata(&self, out: &impl WriteAt, footer: &Footer, bat: &Bat) -> Result<u64> {
         let fb = footer.to_bytes();
-        let header = DynamicHeader::new(self.table_offset, self.entries as u32, self.block_size as u32);
+        let header = DynamicHeader::new(
+            self.table_offset,
+            self.entries as u32,
+            self.block_size as u32,
+        );
         let allocated = bat.allocated() as u64;
         let file_len = self.file_len(allocated);
         let mut written = 0u64;
@@ -208,7 +214,10 @@ impl AtomicOutput {
                 Error::io(&target, "rename into place", e.error)
             }
         })?;
-        if let Some(dir) = target.parent().filter(|d| sync && !d.as_os_str().is_empty()) {
+        if let Some(dir) = target
+            .parent()
+            .filter(|d| sync && !d.as_os_str().is_empty())
+        {
             if let Ok(d) = File::open(dir) {
                 let _ = d.sync_all();
             }
@@ -256,9 +265,18 @@ mod tests {
         o.file().write_all_at(b"done", 0).unwrap();
         o.commit(true).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"done");
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&target).unwrap().permissions());
-        assert_eq!(mode & 0o644, 0o644, "an ordinary file's mode, not 0600: {mode:o}");
-        assert!(matches!(AtomicOutput::create(&target, false), Err(Error::OutputExists(_))));
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&target).unwrap().permissions(),
+        );
+        assert_eq!(
+            mode & 0o644,
+            0o644,
+            "an ordinary file's mode, not 0600: {mode:o}"
+        );
+        assert!(matches!(
+            AtomicOutput::create(&target, false),
+            Err(Error::OutputExists(_))
+        ));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -13,7 +13,11 @@ use std::sync::Arc;
 use vhdkit::{ConvertOptions, Format, Image, OpenOptions, Target};
 
 #[derive(Parser)]
-#[command(name = "vhdkit", version, about = "Read, check, map and convert VHD disk images")]
+#[command(
+    name = "vhdkit",
+    version,
+    about = "Read, check, map and convert VHD disk images"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -278,11 +282,27 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             }
             convert(&input, &output, opts, quiet, json)
         }
-        Cmd::Map { image, json, no_scan, open } => map_cmd(&image, json, !no_scan, &open),
-        Cmd::Compare { a, b, strict_size, json, open } => compare_cmd(&a, &b, strict_size, json, &open),
+        Cmd::Map {
+            image,
+            json,
+            no_scan,
+            open,
+        } => map_cmd(&image, json, !no_scan, &open),
+        Cmd::Compare {
+            a,
+            b,
+            strict_size,
+            json,
+            open,
+        } => compare_cmd(&a, &b, strict_size, json, &open),
         Cmd::Checksum { image, json, open } => checksum_cmd(&image, json, &open),
         Cmd::Sparsify { image, json, open } => sparsify_cmd(&image, json, &open),
-        Cmd::Resize { image, size, azure, open } => {
+        Cmd::Resize {
+            image,
+            size,
+            azure,
+            open,
+        } => {
             let done = vhdkit::ops::resize(&image, size, azure, &open.options())?;
             println!("{}: {done}", image.display());
             Ok(OK)
@@ -308,7 +328,10 @@ fn map_cmd(path: &Path, as_json: bool, scan: bool, open: &OpenArgs) -> vhdkit::R
         println!("{}", serde_json::to_string(&v).expect("json"));
         return Ok(OK);
     }
-    println!("{:>16} {:>16}  {:<5} {:>16}  file", "offset", "length", "kind", "file offset");
+    println!(
+        "{:>16} {:>16}  {:<5} {:>16}  file",
+        "offset", "length", "kind", "file offset"
+    );
     for e in &extents {
         println!(
             "{:>16} {:>16}  {:<5} {:>16}  {}",
@@ -316,15 +339,29 @@ fn map_cmd(path: &Path, as_json: bool, scan: bool, open: &OpenArgs) -> vhdkit::R
             e.length,
             if e.data { "data" } else { "zero" },
             e.file_offset.map(|o| o.to_string()).unwrap_or_default(),
-            e.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default()
+            e.file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default()
         );
     }
     let data: u64 = extents.iter().filter(|e| e.data).map(|e| e.length).sum();
-    println!("{} extents, {} data, {} zero", extents.len(), human(data), human(img.virtual_size() - data));
+    println!(
+        "{} extents, {} data, {} zero",
+        extents.len(),
+        human(data),
+        human(img.virtual_size() - data)
+    );
     Ok(OK)
 }
 
-fn compare_cmd(a: &Path, b: &Path, strict: bool, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+fn compare_cmd(
+    a: &Path,
+    b: &Path,
+    strict: bool,
+    as_json: bool,
+    open: &OpenArgs,
+) -> vhdkit::Result<u8> {
     let ia = Image::open_with(a, &open.options())?;
     let ib = Image::open_with(b, &open.options())?;
     let c = vhdkit::ops::compare(&ia, &ib, strict)?;
@@ -334,7 +371,10 @@ fn compare_cmd(a: &Path, b: &Path, strict: bool, as_json: bool, open: &OpenArgs)
     } else {
         match c.first_difference {
             None if c.size_a == c.size_b => println!("Images are identical."),
-            None => println!("Images are identical (sizes {} and {}; the extra is zero).", c.size_a, c.size_b),
+            None => println!(
+                "Images are identical (sizes {} and {}; the extra is zero).",
+                c.size_a, c.size_b
+            ),
             Some(at) if strict && c.size_a != c.size_b && at == c.size_a.min(c.size_b) => {
                 println!("Image sizes differ: {} and {} bytes", c.size_a, c.size_b)
             }
@@ -471,14 +511,25 @@ fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     }
     println!("image:          {}", img.path().display());
     println!("format:         {}", img.disk_type());
-    println!("virtual size:   {} ({} bytes)", human(img.virtual_size()), img.virtual_size());
+    println!(
+        "virtual size:   {} ({} bytes)",
+        human(img.virtual_size()),
+        img.virtual_size()
+    );
     if let Some(f) = img.footer() {
         if f.original_size != f.current_size {
-            println!("original size:  {} ({} bytes)", human(f.original_size), f.original_size);
+            println!(
+                "original size:  {} ({} bytes)",
+                human(f.original_size),
+                f.original_size
+            );
         }
         let gs = f.geometry.size();
         if gs != f.current_size {
-            println!("geometry:       {} (C/H/S), {} bytes: differs from the virtual size", f.geometry, gs);
+            println!(
+                "geometry:       {} (C/H/S), {} bytes: differs from the virtual size",
+                f.geometry, gs
+            );
         } else {
             println!("geometry:       {} (C/H/S), {} bytes", f.geometry, gs);
         }
@@ -494,7 +545,11 @@ fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
             println!("saved state:    yes");
         }
     }
-    println!("file size:      {} ({} bytes)", human(img.file_len()), img.file_len());
+    println!(
+        "file size:      {} ({} bytes)",
+        human(img.file_len()),
+        img.file_len()
+    );
     if let Ok(a) = vhdkit::io::allocated_bytes(img.file()) {
         println!("on disk:        {}", human(a));
     }
@@ -515,7 +570,14 @@ fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
             println!("parent:         NOT FOUND (use --parent FILE or --parent-dir DIR)");
         }
         for (i, p) in img.chain().iter().enumerate().skip(1) {
-            println!("parent {i}:       {} ({}, {})", p.path().display(), p.disk_type(), p.footer().map(|f| f.unique_id.to_string()).unwrap_or_default());
+            println!(
+                "parent {i}:       {} ({}, {})",
+                p.path().display(),
+                p.disk_type(),
+                p.footer()
+                    .map(|f| f.unique_id.to_string())
+                    .unwrap_or_default()
+            );
         }
     }
     for w in img.warnings() {
@@ -563,12 +625,20 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
         };
         println!("{sev}: {place}{}", p.message);
     }
-    let errors = report.problems.iter().filter(|p| p.severity == vhdkit::Severity::Error).count();
+    let errors = report
+        .problems
+        .iter()
+        .filter(|p| p.severity == vhdkit::Severity::Error)
+        .count();
     let warnings = report.problems.len() - errors;
     println!(
         "{}: {} ({} error{}, {} warning{})",
         path.display(),
-        if errors == 0 { "clean" } else { "PROBLEMS FOUND" },
+        if errors == 0 {
+            "clean"
+        } else {
+            "PROBLEMS FOUND"
+        },
         errors,
         if errors == 1 { "" } else { "s" },
         warnings,
@@ -675,7 +745,10 @@ fn in_place_convert(
     let plan = vhdkit::ops::plan_in_place(image, to, azure, &open.options())?;
     plan.run()?;
     if as_json {
-        println!("{}", json!({"image": image.display().to_string(), "done": plan.description}));
+        println!(
+            "{}",
+            json!({"image": image.display().to_string(), "done": plan.description})
+        );
     } else if !quiet {
         println!("{}: {}", image.display(), plan.description);
     }

@@ -175,7 +175,12 @@ pub struct Image {
     warnings: Vec<String>,
     /// Check mode: problems that did not stop the walk (None: fail fast).
     diag: Option<Vec<Error>>,
+    /// Problems found in check mode beyond [`MAX_LISTED_PROBLEMS`].
+    diag_dropped: u64,
 }
+
+/// The most problems check mode lists for one file.
+pub(crate) const MAX_LISTED_PROBLEMS: usize = 1000;
 
 /// Reads `N` bytes at `offset` into an array.
 fn read_array<const N: usize>(file: &File, offset: u64) -> std::io::Result<[u8; N]> {
@@ -268,6 +273,7 @@ impl Image {
             parent_missing: false,
             warnings: Vec::new(),
             diag: None,
+            diag_dropped: 0,
         };
         if collect.is_some() {
             img.diag = Some(Vec::new());
@@ -293,7 +299,16 @@ impl Image {
             }
         }
         if let (Some(out), Some(found)) = (collect, img.diag.take()) {
+            let listed = found.len() as u64;
             out.extend(found.into_iter().map(|e| e.with_path(path)));
+            if img.diag_dropped > 0 {
+                out.push(Error::Limit {
+                    path: path.to_path_buf(),
+                    what: "the number of problems found (only the first are listed)",
+                    value: listed + img.diag_dropped,
+                    limit: listed,
+                });
+            }
         }
         result.map(|_| img)
     }
@@ -303,7 +318,13 @@ impl Image {
     fn report(&mut self, e: Error) -> Result<()> {
         match &mut self.diag {
             Some(d) => {
-                d.push(e);
+                // A hostile file can have a problem per BAT entry: list the
+                // first ones and count the rest.
+                if d.len() < MAX_LISTED_PROBLEMS {
+                    d.push(e);
+                } else {
+                    self.diag_dropped += 1;
+                }
                 Ok(())
             }
             None => Err(e),
