@@ -448,7 +448,7 @@ fn check_cancel(opts: &ConvertOptions) -> Result<()> {
 }
 
 /// Virtual bytes per window of the walk: the map of one window is held at a time.
-const WINDOW: u64 = 1 << 30;
+const WINDOW: u64 = 256 << 20;
 /// Largest chunk one worker scans and writes at a time.
 const CHUNK: u64 = 2 << 20;
 
@@ -585,8 +585,91 @@ fn copy_chunks(
 /// Receives, per window, the blocks that hold data: `(block, keep)`.
 type PlanFn<'a> = dyn Fn(&[(u64, bool)]) -> Result<()> + Sync + 'a;
 
-/// The walk shared by every target: for each window, map, plan blocks
-/// (dynamic), copy chunks in parallel.
+/// One window of the walk, mapped and (for dynamic outputs) scanned for
+/// the blocks that hold data.
+struct Prepared {
+    work: Vec<Chunk>,
+    /// `(block, holds data)` for each block with data extents, in order.
+    blocks: Vec<(u64, bool)>,
+    /// Bytes of the window the map already knows to be zero.
+    zero_bytes: u64,
+}
+
+/// Maps `start..start + len` and, for a dynamic output, finds which blocks
+/// hold a non-zero byte (stopping at the first one).
+fn prepare(
+    img: &Image,
+    opts: &ConvertOptions,
+    stats: &Stats,
+    bs: Option<u64>,
+    start: u64,
+    len: u64,
+) -> Result<Prepared> {
+    let align = bs.unwrap_or(CHUNK).min(CHUNK);
+    let extents = img.map(start, len)?;
+    let work = chunks(&extents, align);
+    let zero_bytes = len - work.iter().map(|c| c.len).sum::<u64>();
+    let mut blocks: Vec<(u64, bool)> = Vec::new();
+    if let Some(bs) = bs {
+        for c in &work {
+            let b = c.offset / bs;
+            if blocks.last().map(|l| l.0) != Some(b) {
+                blocks.push((b, true));
+            }
+        }
+        if opts.sparse {
+            let flags: Vec<bool> = blocks
+                .par_iter()
+                .map(|&(b, _)| -> Result<bool> {
+                    let lo = work.partition_point(|c| c.offset / bs < b);
+                    let hi = work.partition_point(|c| c.offset / bs <= b);
+                    block_has_data(img, &work[lo..hi], stats)
+                })
+                .collect::<Result<_>>()?;
+            for (b, f) in blocks.iter_mut().zip(flags) {
+                b.1 = f;
+            }
+        }
+    }
+    Ok(Prepared {
+        work,
+        blocks,
+        zero_bytes,
+    })
+}
+
+/// True when any chunk of one block holds a non-zero byte.
+fn block_has_data(img: &Image, chunks: &[Chunk], stats: &Stats) -> Result<bool> {
+    let mut examined = 0;
+    for c in chunks {
+        let f = img.layer(c.layer).expect("layer").file();
+        let mut pos = 0;
+        while pos < c.len {
+            // Data blocks almost always show a non-zero byte in their first
+            // page: one small read settles them without mapping the block.
+            let n = if pos == 0 {
+                c.len.min(ZERO_UNIT)
+            } else {
+                (c.len - pos).min(CHUNK)
+            };
+            let nz = with_bytes(f, c.file_offset + pos, n, |d| !is_zero(d))
+                .map_err(|e| Error::io(img.path(), "read", e))?;
+            if nz {
+                // The copy reads this block again and counts it then.
+                return Ok(true);
+            }
+            examined += n;
+            pos += n;
+        }
+    }
+    stats.read.fetch_add(examined, Ordering::Relaxed);
+    Ok(false)
+}
+
+/// The walk shared by every target: window by window, map, plan the blocks
+/// of a dynamic output, copy chunks in parallel. The next window is mapped
+/// and scanned while the current one is written, so the zero scan of a
+/// dynamic output overlaps the writes.
 fn walk(
     img: &Image,
     opts: &ConvertOptions,
@@ -598,74 +681,40 @@ fn walk(
 ) -> Result<()> {
     let size = img.virtual_size();
     let bs = match dest {
-        Dest::Dynamic { layout, .. } => layout.block_size,
-        Dest::Linear => CHUNK,
+        Dest::Dynamic { layout, .. } => Some(layout.block_size),
+        Dest::Linear => None,
     };
-    let align = bs.min(CHUNK);
-    let window = WINDOW.max(bs) / bs * bs;
-    let mut start = 0;
-    while start < size {
+    let unit = bs.unwrap_or(CHUNK);
+    let window = WINDOW.max(unit) / unit * unit;
+    let windows: Vec<(u64, u64)> = (0..size.div_ceil(window))
+        .map(|i| (i * window, window.min(size - i * window)))
+        .collect();
+    let mut next = match windows.first() {
+        Some(&(s, l)) => Some(prepare(img, opts, stats, bs, s, l)?),
+        None => None,
+    };
+    for i in 0..windows.len() {
         check_cancel(opts)?;
-        let len = window.min(size - start);
-        let extents = img.map(start, len)?;
-        let work = chunks(&extents, align);
-        let zero_bytes = len - work.iter().map(|c| c.len).sum::<u64>();
+        let cur = next
+            .take()
+            .expect("each window is prepared before it is copied");
         if let Some(p) = &opts.progress {
-            p.advance(zero_bytes);
+            p.advance(cur.zero_bytes);
         }
-        if let Dest::Dynamic { .. } = dest {
-            // Which blocks hold data: stop at the first non-zero byte.
-            let mut blocks: Vec<(u64, bool)> = Vec::new();
-            for c in &work {
-                let b = c.offset / bs;
-                if blocks.last().map(|l| l.0) != Some(b) {
-                    blocks.push((b, false));
-                }
-            }
-            let flags: Vec<bool> = blocks
-                .par_iter()
-                .map(|&(b, _)| -> Result<bool> {
-                    if !opts.sparse {
-                        return Ok(true);
-                    }
-                    let lo = work.partition_point(|c| c.offset / bs < b);
-                    let hi = work.partition_point(|c| c.offset / bs <= b);
-                    let mut examined = 0;
-                    for c in &work[lo..hi] {
-                        let f = img.layer(c.layer).expect("layer").file();
-                        // Data blocks almost always show a non-zero byte in
-                        // their first page: one small read settles them
-                        // without mapping the block.
-                        let probe = c.len.min(ZERO_UNIT);
-                        let nz = with_bytes(f, c.file_offset, probe, |d| !is_zero(d))
-                            .map_err(|e| Error::io(img.path(), "read", e))?;
-                        if nz {
-                            return Ok(true);
-                        }
-                        let mut pos = probe;
-                        while pos < c.len {
-                            let n = (c.len - pos).min(CHUNK);
-                            let nz = with_bytes(f, c.file_offset + pos, n, |d| !is_zero(d))
-                                .map_err(|e| Error::io(img.path(), "read", e))?;
-                            if nz {
-                                // The copy reads this block again and counts it then.
-                                return Ok(true);
-                            }
-                            examined += n;
-                            pos += n;
-                        }
-                    }
-                    stats.read.fetch_add(examined, Ordering::Relaxed);
-                    Ok(false)
-                })
-                .collect::<Result<_>>()?;
-            for (b, f) in blocks.iter_mut().zip(flags) {
-                b.1 = f;
-            }
-            plan(&blocks)?;
+        if bs.is_some() {
+            plan(&cur.blocks)?;
         }
-        copy_chunks(img, opts, stats, dest, &work, out, out_path)?;
-        start += len;
+        let following = windows.get(i + 1).copied();
+        let (copied, prepared) = rayon::join(
+            || copy_chunks(img, opts, stats, dest, &cur.work, out, out_path),
+            || {
+                following
+                    .map(|(s, l)| prepare(img, opts, stats, bs, s, l))
+                    .transpose()
+            },
+        );
+        copied?;
+        next = prepared?;
     }
     let dw = stats.data_written.load(Ordering::Relaxed);
     stats.written.fetch_add(dw, Ordering::Relaxed);
