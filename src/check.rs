@@ -121,8 +121,16 @@ impl Problem {
 /// image itself is in the report.
 pub fn check(path: impl AsRef<Path>, opts: &CheckOptions) -> Result<CheckReport> {
     let path = path.as_ref();
-    // Fail with an error (exit 2) when the file is not readable at all.
-    std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?;
+    // Fail with an error (exit 2) when the file is not readable at all. A
+    // folder opens on Unix, but is no image either.
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?;
+    if file.metadata().is_ok_and(|m| m.is_dir()) {
+        return Err(Error::io(
+            path,
+            "open",
+            std::io::Error::other("is a folder, not an image file"),
+        ));
+    }
     let (img, errors) = Image::open_collect(path, &opts.open);
     let mut problems: Vec<Problem> = errors.iter().map(Problem::from_error).collect();
     let mut report = CheckReport {
@@ -258,6 +266,25 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                 .at(Structure::FooterCopy, "footer copy", first as u64),
             );
         }
+    }
+    if img.footer_source() == Some(crate::image::FooterSource::Copy) {
+        // The end footer, the authority, is damaged or missing: the image
+        // reads through the copy, but it is damaged all the same.
+        let p = if img.file_len() >= foot_at + FOOTER_SIZE as u64 {
+            match Footer::verify_checksum(&read_footer(img, foot_at)?, foot_at, Structure::Footer) {
+                Err(e) => Problem::from_error(&e),
+                Ok(()) => Problem::error(
+                    "the footer at the end is damaged; the copy at offset 0 was used",
+                )
+                .at(Structure::Footer, "cookie", foot_at),
+            }
+        } else {
+            Problem::error(
+                "no footer at the end of the file (truncated?); the copy at offset 0 was used",
+            )
+            .at(Structure::Footer, "cookie", foot_at)
+        };
+        problems.push(p);
     }
     if let Some(h) = img.header() {
         let at = img.header_offset();

@@ -459,6 +459,39 @@ fn fixed_footer(size: u64) -> Vec<u8> {
         .to_vec()
 }
 
+/// The steps that grow a fixed image whose disk ends at `size` and whose
+/// footer `old` sits at `old_at` to the size of `new`, its new footer. Every
+/// byte from `size` to the new size ends up zero (bytes between the data and
+/// the footer are not part of the disk and may hold anything), and each step
+/// leaves the old image or the new one.
+fn grow_fixed(
+    size: u64,
+    old_at: u64,
+    old: &crate::ondisk::Footer,
+    new: &crate::ondisk::Footer,
+) -> Vec<Step> {
+    let new_size = new.current_size;
+    if new_size <= old_at {
+        // The disk grows into the padding before the footer: zero that (not
+        // part of the old disk), then the footer takes the new size in place.
+        return vec![
+            Step::PunchHole(size, new_size - size),
+            Step::Sync,
+            Step::Write(old_at, new.to_bytes().to_vec()),
+            Step::Sync,
+        ];
+    }
+    vec![
+        // Old footer copied to the new end: the old image with padding.
+        Step::Write(new_size, old.to_bytes().to_vec()),
+        Step::Sync,
+        Step::PunchHole(size, new_size - size),
+        Step::Sync,
+        Step::Write(new_size, new.to_bytes().to_vec()),
+        Step::Sync,
+    ]
+}
+
 /// Plans an in-place conversion of `path` between raw and fixed, in constant
 /// time whatever its size:
 ///
@@ -527,16 +560,11 @@ pub fn plan_in_place(
                 description = format!("already a whole number of MiB ({size} bytes)");
             } else {
                 let old = img.footer().expect("fixed has a footer").clone();
-                steps.push(Step::Write(new_size, old.to_bytes().to_vec()));
-                steps.push(Step::Sync);
-                steps.push(Step::PunchHole(old_at, new_size - old_at));
-                steps.push(Step::Sync);
-                let mut f = old;
+                let mut f = old.clone();
                 f.current_size = new_size;
                 f.original_size = new_size;
                 f.geometry = crate::ondisk::Geometry::for_size(new_size);
-                steps.push(Step::Write(new_size, f.to_bytes().to_vec()));
-                steps.push(Step::Sync);
+                steps = grow_fixed(size, old_at, &old, &f);
                 description =
                     format!("fixed: grown {size} -> {new_size} bytes (a whole number of MiB)");
             }
@@ -723,16 +751,14 @@ pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InP
             f.geometry = crate::ondisk::Geometry::for_size(new_size);
             let old_at = img.data_end();
             if new_size > size {
-                // Old footer copied to the new end: the old image with padding.
-                steps.push(Step::Write(new_size, old.to_bytes().to_vec()));
-                steps.push(Step::Sync);
-                steps.push(Step::PunchHole(old_at, new_size - old_at));
-                steps.push(Step::Sync);
-                steps.push(Step::Write(new_size, f.to_bytes().to_vec()));
-                steps.push(Step::Sync);
+                steps = grow_fixed(size, old_at, &old, &f);
             } else {
-                // The cut region is zero: the new footer goes there, then one
-                // truncation switches to the new image.
+                // The cut region is zero. The footer in place takes the new
+                // size first (the cut bytes become padding: the new image),
+                // then a copy goes where the file will end, and one
+                // truncation drops the padding.
+                steps.push(Step::Write(old_at, f.to_bytes().to_vec()));
+                steps.push(Step::Sync);
                 steps.push(Step::Write(new_size, f.to_bytes().to_vec()));
                 steps.push(Step::Sync);
                 steps.push(Step::SetLen(new_size + FOOTER_SIZE as u64));
@@ -746,6 +772,50 @@ pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InP
             let needed = new_size.div_ceil(bs);
             let have = u64::from(h.max_table_entries);
             let mut h2 = h.clone();
+            if new_size > size {
+                // Bytes past the old end join the disk and must read as
+                // zeros: allocated BAT entries past the end (ignored until
+                // now) are freed, and the last block's bytes past the old
+                // size zeroed, when nothing else lies there (else rewrite).
+                for b in img.block_count()..needed.min(have) {
+                    if bat.entries[b as usize] != UNALLOCATED {
+                        steps.push(Step::Write(
+                            h.table_offset + 4 * b,
+                            UNALLOCATED.to_be_bytes().to_vec(),
+                        ));
+                    }
+                }
+                let last = size / bs;
+                match bat.entries.get(last as usize) {
+                    Some(&e) if size % bs != 0 && e != UNALLOCATED => {
+                        let data_at = u64::from(e) * SECTOR + img.bitmap_size();
+                        let from = data_at + (size - last * bs);
+                        let to = data_at + (new_size.min((last + 1) * bs) - last * bs);
+                        let (_, old_end) = img.block_span(last, e);
+                        let mut starts = bat
+                            .entries
+                            .iter()
+                            .take(img.block_count() as usize)
+                            .filter(|&&x| x != UNALLOCATED)
+                            .map(|&x| u64::from(x) * SECTOR)
+                            .chain([img.header_offset(), h.table_offset])
+                            .chain(
+                                h.parent_locators
+                                    .iter()
+                                    .filter(|l| !l.is_empty())
+                                    .map(|l| l.data_offset),
+                            );
+                        if to > img.data_end() || starts.any(|x| x >= old_end && x < to) {
+                            return Ok(None);
+                        }
+                        steps.push(Step::PunchHole(from, to - from));
+                    }
+                    _ => {}
+                }
+                if !steps.is_empty() {
+                    steps.push(Step::Sync);
+                }
+            }
             if needed > have {
                 // Room for more entries before anything that follows the BAT?
                 let bat_end = h.table_offset + needed * 4;

@@ -1,0 +1,884 @@
+//! The `vhdkit` command line as a user runs it: exit statuses (0 ok, 1 a
+//! problem found or images differ, 2 cannot run or bad usage), what is
+//! printed, and that the JSON outputs parse and hold the documented fields
+//! (issues 2 and 4). Expectations come from the library and from bytes the
+//! tests wrote or damaged themselves.
+
+#![cfg(feature = "cli")]
+
+#[path = "../examples/make_testdata.rs"]
+#[allow(dead_code)]
+mod make_testdata;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use vhdkit::{ConvertOptions, Format, Image, Target};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+
+// ---------------------------------------------------------------- helpers
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn vhdkit<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let out: Output = Command::new(env!("CARGO_BIN_EXE_vhdkit"))
+        .args(&args)
+        .output()
+        .expect("run vhdkit");
+    let run = Run {
+        code: out
+            .status
+            .code()
+            .unwrap_or_else(|| panic!("vhdkit {args:?} was killed: {}", out.status)),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(
+        !run.stderr.contains("panicked"),
+        "vhdkit {args:?} panicked: {}",
+        run.stderr
+    );
+    run
+}
+
+/// Runs and requires exit status `code`.
+fn expect(code: i32, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Run {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let r = vhdkit(&args);
+    assert_eq!(
+        r.code, code,
+        "vhdkit {args:?}: exit {}\nstdout:\n{}\nstderr:\n{}",
+        r.code, r.stdout, r.stderr
+    );
+    r
+}
+
+fn json(r: &Run) -> Value {
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", r.stdout))
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temporary folder")
+}
+
+fn testdata(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(name)
+}
+
+/// A testdata image unpacked into `dir` (gunzipped when stored so).
+fn unpack(dir: &Path, stored: &str) -> PathBuf {
+    let bytes = std::fs::read(testdata(stored)).unwrap_or_else(|e| panic!("{stored}: {e}"));
+    let (name, bytes) = match stored.strip_suffix(".gz") {
+        Some(n) => {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut out)
+                .unwrap();
+            (n, out)
+        }
+        None => (stored, bytes),
+    };
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// The hand-made chain (base, child, grandchild) side by side in `dir`.
+fn write_chain(dir: &Path) -> Vec<make_testdata::Fixture> {
+    let base = make_testdata::chain_base();
+    let child = make_testdata::chain_child(&base);
+    let grandchild = make_testdata::chain_grandchild(&child);
+    let all = vec![base, child, grandchild];
+    for f in &all {
+        std::fs::write(dir.join(&f.name), &f.bytes).unwrap();
+    }
+    all
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed) | 1)
+        .collect()
+}
+
+/// A sparse raw disk of `size` bytes with a few runs of data.
+fn sample_raw(path: &Path, size: u64) -> Vec<u8> {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut content = vec![0u8; size as usize];
+    for (at, len, seed) in [
+        (0u64, 4096usize, 1u8),
+        (MIB + 100, 3000, 2),
+        (size - 512, 512, 3),
+    ] {
+        if at + len as u64 > size {
+            continue;
+        }
+        let b = pattern(len, seed);
+        f.write_all_at(&b, at).unwrap();
+        content[at as usize..at as usize + len].copy_from_slice(&b);
+    }
+    content
+}
+
+fn convert(input: &Path, output: &Path, opts: &ConvertOptions) {
+    vhdkit::convert(input, output, opts)
+        .unwrap_or_else(|e| panic!("convert {}: {e}", input.display()));
+}
+
+fn to(target: Target) -> ConvertOptions {
+    ConvertOptions::new(target).sync(false)
+}
+
+/// Asserts that a failed run said so in one line on stderr, naming `path`.
+fn one_line_naming(r: &Run, path: &Path) {
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line on stderr, got: {:?}", r.stderr);
+    assert!(
+        lines[0].contains(&path.display().to_string()),
+        "{:?} does not name {}",
+        lines[0],
+        path.display()
+    );
+}
+
+// ---------------------------------------------------------------- compare
+
+#[test]
+fn compare_exit_status_and_first_offset() {
+    let dir = tempdir();
+    let raw = dir.path().join("a.raw");
+    let content = sample_raw(&raw, 3 * MIB);
+    let dynv = dir.path().join("a.vhd");
+    convert(&raw, &dynv, &to(Target::Dynamic));
+    let r = expect(0, &[&"compare", &raw, &dynv]);
+    assert!(r.stdout.contains("identical"), "{}", r.stdout);
+
+    // One byte changed, in a hole of the other side.
+    let at = 2 * MIB + 12_345;
+    let mut other = content.clone();
+    other[at as usize] = 0x42;
+    let b = dir.path().join("b.raw");
+    std::fs::write(&b, &other).unwrap();
+    let r = expect(1, &[&"compare", &dynv, &b]);
+    assert!(r.stdout.contains(&format!("offset {at}")), "{}", r.stdout);
+    let v = json(&expect(1, &[&"compare", &"--json", &b, &dynv]));
+    assert_eq!(v["equal"], false);
+    assert_eq!(v["first_difference"], at);
+    assert_eq!(
+        (v["size_a"].as_u64(), v["size_b"].as_u64()),
+        (Some(3 * MIB), Some(3 * MIB))
+    );
+
+    // Sizes: a zero tail is equal unless --strict-size.
+    let big = dir.path().join("big.raw");
+    let mut longer = content.clone();
+    longer.resize(4 * MIB as usize, 0);
+    std::fs::write(&big, &longer).unwrap();
+    let r = expect(0, &[&"compare", &raw, &big]);
+    assert!(r.stdout.contains("identical"), "{}", r.stdout);
+    let r = expect(1, &[&"compare", &"--strict-size", &raw, &big]);
+    assert!(r.stdout.contains("sizes differ"), "{}", r.stdout);
+    let v = json(&expect(
+        1,
+        &[&"compare", &"--strict-size", &"--json", &big, &raw],
+    ));
+    assert_eq!(v["first_difference"], 3 * MIB);
+    // A non-zero tail differs at its first non-zero byte.
+    longer[3 * MIB as usize + 777] = 1;
+    std::fs::write(&big, &longer).unwrap();
+    let r = expect(1, &[&"compare", &dynv, &big]);
+    assert!(
+        r.stdout.contains(&format!("offset {}", 3 * MIB + 777)),
+        "{}",
+        r.stdout
+    );
+
+    // Cannot run: a missing file, a missing argument.
+    let missing = dir.path().join("missing.vhd");
+    let r = expect(2, &[&"compare", &raw, &missing]);
+    one_line_naming(&r, &missing);
+    expect(2, &[&"compare", &raw]);
+}
+
+// ---------------------------------------------------------------- map
+
+/// `map --json`: a list of {offset, length, data} (plus file and
+/// file_offset on data) covering the disk, the same as the library's map.
+#[test]
+fn map_json_parses_and_matches_the_library() {
+    let dir = tempdir();
+    let raw = dir.path().join("disk.raw");
+    sample_raw(&raw, 5 * MIB + 512);
+    let dynv = dir.path().join("disk.vhd");
+    convert(
+        &raw,
+        &dynv,
+        &to(Target::Dynamic).block_size(512 * KIB as u32),
+    );
+    write_chain(dir.path());
+    let chain = dir.path().join("hand-chain-grandchild.vhd");
+    for path in [&raw, &dynv, &chain] {
+        for scan in [true, false] {
+            let r = if scan {
+                expect(0, &[&"map", &"--json", path])
+            } else {
+                expect(0, &[&"map", &"--json", &"--no-scan", path])
+            };
+            let v = json(&r);
+            let list = v.as_array().expect("a JSON list");
+            let img = Image::open(path).unwrap();
+            let want = vhdkit::ops::map(&img, scan).unwrap();
+            assert_eq!(list.len(), want.len(), "{}", path.display());
+            let mut pos = 0;
+            for (e, w) in list.iter().zip(&want) {
+                let o = e.as_object().expect("an object per extent");
+                assert_eq!(o["offset"].as_u64(), Some(pos));
+                assert_eq!(o["offset"].as_u64(), Some(w.offset));
+                assert_eq!(o["length"].as_u64(), Some(w.length));
+                assert_eq!(o["data"].as_bool(), Some(w.data));
+                if w.data {
+                    let file = o["file"].as_str().expect("data names its file");
+                    assert_eq!(Path::new(file), w.file.as_deref().unwrap());
+                    assert!(Path::new(file).exists(), "{file}");
+                    assert_eq!(o["file_offset"].as_u64(), w.file_offset);
+                } else {
+                    assert!(
+                        !o.contains_key("file") && !o.contains_key("file_offset"),
+                        "{o:?}"
+                    );
+                }
+                pos += w.length;
+            }
+            assert_eq!(pos, img.virtual_size());
+        }
+        // The table: a header, one line per extent, a summary.
+        let r = expect(0, &[&"map", path]);
+        assert!(r.stdout.lines().next().unwrap().contains("offset"));
+        assert!(
+            r.stdout.lines().last().unwrap().contains("extents"),
+            "{}",
+            r.stdout
+        );
+    }
+    // The chain's data comes from all three files.
+    let v = json(&expect(0, &[&"map", &"--json", &"--no-scan", &chain]));
+    let files: std::collections::BTreeSet<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["file"].as_str())
+        .map(|f| {
+            Path::new(f)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert_eq!(files.len(), 3, "{files:?}");
+}
+
+// ---------------------------------------------------------------- checksum
+
+#[test]
+fn checksum_prints_crc_and_size() {
+    let dir = tempdir();
+    let raw = dir.path().join("disk.raw");
+    let content = sample_raw(&raw, 3 * MIB);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&content);
+    let want = format!("{:08x}", h.finalize());
+    let fixed = dir.path().join("disk.vhd");
+    convert(&raw, &fixed, &to(Target::Fixed));
+    for p in [&raw, &fixed] {
+        let r = expect(0, &[&"checksum", p]);
+        let words: Vec<&str> = r.stdout.split_whitespace().collect();
+        assert_eq!(
+            words[..2],
+            [want.as_str(), &(3 * MIB).to_string()],
+            "{}",
+            r.stdout
+        );
+        let v = json(&expect(0, &[&"checksum", &"--json", p]));
+        assert_eq!(v["crc32"], want.as_str());
+        assert_eq!(v["size"], 3 * MIB);
+    }
+}
+
+// ---------------------------------------------------------------- sizes
+
+/// `--size` takes bytes or a binary K/M/G/T suffix, and only whole bytes.
+#[test]
+fn sizes_accept_binary_units_and_refuse_the_rest() {
+    let dir = tempdir();
+    for (arg, bytes) in [
+        ("1048576", MIB),
+        ("512K", 512 * KIB),
+        ("10M", 10 * MIB),
+        ("1G", 1 << 30),
+        ("1.5G", 3 << 29),
+        ("2T", 2 << 40),
+        ("0.5K", 512),
+    ] {
+        // Raw images take any size, sparse: a 2 TiB file costs nothing.
+        let p = dir.path().join(format!("{arg}.raw"));
+        std::fs::write(&p, pattern(512, 1)).unwrap();
+        let r = expect(0, &[&"resize", &p, &"--size", &arg]);
+        assert!(r.stdout.contains(&bytes.to_string()), "{arg}: {}", r.stdout);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), bytes, "--size {arg}");
+        std::fs::remove_file(&p).unwrap();
+    }
+    // A fixed image: sizes are the virtual disk's.
+    let raw = dir.path().join("disk.raw");
+    sample_raw(&raw, MIB);
+    let fixed = dir.path().join("disk.vhd");
+    convert(&raw, &fixed, &to(Target::Fixed));
+    expect(0, &[&"resize", &fixed, &"--size", &"3M"]);
+    assert_eq!(Image::open(&fixed).unwrap().virtual_size(), 3 * MIB);
+
+    let p = dir.path().join("keep.raw");
+    std::fs::write(&p, pattern(4096, 2)).unwrap();
+    for bad in ["12X", "-5", "1.3K", "1.5", "", "M", "ten"] {
+        for form in [
+            vec!["--size".to_string(), bad.to_string()],
+            vec![format!("--size={bad}")],
+        ] {
+            let mut args: Vec<&std::ffi::OsStr> = vec!["resize".as_ref(), p.as_os_str()];
+            args.extend(form.iter().map(std::ffi::OsStr::new));
+            let r = vhdkit(&args);
+            assert_eq!(
+                r.code, 2,
+                "--size {bad:?} accepted: {}{}",
+                r.stdout, r.stderr
+            );
+            assert!(!r.stderr.is_empty());
+            if !bad.is_empty() && form.len() == 1 {
+                assert!(r.stderr.contains(bad), "{bad}: {}", r.stderr);
+            }
+        }
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            4096,
+            "{bad} changed the file"
+        );
+    }
+    // The same parser serves --block-size.
+    let out = dir.path().join("b.vhd");
+    expect(
+        0,
+        &[
+            &"convert",
+            &raw,
+            &out,
+            &"--to",
+            &"dynamic",
+            &"--block-size",
+            &"512K",
+            &"-q",
+        ],
+    );
+    assert_eq!(Image::open(&out).unwrap().block_size(), 512 * KIB);
+    expect(
+        2,
+        &[
+            &"convert",
+            &raw,
+            &out,
+            &"--to",
+            &"dynamic",
+            &"--block-size",
+            &"1.3K",
+            &"--force",
+        ],
+    );
+}
+
+// ---------------------------------------------------------------- check
+
+fn problems(v: &Value) -> &Vec<Value> {
+    v["problems"].as_array().expect("problems is a list")
+}
+
+/// Every problem of `check --json` has the documented fields.
+fn assert_problem_fields(v: &Value) {
+    for p in problems(v) {
+        let o = p.as_object().expect("a problem is an object");
+        for k in ["severity", "structure", "field", "offset", "message"] {
+            assert!(o.contains_key(k), "{k} missing from {o:?}");
+        }
+        assert!(
+            matches!(o["severity"].as_str(), Some("error" | "warning")),
+            "{o:?}"
+        );
+        assert!(!o["message"].as_str().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn check_is_clean_on_testdata_images() {
+    let dir = tempdir();
+    for stored in [
+        "example-dynamic.vhd",
+        "qemu-dynamic-5M.vhd.gz",
+        "qemu-fixed-3M.vhd.gz",
+        "hand-dynamic-512k-blocks.vhd.gz",
+        "hand-dynamic-partial-bitmaps.vhd.gz",
+    ] {
+        let p = unpack(dir.path(), stored);
+        let r = expect(0, &[&"check", &p]);
+        assert!(
+            r.stdout
+                .trim_end()
+                .ends_with("clean (0 errors, 0 warnings)"),
+            "{stored}: {}",
+            r.stdout
+        );
+        let v = json(&expect(0, &[&"check", &"--json", &p]));
+        assert_eq!(v["clean"], true);
+        assert!(problems(&v).is_empty(), "{stored}: {v}");
+    }
+    write_chain(dir.path());
+    expect(
+        0,
+        &[&"check", &dir.path().join("hand-chain-grandchild.vhd")],
+    );
+}
+
+/// Byte offsets of a dynamic image's structures.
+struct Layout {
+    header: u64,
+    table: u64,
+    entries: Vec<u32>,
+    footer: u64,
+}
+
+fn layout(p: &Path) -> Layout {
+    let img = Image::open(p).unwrap();
+    Layout {
+        header: img.header_offset(),
+        table: img.header().unwrap().table_offset,
+        entries: img.bat().unwrap().entries.clone(),
+        footer: img.data_end(),
+    }
+}
+
+fn poke(p: &Path, at: u64, bytes: &[u8]) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .write_all_at(bytes, at)
+        .unwrap();
+}
+
+fn damaged(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.vhd"));
+    std::fs::copy(dir.join("good.vhd"), &p).unwrap();
+    p
+}
+
+/// The error lines of `check`'s table that mention `what` and carry `@ offset`.
+fn error_at(r: &Run, what: &str, offset: u64) -> bool {
+    r.stdout
+        .lines()
+        .any(|l| l.starts_with("error:") && l.contains(what) && l.contains(&format!("@ {offset}:")))
+}
+
+#[test]
+fn check_reports_every_problem_of_a_damaged_image_with_its_offset() {
+    let dir = tempdir();
+    let good = unpack(dir.path(), "qemu-dynamic-5M.vhd.gz");
+    std::fs::rename(&good, dir.path().join("good.vhd")).unwrap();
+    let l = layout(&dir.path().join("good.vhd"));
+    // Blocks 0 and 2 allocated, block 1 not.
+    assert!(
+        l.entries[0] != u32::MAX && l.entries[1] == u32::MAX && l.entries[2] != u32::MAX,
+        "{:?}",
+        l.entries
+    );
+
+    // A BAT entry pointing past the end of the file.
+    let p = damaged(dir.path(), "bat-past-end");
+    poke(&p, l.table + 8, &0x00ff_0000u32.to_be_bytes());
+    let r = expect(1, &[&"check", &p]);
+    assert!(error_at(&r, "BAT entry 2", l.table + 8), "{}", r.stdout);
+    assert!(r.stdout.contains("PROBLEMS FOUND"));
+
+    // The dynamic header's checksum.
+    let p = damaged(dir.path(), "header-sum");
+    poke(&p, l.header + 36, &[0, 0, 0, 0]);
+    let r = expect(1, &[&"check", &p]);
+    assert!(
+        error_at(&r, "dynamic header", l.header + 36),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("checksum"), "{}", r.stdout);
+
+    // The end footer's checksum: the copy at offset 0 is intact and used,
+    // but the image is damaged all the same.
+    let p = damaged(dir.path(), "footer-sum");
+    poke(&p, l.footer + 64, &[0, 0, 0, 0]);
+    let r = expect(1, &[&"check", &p]);
+    assert!(error_at(&r, "footer", l.footer + 64), "{}", r.stdout);
+    expect(0, &[&"info", &p]);
+
+    // Two BAT entries naming the same block, and a damaged footer copy, in
+    // one file: both reported.
+    let p = damaged(dir.path(), "overlap-and-copy");
+    poke(&p, l.table + 8, &l.entries[0].to_be_bytes());
+    poke(&p, 30, b"X");
+    let r = expect(1, &[&"check", &p]);
+    let overlap = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("error: BAT entry") && l.contains("overlapping"))
+        .unwrap_or_else(|| panic!("no overlap reported: {}", r.stdout));
+    assert!(
+        overlap.contains("block 0") && overlap.contains("block 2"),
+        "{overlap}"
+    );
+    assert!(
+        overlap.contains(&format!("@ {}:", l.table))
+            || overlap.contains(&format!("@ {}:", l.table + 8)),
+        "{overlap}"
+    );
+    assert!(error_at(&r, "footer copy", 64), "{}", r.stdout);
+    assert!(r.stdout.contains("(2 errors"), "{}", r.stdout);
+    let v = json(&expect(1, &[&"check", &"--json", &p]));
+    assert_eq!(v["clean"], false);
+    assert_eq!(v["format"], "dynamic");
+    assert_problem_fields(&v);
+    let ps = problems(&v);
+    assert!(
+        ps.iter().all(|x| x["offset"].is_u64()),
+        "every problem has its offset: {v}"
+    );
+    assert!(ps
+        .iter()
+        .any(|x| x["structure"] == "footer copy" && x["field"] == "checksum" && x["offset"] == 64));
+    assert!(ps.iter().any(|x| x["structure"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("BAT entry"))
+        && x["field"] == "block sector offset"
+        && x["message"].as_str().unwrap().contains("overlapping")));
+
+    // A BAT entry over the BAT itself.
+    let p = damaged(dir.path(), "over-metadata");
+    poke(&p, l.table, &((l.table / 512) as u32).to_be_bytes());
+    let r = expect(1, &[&"check", &p]);
+    assert!(error_at(&r, "BAT entry 0", l.table), "{}", r.stdout);
+}
+
+#[test]
+fn check_azure_explains_in_plain_words() {
+    let dir = tempdir();
+    let raw = dir.path().join("disk.raw");
+    sample_raw(&raw, 3 * MIB + 512);
+    let dynv = dir.path().join("d.vhd");
+    convert(&raw, &dynv, &to(Target::Dynamic));
+    let r = expect(1, &[&"check", &"--azure", &dynv]);
+    assert!(
+        r.stdout.contains("Azure") && r.stdout.contains("fixed"),
+        "{}",
+        r.stdout
+    );
+    // Plain words: what is wrong and what to do.
+    assert!(r.stdout.contains("--to fixed --azure"), "{}", r.stdout);
+    expect(0, &[&"check", &dynv]);
+
+    let fixed = dir.path().join("f.vhd");
+    convert(&raw, &fixed, &to(Target::Fixed));
+    let r = expect(1, &[&"check", &"--azure", &fixed]);
+    assert!(
+        r.stdout.contains("MiB") && r.stdout.contains(&(3 * MIB + 512).to_string()),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(&(4 * MIB).to_string()),
+        "the next whole MiB: {}",
+        r.stdout
+    );
+    let v = json(&expect(1, &[&"check", &"--azure", &"--json", &fixed]));
+    assert_problem_fields(&v);
+    assert!(problems(&v)
+        .iter()
+        .any(|p| p["severity"] == "error" && p["message"].as_str().unwrap().contains("MiB")));
+
+    // Made for Azure: clean.
+    let azure = dir.path().join("a.vhd");
+    expect(
+        0,
+        &[
+            &"convert", &raw, &azure, &"--to", &"fixed", &"--azure", &"-q",
+        ],
+    );
+    expect(0, &[&"check", &"--azure", &azure]);
+    // In place: the same.
+    expect(
+        0,
+        &[
+            &"convert",
+            &"--in-place",
+            &fixed,
+            &"--to",
+            &"fixed",
+            &"--azure",
+            &"-q",
+        ],
+    );
+    expect(0, &[&"check", &"--azure", &fixed]);
+    let v = json(&expect(0, &[&"info", &"--json", &fixed]));
+    assert_eq!(v["virtual_size"], 4 * MIB);
+}
+
+// ---------------------------------------------------------------- info
+
+#[test]
+fn info_json_has_the_documented_fields() {
+    let dir = tempdir();
+    let raw = dir.path().join("disk.raw");
+    sample_raw(&raw, 3 * MIB);
+    let fixed = dir.path().join("f.vhd");
+    convert(&raw, &fixed, &to(Target::Fixed));
+    let dynv = dir.path().join("d.vhd");
+    convert(
+        &raw,
+        &dynv,
+        &to(Target::Dynamic).block_size(512 * KIB as u32),
+    );
+    write_chain(dir.path());
+    let child = dir.path().join("hand-chain-grandchild.vhd");
+    let is_date = |s: &str| {
+        let b = s.as_bytes();
+        s.len() == 20 && b[4] == b'-' && b[7] == b'-' && b[10] == b'T' && s.ends_with('Z')
+    };
+    let is_uuid = |s: &str| {
+        s.len() == 36 && s.split('-').map(str::len).collect::<Vec<_>>() == [8, 4, 4, 4, 12]
+    };
+    for (path, format) in [
+        (&raw, Format::Raw),
+        (&fixed, Format::Fixed),
+        (&dynv, Format::Dynamic),
+        (&child, Format::Differencing),
+    ] {
+        let v = json(&expect(0, &[&"info", &"--json", path]));
+        let img = Image::open(path).unwrap();
+        assert_eq!(img.disk_type(), format);
+        assert_eq!(v["format"], format.name());
+        assert!(
+            ["raw", "fixed", "dynamic", "differencing"].contains(&v["format"].as_str().unwrap())
+        );
+        assert_eq!(v["virtual_size"], img.virtual_size());
+        assert_eq!(v["file_size"], img.file_len());
+        if format == Format::Raw {
+            assert!(
+                v.get("geometry").is_none() && v.get("unique_id").is_none(),
+                "{v}"
+            );
+            continue;
+        }
+        let f = img.footer().unwrap();
+        assert_eq!(v["original_size"], f.original_size);
+        let g = &v["geometry"];
+        assert_eq!(g["cylinders"], f.geometry.cylinders);
+        assert_eq!(g["heads"], f.geometry.heads);
+        assert_eq!(g["sectors_per_track"], f.geometry.sectors);
+        assert_eq!(
+            g["size"].as_u64(),
+            Some(
+                u64::from(f.geometry.cylinders)
+                    * u64::from(f.geometry.heads)
+                    * u64::from(f.geometry.sectors)
+                    * 512
+            )
+        );
+        assert_eq!(v["creator"]["application"].as_str().unwrap().len(), 4);
+        assert!(
+            v["creator"]["version"].is_string() && v["creator"]["host_os"].is_string(),
+            "{v}"
+        );
+        assert!(is_date(v["timestamp"].as_str().unwrap()), "{v}");
+        assert!(is_uuid(v["unique_id"].as_str().unwrap()), "{v}");
+        assert_eq!(v["unique_id"], f.unique_id.to_string());
+        if format == Format::Fixed {
+            assert!(v.get("block_size").is_none());
+            continue;
+        }
+        assert_eq!(v["block_size"], img.block_size());
+        assert_eq!(v["allocated_blocks"], img.allocated_blocks());
+        assert_eq!(
+            v["allocated_bytes"],
+            img.allocated_blocks() * img.block_size()
+        );
+        assert_eq!(
+            v["bat_entries"],
+            u64::from(img.header().unwrap().max_table_entries)
+        );
+        if format == Format::Differencing {
+            assert_eq!(v["parent"]["found"], true);
+            assert!(is_uuid(v["parent"]["unique_id"].as_str().unwrap()));
+            assert!(is_date(v["parent"]["timestamp"].as_str().unwrap()));
+            let chain = v["chain"].as_array().unwrap();
+            let names: Vec<String> = chain
+                .iter()
+                .map(|c| {
+                    Path::new(c["path"].as_str().unwrap())
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect();
+            assert_eq!(names, ["hand-chain-child.vhd", "hand-chain-base.vhd"]);
+            assert_eq!(chain[1]["format"], "dynamic");
+            assert_eq!(chain[0]["unique_id"], v["parent"]["unique_id"]);
+        }
+    }
+    // The human form says the same things.
+    let r = expect(0, &[&"info", &child]);
+    for word in [
+        "differencing",
+        "virtual size",
+        "geometry",
+        "creator",
+        "unique id",
+        "block size",
+        "parent",
+    ] {
+        assert!(r.stdout.contains(word), "{word}: {}", r.stdout);
+    }
+    // A child whose parent is missing is still described, and says so.
+    std::fs::remove_file(dir.path().join("hand-chain-base.vhd")).unwrap();
+    let v = json(&expect(
+        0,
+        &[&"info", &"--json", &dir.path().join("hand-chain-child.vhd")],
+    ));
+    assert_eq!(v["parent"]["found"], false);
+}
+
+// ---------------------------------------------------------------- cannot run
+
+/// A path that cannot be read: exit 2, one line on stderr naming it, for
+/// every command.
+#[test]
+fn unreadable_paths_exit_2_with_one_line_naming_the_file() {
+    let dir = tempdir();
+    let missing = dir.path().join("no-such-image.vhd");
+    let folder = dir.path().join("a-folder");
+    std::fs::create_dir(&folder).unwrap();
+    let good = dir.path().join("good.raw");
+    sample_raw(&good, MIB);
+    let out = dir.path().join("out.vhd");
+    for bad in [&missing, &folder] {
+        let runs: Vec<Vec<&dyn AsRef<std::ffi::OsStr>>> = vec![
+            vec![&"info", bad],
+            vec![&"info", &"--json", bad],
+            vec![&"check", bad],
+            vec![&"check", &"--json", bad],
+            vec![&"map", bad],
+            vec![&"checksum", bad],
+            vec![&"compare", bad, &good],
+            vec![&"compare", &good, bad],
+            vec![&"sparsify", bad],
+            vec![&"resize", bad, &"--size", &"2M"],
+            vec![&"convert", bad, &out, &"--to", &"fixed"],
+            vec![&"convert", &"--in-place", bad, &"--to", &"fixed"],
+        ];
+        for args in runs {
+            let r = expect(2, &args);
+            one_line_naming(&r, bad);
+            assert!(r.stdout.is_empty(), "{:?}", r.stdout);
+        }
+    }
+    assert!(!out.exists());
+    // Usage errors exit 2 too; --help and --version exit 0.
+    expect(2, &[&"frobnicate"]);
+    expect(2, &[&"info"]);
+    expect(2, &[&"convert", &good, &out]);
+    expect(0, &[&"--help"]);
+    expect(0, &[&"--version"]);
+}
+
+// ---------------------------------------------------------------- the rest
+
+#[test]
+fn in_place_sparsify_and_resize_from_the_command_line() {
+    let dir = tempdir();
+    let raw = dir.path().join("disk.raw");
+    let content = sample_raw(&raw, 3 * MIB);
+    let r = expect(0, &[&"convert", &"--in-place", &raw, &"--to", &"fixed"]);
+    assert!(r.stdout.contains("fixed"), "{}", r.stdout);
+    let img = Image::open(&raw).unwrap();
+    assert_eq!(
+        (img.disk_type(), img.virtual_size()),
+        (Format::Fixed, 3 * MIB)
+    );
+    drop(img);
+    expect(
+        0,
+        &[&"convert", &"--in-place", &raw, &"--to", &"raw", &"-q"],
+    );
+    assert!(std::fs::read(&raw).unwrap() == content);
+    // Dynamic in place: refused, nothing changed. (Made from the raw
+    // written whole, so that its all-zero blocks are allocated.)
+    std::fs::write(&raw, &content).unwrap();
+    let dynv = dir.path().join("d.vhd");
+    convert(
+        &raw,
+        &dynv,
+        &to(Target::Dynamic)
+            .block_size(512 * KIB as u32)
+            .sparse(false),
+    );
+    let before = std::fs::read(&dynv).unwrap();
+    let r = expect(2, &[&"convert", &"--in-place", &dynv, &"--to", &"fixed"]);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(std::fs::read(&dynv).unwrap() == before);
+
+    let v = json(&expect(0, &[&"sparsify", &"--json", &dynv]));
+    assert!(v["zero_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        v["allocated_after"].as_u64() < v["allocated_before"].as_u64(),
+        "{v}"
+    );
+    let a = expect(0, &[&"checksum", &raw]).stdout;
+    let b = expect(0, &[&"checksum", &dynv]).stdout;
+    assert_eq!(
+        a.split_whitespace().take(2).collect::<Vec<_>>(),
+        b.split_whitespace().take(2).collect::<Vec<_>>()
+    );
+
+    // Resize: grow, refuse to cut data (naming the offset), refuse a child.
+    expect(0, &[&"resize", &dynv, &"--size", &"4M"]);
+    assert_eq!(Image::open(&dynv).unwrap().virtual_size(), 4 * MIB);
+    let r = expect(2, &[&"resize", &dynv, &"--size", &"2M"]);
+    assert!(
+        r.stderr.contains(&(3 * MIB - 512).to_string()),
+        "{}",
+        r.stderr
+    );
+    expect(0, &[&"resize", &dynv, &"--size", &"3M"]);
+    write_chain(dir.path());
+    let child = dir.path().join("hand-chain-grandchild.vhd");
+    let r = expect(2, &[&"resize", &child, &"--size", &"8M"]);
+    assert!(r.stderr.contains("differencing"), "{}", r.stderr);
+    let r = expect(2, &[&"sparsify", &child]);
+    assert!(r.stderr.contains("differencing"), "{}", r.stderr);
+}
