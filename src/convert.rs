@@ -159,7 +159,13 @@ impl ConvertOptions {
 
     fn validate(&self) -> Result<()> {
         let bs = self.block_size;
-        if !bs.is_power_of_two() || !(write::MIN_BLOCK_SIZE..=write::MAX_BLOCK_SIZE).contains(&bs) {
+        // A rewrite in place keeps whatever block size the image has.
+        let range = if self.rewrite {
+            512..=u32::MAX
+        } else {
+            write::MIN_BLOCK_SIZE..=write::MAX_BLOCK_SIZE
+        };
+        if !bs.is_power_of_two() || !range.contains(&bs) {
             return Err(Error::InvalidArgument(format!(
                 "block size {bs}: must be a power of two from 512 KiB to 256 MiB"
             )));
@@ -369,18 +375,18 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
 fn output_footer(opts: &ConvertOptions, disk_type: DiskType, size: u64) -> crate::ondisk::Footer {
     let fresh = write::new_footer(disk_type, size);
     match &opts.identity {
-        Some(id) => crate::ondisk::Footer {
-            disk_type,
-            data_offset: fresh.data_offset,
-            current_size: size,
-            original_size: id.original_size,
-            geometry: if id.current_size == size {
-                id.geometry
+        Some(id) => {
+            let f = if id.current_size == size {
+                id.clone()
             } else {
-                fresh.geometry
-            },
-            ..id.clone()
-        },
+                id.resized(size)
+            };
+            crate::ondisk::Footer {
+                disk_type,
+                data_offset: fresh.data_offset,
+                ..f
+            }
+        }
         None => fresh,
     }
 }

@@ -560,10 +560,8 @@ pub fn plan_in_place(
                 description = format!("already a whole number of MiB ({size} bytes)");
             } else {
                 let old = img.footer().expect("fixed has a footer").clone();
-                let mut f = old.clone();
-                f.current_size = new_size;
+                let mut f = old.resized(new_size);
                 f.original_size = new_size;
-                f.geometry = crate::ondisk::Geometry::for_size(new_size);
                 steps = grow_fixed(size, old_at, &old, &f);
                 description =
                     format!("fixed: grown {size} -> {new_size} bytes (a whole number of MiB)");
@@ -746,9 +744,7 @@ pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InP
         }
         Format::Fixed => {
             let old = img.footer().expect("fixed").clone();
-            let mut f = old.clone();
-            f.current_size = new_size;
-            f.geometry = crate::ondisk::Geometry::for_size(new_size);
+            let f = old.resized(new_size);
             let old_at = img.data_end();
             if new_size > size {
                 steps = grow_fixed(size, old_at, &old, &f);
@@ -846,7 +842,11 @@ pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InP
                 }
                 steps.push(Step::Sync);
                 h2.max_table_entries = needed as u32;
-                steps.push(Step::Write(img.header_offset(), h2.to_bytes().to_vec()));
+                // Both changed fields (max table entries, checksum) lie in the first sector.
+                steps.push(Step::Write(
+                    img.header_offset(),
+                    h2.to_bytes()[..SECTOR as usize].to_vec(),
+                ));
                 steps.push(Step::Sync);
             } else if new_size < size {
                 // Free the blocks past the new end (their data is zero).
@@ -860,9 +860,7 @@ pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InP
                 }
                 steps.push(Step::Sync);
             }
-            let mut f = img.footer().expect("dynamic").clone();
-            f.current_size = new_size;
-            f.geometry = crate::ondisk::Geometry::for_size(new_size);
+            let f = img.footer().expect("dynamic").resized(new_size);
             let fb = f.to_bytes().to_vec();
             // The end footer (vhdkit's authority) first, then the copy (qemu's).
             steps.push(Step::Write(img.data_end(), fb.clone()));

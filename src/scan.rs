@@ -75,10 +75,27 @@ impl std::ops::Deref for Window {
     }
 }
 
+/// Fails with `UnexpectedEof` when `offset + len` lies past the end of the
+/// file as it is now: touching a mapped page past the end raises SIGBUS,
+/// which would kill the process (leaving temporary outputs behind) where a
+/// read reports an error. Inputs are validated against their length when
+/// opened, but a file may shrink after that.
+fn check_mappable(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let file_len = file.metadata()?.len();
+    if offset.checked_add(len).is_none_or(|end| end > file_len) {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{len} bytes at offset {offset} lie past the end of the file ({file_len} bytes)"),
+        ));
+    }
+    Ok(())
+}
+
 /// `len` bytes of `file` at `offset`, mapped when large, read when small.
 pub fn window(file: &File, offset: u64, len: u64) -> io::Result<Window> {
     let n = usize::try_from(len).map_err(|_| io::Error::other("window too large"))?;
     if len >= MAP_THRESHOLD {
+        check_mappable(file, offset, len)?;
         // SAFETY: as in `with_bytes`: a read-only mapping of a file vhdkit
         // does not write while reading it.
         let map = unsafe {
@@ -110,6 +127,7 @@ pub fn with_bytes<R>(
     }
     let n = usize::try_from(len).map_err(|_| io::Error::other("window too large"))?;
     if len >= MAP_THRESHOLD {
+        check_mappable(file, offset, len)?;
         // SAFETY: the mapping is read-only and private to this call. vhdkit
         // never writes to its inputs while reading them; another process
         // truncating the file meanwhile could raise SIGBUS, the usual caveat

@@ -353,7 +353,9 @@ fn sizes_accept_binary_units_and_refuse_the_rest() {
 
     let p = dir.path().join("keep.raw");
     std::fs::write(&p, pattern(4096, 2)).unwrap();
-    for bad in ["12X", "-5", "1.3K", "1.5", "", "M", "ten"] {
+    for bad in [
+        "12X", "-5", "1.3K", "1.5", "", "M", "ten", "1e3", "2e1M", "1..5K",
+    ] {
         for form in [
             vec!["--size".to_string(), bad.to_string()],
             vec![format!("--size={bad}")],
@@ -881,4 +883,60 @@ fn in_place_sparsify_and_resize_from_the_command_line() {
     assert!(r.stderr.contains("differencing"), "{}", r.stderr);
     let r = expect(2, &[&"sparsify", &child]);
     assert!(r.stderr.contains("differencing"), "{}", r.stderr);
+}
+
+/// Output into a pipe whose reader has gone (`vhdkit map X | head -1`)
+/// ends the command quietly instead of panicking.
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let dir = tempdir();
+    // A raw image whose map has many extents: one data page in every 8 KiB.
+    let raw = dir.path().join("striped.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(8 << 20).unwrap();
+    for i in 0..1024u64 {
+        f.write_all_at(&[1u8; 4096], i * 8192).unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vhdkit"))
+        .arg("map")
+        .arg(&raw)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one byte, then hang up.
+    let mut one = [0u8; 1];
+    child.stdout.take().unwrap().read_exact(&mut one).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
+
+/// qemu-img reads the geometry's size, not the current size, from images
+/// whose creator is `qemu` or `vpc `: a resize names vhdkit as creator, so
+/// qemu-img and vhdkit agree on the new size.
+#[test]
+fn resized_qemu_images_read_at_their_new_size_in_qemu() {
+    let qemu = std::env::var_os("VHDKIT_QEMU_IMG").unwrap_or_else(|| "qemu-img".into());
+    let dir = tempdir();
+    for (stored, new) in [
+        ("qemu-dynamic-5M.vhd.gz", 8u64 << 20),
+        ("qemu-fixed-3M.vhd.gz", 5 << 20),
+    ] {
+        let img = unpack(dir.path(), stored);
+        expect(0, &[&"resize", &img, &"--size", &new.to_string()]);
+        let out = Command::new(&qemu)
+            .args(["info", "-f", "vpc", "--output=json"])
+            .arg(&img)
+            .output()
+            .unwrap_or_else(|e| panic!("QEMU-IMG IS MISSING ({e}): install qemu-utils"));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("qemu-img info JSON");
+        assert_eq!(v["virtual-size"].as_u64(), Some(new), "{stored}");
+        let info = json(&expect(0, &[&"info", &"--json", &img]));
+        assert_eq!(info["virtual_size"].as_u64(), Some(new));
+        assert_eq!(info["creator"]["application"], "vhdk");
+    }
 }

@@ -191,6 +191,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
             .checked_mul(mult)
             .ok_or_else(|| format!("{s:?} is too large"));
     }
+    if !num.chars().all(|c| c.is_ascii_digit() || c == '.') || num.matches('.').count() > 1 {
+        return Err(format!(
+            "{s:?} is not a size (bytes, or a number with K, M, G or T)"
+        ));
+    }
     let f: f64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a size (bytes, or a number with K, M, G or T)"))?;
@@ -199,6 +204,21 @@ fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("{s:?} is not a whole number of bytes"));
     }
     Ok(v as u64)
+}
+
+/// `println!` that treats a closed pipe (`vhdkit map X | head`) as the end
+/// of the reader's interest, exiting quietly, instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("vhdkit: writing the output: {e}");
+            std::process::exit(2);
+        }
+    }};
 }
 
 /// Exit statuses: the CLI's contract.
@@ -304,7 +324,7 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             open,
         } => {
             let done = vhdkit::ops::resize(&image, size, azure, &open.options())?;
-            println!("{}: {done}", image.display());
+            outln!("{}: {done}", image.display());
             Ok(OK)
         }
     }
@@ -325,15 +345,18 @@ fn map_cmd(path: &Path, as_json: bool, scan: bool, open: &OpenArgs) -> vhdkit::R
                 o
             })
             .collect();
-        println!("{}", serde_json::to_string(&v).expect("json"));
+        outln!("{}", serde_json::to_string(&v).expect("json"));
         return Ok(OK);
     }
-    println!(
+    outln!(
         "{:>16} {:>16}  {:<5} {:>16}  file",
-        "offset", "length", "kind", "file offset"
+        "offset",
+        "length",
+        "kind",
+        "file offset"
     );
     for e in &extents {
-        println!(
+        outln!(
             "{:>16} {:>16}  {:<5} {:>16}  {}",
             e.offset,
             e.length,
@@ -346,7 +369,7 @@ fn map_cmd(path: &Path, as_json: bool, scan: bool, open: &OpenArgs) -> vhdkit::R
         );
     }
     let data: u64 = extents.iter().filter(|e| e.data).map(|e| e.length).sum();
-    println!(
+    outln!(
         "{} extents, {} data, {} zero",
         extents.len(),
         human(data),
@@ -367,18 +390,19 @@ fn compare_cmd(
     let c = vhdkit::ops::compare(&ia, &ib, strict)?;
     if as_json {
         let v = json!({"equal": c.equal(), "first_difference": c.first_difference, "size_a": c.size_a, "size_b": c.size_b});
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
     } else {
         match c.first_difference {
-            None if c.size_a == c.size_b => println!("Images are identical."),
-            None => println!(
+            None if c.size_a == c.size_b => outln!("Images are identical."),
+            None => outln!(
                 "Images are identical (sizes {} and {}; the extra is zero).",
-                c.size_a, c.size_b
+                c.size_a,
+                c.size_b
             ),
             Some(at) if strict && c.size_a != c.size_b && at == c.size_a.min(c.size_b) => {
-                println!("Image sizes differ: {} and {} bytes", c.size_a, c.size_b)
+                outln!("Image sizes differ: {} and {} bytes", c.size_a, c.size_b)
             }
-            Some(at) => println!("Content mismatch at offset {at}"),
+            Some(at) => outln!("Content mismatch at offset {at}"),
         }
     }
     Ok(if c.equal() { OK } else { PROBLEM })
@@ -388,9 +412,9 @@ fn checksum_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u
     let img = Image::open_with(path, &open.options())?;
     let (crc, size) = vhdkit::ops::checksum(&img)?;
     if as_json {
-        println!("{}", json!({"crc32": format!("{crc:08x}"), "size": size}));
+        outln!("{}", json!({"crc32": format!("{crc:08x}"), "size": size}));
     } else {
-        println!("{crc:08x} {size} {}", path.display());
+        outln!("{crc:08x} {size} {}", path.display());
     }
     Ok(OK)
 }
@@ -398,7 +422,7 @@ fn checksum_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u
 fn sparsify_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     let r = vhdkit::ops::sparsify(path, &open.options())?;
     if as_json {
-        println!(
+        outln!(
             "{}",
             json!({"allocated_before": r.allocated_before, "allocated_after": r.allocated_after,
                    "zero_bytes": r.zero_bytes, "freed_blocks": r.freed_blocks})
@@ -408,7 +432,7 @@ fn sparsify_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u
             Some(n) => format!("{n} all-zero blocks freed, the image rewritten compactly"),
             None => format!("{} of zero pages made holes", human(r.zero_bytes)),
         };
-        println!(
+        outln!(
             "{}: {} on disk before, {} after ({what})",
             path.display(),
             human(r.allocated_before),
@@ -506,19 +530,19 @@ fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     let img = open_for_info(path, open)?;
     let v = info_json(&img);
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(OK);
     }
-    println!("image:          {}", img.path().display());
-    println!("format:         {}", img.disk_type());
-    println!(
+    outln!("image:          {}", img.path().display());
+    outln!("format:         {}", img.disk_type());
+    outln!(
         "virtual size:   {} ({} bytes)",
         human(img.virtual_size()),
         img.virtual_size()
     );
     if let Some(f) = img.footer() {
         if f.original_size != f.current_size {
-            println!(
+            outln!(
                 "original size:  {} ({} bytes)",
                 human(f.original_size),
                 f.original_size
@@ -526,36 +550,37 @@ fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
         }
         let gs = f.geometry.size();
         if gs != f.current_size {
-            println!(
+            outln!(
                 "geometry:       {} (C/H/S), {} bytes: differs from the virtual size",
-                f.geometry, gs
+                f.geometry,
+                gs
             );
         } else {
-            println!("geometry:       {} (C/H/S), {} bytes", f.geometry, gs);
+            outln!("geometry:       {} (C/H/S), {} bytes", f.geometry, gs);
         }
-        println!(
+        outln!(
             "creator:        {:?} {} on {:?}",
             vhdkit::ondisk::fourcc(f.creator_app),
             f.creator_version_string(),
             vhdkit::ondisk::fourcc(f.creator_host_os)
         );
-        println!("created:        {}", f.timestamp);
-        println!("unique id:      {}", f.unique_id);
+        outln!("created:        {}", f.timestamp);
+        outln!("unique id:      {}", f.unique_id);
         if f.saved_state != 0 {
-            println!("saved state:    yes");
+            outln!("saved state:    yes");
         }
     }
-    println!(
+    outln!(
         "file size:      {} ({} bytes)",
         human(img.file_len()),
         img.file_len()
     );
     if let Ok(a) = vhdkit::io::allocated_bytes(img.file()) {
-        println!("on disk:        {}", human(a));
+        outln!("on disk:        {}", human(a));
     }
     if img.header().is_some() {
-        println!("block size:     {}", human(img.block_size()));
-        println!(
+        outln!("block size:     {}", human(img.block_size()));
+        outln!(
             "allocated:      {} of {} blocks ({})",
             img.allocated_blocks(),
             img.block_count(),
@@ -564,13 +589,13 @@ fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     }
     if img.disk_type() == Format::Differencing {
         let h = img.header().unwrap();
-        println!("parent id:      {}", h.parent_unique_id);
-        println!("parent name:    {}", h.parent_name());
+        outln!("parent id:      {}", h.parent_unique_id);
+        outln!("parent name:    {}", h.parent_name());
         if img.parent_missing() {
-            println!("parent:         NOT FOUND (use --parent FILE or --parent-dir DIR)");
+            outln!("parent:         NOT FOUND (use --parent FILE or --parent-dir DIR)");
         }
         for (i, p) in img.chain().iter().enumerate().skip(1) {
-            println!(
+            outln!(
                 "parent {i}:       {} ({}, {})",
                 p.path().display(),
                 p.disk_type(),
@@ -581,7 +606,7 @@ fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
         }
     }
     for w in img.warnings() {
-        println!("warning:        {w}");
+        outln!("warning:        {w}");
     }
     Ok(OK)
 }
@@ -609,7 +634,7 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
                 "message": p.message,
             })).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(code);
     }
     for p in &report.problems {
@@ -623,7 +648,7 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
             (None, Some(o)) => format!("@ {o}: "),
             (None, None) => String::new(),
         };
-        println!("{sev}: {place}{}", p.message);
+        outln!("{sev}: {place}{}", p.message);
     }
     let errors = report
         .problems
@@ -631,7 +656,7 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
         .filter(|p| p.severity == vhdkit::Severity::Error)
         .count();
     let warnings = report.problems.len() - errors;
-    println!(
+    outln!(
         "{}: {} ({} error{}, {} warning{})",
         path.display(),
         if errors == 0 {
@@ -713,9 +738,9 @@ fn convert(
             "allocated_blocks": r.allocated_blocks,
             "seconds": r.elapsed.as_secs_f64(),
         });
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
     } else if !quiet {
-        println!(
+        outln!(
             "{} -> {}: {} virtual, read {}, wrote {}, skipped {} as zero, {:.3} s",
             input.display(),
             output.display(),
@@ -745,12 +770,12 @@ fn in_place_convert(
     let plan = vhdkit::ops::plan_in_place(image, to, azure, &open.options())?;
     plan.run()?;
     if as_json {
-        println!(
+        outln!(
             "{}",
             json!({"image": image.display().to_string(), "done": plan.description})
         );
     } else if !quiet {
-        println!("{}: {}", image.display(), plan.description);
+        outln!("{}: {}", image.display(), plan.description);
     }
     Ok(OK)
 }

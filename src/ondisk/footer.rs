@@ -239,6 +239,21 @@ impl Footer {
         self
     }
 
+    /// The same footer describing a disk of `size` bytes: current size,
+    /// the specification's geometry, and vhdkit as creator. The creator
+    /// changes because readers such as qemu take the geometry's size, not
+    /// the current size, from images whose creator is `vpc ` or `qemu`, and
+    /// the geometry of a freely chosen size is rarely exact.
+    pub fn resized(&self, size: u64) -> Footer {
+        Footer {
+            current_size: size,
+            geometry: Geometry::for_size(size),
+            creator_app: Self::CREATOR_APP,
+            creator_version: Self::new(DiskType::Fixed, 0, 0).creator_version,
+            ..self.clone()
+        }
+    }
+
     /// The creator version as `major.minor`.
     pub fn creator_version_string(&self) -> String {
         format!(
