@@ -436,9 +436,17 @@ static CANCEL_ALL: AtomicBool = AtomicBool::new(false);
 
 /// Asks every long operation of this process (conversions and the rewrites
 /// of sparsify and resize) to stop at its next chunk, removing its partial
-/// output and returning [`Error::Interrupted`]. For a Ctrl-C handler.
+/// output and returning [`Error::Interrupted`]. For a Ctrl-C handler. The
+/// request stays in force, failing later operations too, until
+/// [`clear_cancel`]; a per-operation alternative is
+/// [`ConvertOptions::cancel_flag`].
 pub fn cancel_all() {
     CANCEL_ALL.store(true, Ordering::SeqCst);
+}
+
+/// Withdraws a [`cancel_all`] request, so that new operations run again.
+pub fn clear_cancel() {
+    CANCEL_ALL.store(false, Ordering::SeqCst);
 }
 
 fn check_cancel(opts: &ConvertOptions) -> Result<()> {

@@ -38,6 +38,6 @@ pub mod scan;
 pub mod write;
 
 pub use check::{check, CheckOptions, CheckReport, Problem, Severity};
-pub use convert::{cancel_all, convert, ConvertOptions, Progress, Report, Target};
+pub use convert::{cancel_all, clear_cancel, convert, ConvertOptions, Progress, Report, Target};
 pub use error::{Error, Result};
 pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, Reader};

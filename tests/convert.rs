@@ -1438,6 +1438,31 @@ fn a_read_error_mid_copy_leaves_nothing() {
     }
 }
 
+/// A raw input that shrinks after it was opened is an error, not zeros
+/// where its data was.
+#[test]
+fn a_shrunk_raw_input_is_an_error_not_zeros() {
+    for target in [Target::Raw, Target::Fixed, Target::Dynamic] {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, _, _) = small_disk(dir.path());
+        let img = Image::open(&raw).unwrap();
+        assert_eq!(img.disk_type(), Format::Raw);
+        let len = img.virtual_size();
+        let f = fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        f.set_len(len / 2).unwrap();
+        drop(f);
+        let out = dir.path().join("out.img");
+        let r = convert_image(&img, &out, &opts(target));
+        match r {
+            Err(Error::Io { ref source, .. })
+                if source.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            other => panic!("{target:?}: converting a shrunk raw input gave {other:?}"),
+        }
+        assert!(!out.exists(), "{target:?}: output left behind");
+        assert_no_temporaries(dir.path());
+    }
+}
+
 #[test]
 fn cancelling_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -161,6 +161,23 @@ impl Image {
         let mut out = Vec::new();
         match self.format {
             Format::Raw | Format::Fixed => {
+                // A file that shrank since it was opened would read as holes
+                // (zeros) past its new end: refuse rather than invent data.
+                let now = crate::io::ReadAt::len(&self.file)
+                    .map_err(|e| Error::io(&self.path, "stat", e))?;
+                if now < end {
+                    return Err(Error::io(
+                        &self.path,
+                        "map",
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!(
+                                "the file shrank to {now} bytes since it was opened ({} bytes)",
+                                self.file_len
+                            ),
+                        ),
+                    ));
+                }
                 let ranges = crate::io::data_ranges(&self.file, offset, end)
                     .map_err(|e| Error::io(&self.path, "seek data/hole", e))?;
                 let mut pos = offset;
