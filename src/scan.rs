@@ -85,7 +85,9 @@ fn check_mappable(file: &File, offset: u64, len: u64) -> io::Result<()> {
     if offset.checked_add(len).is_none_or(|end| end > file_len) {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            format!("{len} bytes at offset {offset} lie past the end of the file ({file_len} bytes)"),
+            format!(
+                "{len} bytes at offset {offset} lie past the end of the file ({file_len} bytes)"
+            ),
         ));
     }
     Ok(())
