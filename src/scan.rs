@@ -93,21 +93,27 @@ fn check_mappable(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// A read-only mapping of `len` bytes of `file` at `offset`.
+fn map(file: &File, offset: u64, len: usize) -> io::Result<memmap2::Mmap> {
+    check_mappable(file, offset, len as u64)?;
+    // SAFETY: the mapping is read-only and lives for one window. vhdkit never
+    // writes to its inputs while reading them, and the length was checked
+    // just above; another process truncating the file meanwhile could still
+    // raise SIGBUS, the usual caveat of mapped I/O.
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .populate()
+            .map(file)
+    }
+}
+
 /// `len` bytes of `file` at `offset`, mapped when large, read when small.
 pub fn window(file: &File, offset: u64, len: u64) -> io::Result<Window> {
     let n = usize::try_from(len).map_err(|_| io::Error::other("window too large"))?;
     if len >= MAP_THRESHOLD {
-        check_mappable(file, offset, len)?;
-        // SAFETY: as in `with_bytes`: a read-only mapping of a file vhdkit
-        // does not write while reading it.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(offset)
-                .len(n)
-                .populate()
-                .map(file)?
-        };
-        return Ok(Window::Mapped(map));
+        return Ok(Window::Mapped(map(file, offset, n)?));
     }
     let mut v = vec![0u8; n];
     std::os::unix::fs::FileExt::read_exact_at(file, &mut v, offset)?;
@@ -124,24 +130,9 @@ pub fn with_bytes<R>(
     len: u64,
     f: impl FnOnce(&[u8]) -> R,
 ) -> io::Result<R> {
-    if len == 0 {
-        return Ok(f(&[]));
-    }
     let n = usize::try_from(len).map_err(|_| io::Error::other("window too large"))?;
     if len >= MAP_THRESHOLD {
-        check_mappable(file, offset, len)?;
-        // SAFETY: the mapping is read-only and private to this call. vhdkit
-        // never writes to its inputs while reading them; another process
-        // truncating the file meanwhile could raise SIGBUS, the usual caveat
-        // of mapped I/O, which positional reads would turn into short reads.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(offset)
-                .len(n)
-                .populate()
-                .map(file)?
-        };
-        return Ok(f(&map));
+        return Ok(f(&map(file, offset, n)?));
     }
     BUF.with(|cell| {
         let mut buf = cell.borrow_mut();

@@ -9,6 +9,8 @@
 //! The sparseness tests assume a filesystem with holes and `fallocate`
 //! (ext4, xfs, btrfs, tmpfs) under the system's temporary folder.
 
+mod common;
+use common::{assert_same, qemu_img};
 #[path = "../examples/make_testdata.rs"]
 #[allow(dead_code)]
 mod make_testdata;
@@ -180,18 +182,6 @@ fn read_image(path: &Path) -> Vec<u8> {
 /// Asserts equal byte strings, naming the first difference instead of
 /// printing megabytes.
 #[track_caller]
-fn assert_same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: length differs");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        let end = (i + 16).min(got.len());
-        panic!(
-            "{what}: first difference at byte {i} (sector {}): got {:02x?}, want {:02x?}",
-            i / 512,
-            &got[i..end],
-            &want[i..end]
-        );
-    }
-}
 
 fn is_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
@@ -800,10 +790,6 @@ fn testdata_chain_converts_to_its_content() {
 
 // ------------------------------------------------------------- qemu-img
 
-fn qemu_img() -> String {
-    std::env::var("VHDKIT_QEMU_IMG").unwrap_or_else(|_| "qemu-img".to_string())
-}
-
 /// Runs qemu-img; panics with a clear message when it cannot be run.
 fn qemu(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
     let mut c = Command::new(qemu_img());
@@ -815,7 +801,7 @@ fn qemu(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
             "QEMU-IMG IS MISSING: cannot run `{}` ({e}). These tests compare vhdkit with \
              qemu-img and do not pass without it: install it (Debian/Ubuntu: apt-get install \
              qemu-utils) or name the binary with VHDKIT_QEMU_IMG=/path/to/qemu-img",
-            qemu_img()
+            qemu_img().display()
         )
     })
 }

@@ -12,6 +12,8 @@
 //! (`InPlacePlan::run_steps(n)` for every `n`), and the file must then open
 //! and read as the old image or the new one, never fail.
 
+mod common;
+use common::qemu_img;
 #[path = "../examples/make_testdata.rs"]
 #[allow(dead_code)]
 mod make_testdata;
@@ -165,20 +167,6 @@ fn write_chain(dir: &Path) -> Vec<Fixture> {
 const GRANDCHILD: &str = "hand-chain-grandchild.vhd";
 
 // ---------------------------------------------------------------- qemu-img
-
-fn qemu_img() -> PathBuf {
-    let name: PathBuf = std::env::var_os("VHDKIT_QEMU_IMG")
-        .unwrap_or_else(|| "qemu-img".into())
-        .into();
-    match Command::new(&name).arg("--version").output() {
-        Ok(o) if o.status.success() => name,
-        _ => panic!(
-            "qemu-img ({}) is required by these tests and could not be run: install qemu-utils, \
-             or name another binary with VHDKIT_QEMU_IMG",
-            name.display()
-        ),
-    }
-}
 
 /// `qemu-img compare -f vpc -F raw VHD RAW` must say they are identical.
 fn qemu_compare(vhd: &Path, raw: &Path) {

@@ -13,6 +13,8 @@
 //! `examples/make_testdata.rs` (included below), and qemu is held to what a
 //! bitmap-blind, parent-blind reader sees, which checks the construction.
 
+mod common;
+use common::{assert_same, qemu_img};
 #[path = "../examples/make_testdata.rs"]
 #[allow(dead_code)]
 mod make_testdata;
@@ -155,10 +157,6 @@ fn unpack(stored: &str, dir: &Path) -> PathBuf {
     dst
 }
 
-fn qemu_img() -> String {
-    std::env::var("VHDKIT_QEMU_IMG").unwrap_or_else(|_| "qemu-img".to_string())
-}
-
 /// `qemu-img convert -f vpc -O raw`: Ok(bytes), or Err(qemu's message) when
 /// qemu refuses the image. Panics when qemu-img cannot be run at all.
 fn qemu_raw(image: &Path) -> Result<Vec<u8>, String> {
@@ -174,28 +172,13 @@ fn qemu_raw(image: &Path) -> Result<Vec<u8>, String> {
                 "QEMU-IMG IS MISSING: cannot run `{}` ({e}). These tests compare vhdkit with \
                  qemu-img 10 and do not pass without it: install it (Debian/Ubuntu: apt-get \
                  install qemu-utils) or name the binary with VHDKIT_QEMU_IMG=/path/to/qemu-img",
-                qemu_img()
+                qemu_img().display()
             )
         });
     if !run.status.success() {
         return Err(String::from_utf8_lossy(&run.stderr).into_owned());
     }
     Ok(std::fs::read(&out).expect("read qemu-img output"))
-}
-
-/// Asserts equal byte strings, naming the first difference instead of
-/// printing megabytes.
-fn assert_same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: length differs");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        let end = (i + 16).min(got.len());
-        panic!(
-            "{what}: first difference at byte {i} (sector {}): got {:02x?}, want {:02x?}",
-            i / 512,
-            &got[i..end],
-            &want[i..end]
-        );
-    }
 }
 
 /// Reads the whole virtual disk three ways and checks they agree: one

@@ -1,0 +1,36 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The qemu-img to use as an oracle (`VHDKIT_QEMU_IMG`, else `qemu-img`).
+/// Panics, saying so, when it cannot be run: tests that need the oracle
+/// fail loudly rather than pass without it.
+pub fn qemu_img() -> PathBuf {
+    let name: PathBuf = std::env::var_os("VHDKIT_QEMU_IMG")
+        .unwrap_or_else(|| "qemu-img".into())
+        .into();
+    match Command::new(&name).arg("--version").output() {
+        Ok(o) if o.status.success() => name,
+        _ => panic!(
+            "QEMU-IMG IS MISSING: qemu-img ({}) is required by these tests and could not be run: \
+             install qemu-utils, or name another binary with VHDKIT_QEMU_IMG",
+            name.display()
+        ),
+    }
+}
+
+/// Asserts equal bytes, naming the first difference (byte, sector, bytes).
+pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: length differs");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        let end = (i + 16).min(got.len());
+        panic!(
+            "{what}: first difference at byte {i} (sector {}): got {:02x?}, want {:02x?}",
+            i / 512,
+            &got[i..end],
+            &want[i..end]
+        );
+    }
+}
