@@ -179,10 +179,6 @@ fn read_image(path: &Path) -> Vec<u8> {
     v
 }
 
-/// Asserts equal byte strings, naming the first difference instead of
-/// printing megabytes.
-#[track_caller]
-
 fn is_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }

@@ -21,7 +21,9 @@ pub fn qemu_img() -> PathBuf {
     }
 }
 
-/// Asserts equal bytes, naming the first difference (byte, sector, bytes).
+/// Asserts equal bytes, naming the first difference (byte, sector, bytes)
+/// instead of printing megabytes.
+#[track_caller]
 pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
     assert_eq!(got.len(), want.len(), "{what}: length differs");
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
