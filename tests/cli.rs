@@ -940,3 +940,74 @@ fn resized_qemu_images_read_at_their_new_size_in_qemu() {
         assert_eq!(info["creator"]["application"], "vhdk");
     }
 }
+
+/// Ctrl-C during a conversion stops it, exits 2, and leaves neither output
+/// nor temporary file. The process is frozen (SIGSTOP) as soon as its
+/// temporary output exists, so the interrupt lands mid-conversion whatever
+/// the machine's speed, then let go (SIGCONT) with SIGINT pending.
+#[test]
+fn ctrl_c_mid_conversion_leaves_nothing() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = tempdir();
+    let raw = dir.path().join("in.raw");
+    // 256 MiB of non-zero data: long enough that the interrupt lands first.
+    {
+        let f = std::fs::File::create(&raw).unwrap();
+        let chunk = pattern(4 << 20, 7);
+        for i in 0..64u64 {
+            f.write_all_at(&chunk, i * (4 << 20)).unwrap();
+        }
+    }
+    let out = dir.path().join("out.vhd");
+    let kill = |sig: &str, pid: u32| {
+        let s = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(s.success(), "kill {sig} {pid}");
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vhdkit"))
+        .args(["convert", "--threads", "1", "--no-sync"])
+        .arg(&raw)
+        .arg(&out)
+        .args(["--to", "dynamic"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let temp_exists = || {
+        std::fs::read_dir(dir.path()).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".vhdkit-tmp")
+        })
+    };
+    let started = Instant::now();
+    while !temp_exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no temporary output appeared"
+        );
+        if child.try_wait().unwrap().is_some() {
+            panic!("the conversion ended before it could be interrupted");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    kill("-STOP", pid);
+    kill("-INT", pid);
+    kill("-CONT", pid);
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(!out.exists(), "output left behind");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec!["in.raw".to_string()], "files left: {left:?}");
+}
