@@ -12,7 +12,7 @@
 use crate::error::{Error, Result};
 use crate::image::{Extent, ExtentKind, Image, OpenOptions};
 use crate::io::WriteAt;
-use crate::ondisk::{Bat, DiskType, FOOTER_SIZE, UNALLOCATED};
+use crate::ondisk::{Bat, DiskType, FOOTER_SIZE, SECTOR, UNALLOCATED};
 use crate::scan::{is_zero, nonzero_runs, with_bytes, ZERO_UNIT};
 use crate::write::{self, AtomicOutput, DynamicLayout};
 use rayon::prelude::*;
@@ -344,12 +344,9 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
                     .map_err(|e| e.with_path(out.temp_path()))?;
                 stats.written.fetch_add(meta, Ordering::Relaxed);
                 if !opts.sparse {
-                    for (i, &e) in bat.entries.iter().enumerate() {
-                        if e != UNALLOCATED {
-                            let at = u64::from(e) * 512 + layout.bitmap_size;
-                            let _ = i;
-                            allocate(file, at, layout.block_size, out.temp_path())?;
-                        }
+                    for &e in bat.entries.iter().filter(|&&e| e != UNALLOCATED) {
+                        let at = u64::from(e) * SECTOR + layout.bitmap_size;
+                        allocate(file, at, layout.block_size, out.temp_path())?;
                     }
                 }
                 Ok((len, Some(allocated)))

@@ -6,13 +6,13 @@
 //! ordered so that an interruption after any step leaves a valid image (see
 //! [`InPlacePlan`]).
 
-use crate::convert::{chunks, refuse_self, Chunk};
+use crate::convert::{chunks, Chunk};
 use crate::error::{Error, Result};
 use crate::image::{Extent, ExtentKind, Format, Image, OpenOptions};
 use crate::io::WriteAt;
 use crate::ondisk::{DiskType, FOOTER_SIZE, SECTOR, UNALLOCATED};
 use crate::scan::{is_zero, nonzero_runs, window, ZERO_UNIT};
-use crate::write::{azure_size, MIB};
+use crate::write::azure_size;
 use rayon::prelude::*;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -919,16 +919,6 @@ fn rewrite_dynamic(img: &Image, size: Option<u64>) -> Result<crate::Report> {
     }
     o.rewrite = true;
     crate::convert::convert_image(img, img.path(), &o)
-}
-
-/// Refuses when `a` is `b` (for operations taking two paths).
-pub fn refuse_same(img: &Image, other: &Path) -> Result<()> {
-    refuse_self(img, other)
-}
-
-/// Whole MiB check used by callers: true when `size` is a whole MiB.
-pub fn is_whole_mib(size: u64) -> bool {
-    size % MIB == 0
 }
 
 #[cfg(test)]
