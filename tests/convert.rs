@@ -1393,56 +1393,55 @@ fn a_bad_input_leaves_nothing() {
     }
 }
 
-/// The input shrinks after it was opened: the copy fails mid-way and leaves
-/// no file at the target and no temporary file.
-#[test]
-fn a_read_error_mid_copy_leaves_nothing() {
+/// Opens the image `make` builds (raw or dynamic) in a fresh folder, cuts
+/// its file to `keep(length)` bytes, converts it to every target, and
+/// requires an I/O error (`kind`, when given) with no file at the target and
+/// no temporary file.
+fn shrink_after_open_fails_cleanly(
+    pick: fn(&(PathBuf, PathBuf, Vec<u8>)) -> &PathBuf,
+    format: Format,
+    keep: fn(u64) -> u64,
+    kind: Option<std::io::ErrorKind>,
+) {
     for target in [Target::Raw, Target::Fixed, Target::Dynamic] {
         let dir = tempfile::tempdir().unwrap();
-        let (_, vhd, _) = small_disk(dir.path());
-        let img = Image::open(&vhd).unwrap();
-        assert_eq!(img.disk_type(), Format::Dynamic);
-        // Map first, so that the bitmaps are known and the map itself
-        // succeeds: the error comes from reading block data.
+        let disk = small_disk(dir.path());
+        let path = pick(&disk);
+        let img = Image::open(path).unwrap();
+        assert_eq!(img.disk_type(), format);
+        // Map first, so that the bitmaps are known and the map of a dynamic
+        // image succeeds: the error comes from reading block data.
         assert!(img.map_all().unwrap().iter().all(|e| e.is_data()));
-        // Keep the first block, cut the rest.
-        let f = fs::OpenOptions::new().write(true).open(&vhd).unwrap();
-        f.set_len(3 * MIB).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_len(keep(f.metadata().unwrap().len())).unwrap();
         drop(f);
         let out = dir.path().join("out.img");
-        let r = convert_image(&img, &out, &opts(target).threads(2));
-        match r {
-            Err(Error::Io { .. }) => {}
-            other => panic!("{target:?}: converting a truncated input gave {other:?}"),
+        match convert_image(&img, &out, &opts(target).threads(2)) {
+            Err(Error::Io { ref source, .. }) if kind.is_none_or(|k| source.kind() == k) => {}
+            other => panic!("{format}, {target:?}: converting a shrunk input gave {other:?}"),
         }
         assert!(!out.exists(), "{target:?}: output left behind");
         assert_no_temporaries(dir.path());
     }
 }
 
+/// A dynamic input cut after it was opened (first block kept): the copy
+/// fails mid-way and leaves no file at the target and no temporary file.
+#[test]
+fn a_read_error_mid_copy_leaves_nothing() {
+    shrink_after_open_fails_cleanly(|d| &d.1, Format::Dynamic, |_| 3 * MIB, None);
+}
+
 /// A raw input that shrinks after it was opened is an error, not zeros
 /// where its data was.
 #[test]
 fn a_shrunk_raw_input_is_an_error_not_zeros() {
-    for target in [Target::Raw, Target::Fixed, Target::Dynamic] {
-        let dir = tempfile::tempdir().unwrap();
-        let (raw, _, _) = small_disk(dir.path());
-        let img = Image::open(&raw).unwrap();
-        assert_eq!(img.disk_type(), Format::Raw);
-        let len = img.virtual_size();
-        let f = fs::OpenOptions::new().write(true).open(&raw).unwrap();
-        f.set_len(len / 2).unwrap();
-        drop(f);
-        let out = dir.path().join("out.img");
-        let r = convert_image(&img, &out, &opts(target));
-        match r {
-            Err(Error::Io { ref source, .. })
-                if source.kind() == std::io::ErrorKind::UnexpectedEof => {}
-            other => panic!("{target:?}: converting a shrunk raw input gave {other:?}"),
-        }
-        assert!(!out.exists(), "{target:?}: output left behind");
-        assert_no_temporaries(dir.path());
-    }
+    shrink_after_open_fails_cleanly(
+        |d| &d.0,
+        Format::Raw,
+        |len| len / 2,
+        Some(std::io::ErrorKind::UnexpectedEof),
+    );
 }
 
 #[test]
