@@ -9,7 +9,7 @@
 use crate::error::{Error, Result, Structure};
 use crate::image::{metadata_regions, Format, Image, OpenOptions};
 use crate::io::ReadAt;
-use crate::ondisk::{Footer, FOOTER_SIZE, UNALLOCATED};
+use crate::ondisk::{footer_fields as ff, header_fields as hf, Footer, FOOTER_SIZE, UNALLOCATED};
 use crate::write::{MAX_VHD_SIZE, MIB};
 use std::path::{Path, PathBuf};
 
@@ -183,7 +183,7 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
             problems.push(Problem::warning("reserved bytes 85..512 are not zero").at(
                 s,
                 "reserved",
-                foot_at + 85,
+                foot_at + ff::RESERVED as u64,
             ));
         }
         if img.footer_source() == Some(crate::image::FooterSource::EndLegacy) {
@@ -200,7 +200,7 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                 "format version {:#010x}, expected 0x00010000",
                 footer.format_version
             ))
-            .at(s, "format version", foot_at + 12),
+            .at(s, "format version", foot_at + ff::FORMAT_VERSION as u64),
         );
     }
     if footer.features & 0x2 == 0 {
@@ -209,7 +209,7 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                 "features {:#x}: the reserved bit 0x2 is not set",
                 footer.features
             ))
-            .at(s, "features", foot_at + 8),
+            .at(s, "features", foot_at + ff::FEATURES as u64),
         );
     }
     if footer.current_size % 512 != 0 {
@@ -218,7 +218,7 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                 "current size {} is not a whole number of sectors",
                 footer.current_size
             ))
-            .at(s, "current size", foot_at + 48),
+            .at(s, "current size", foot_at + ff::CURRENT_SIZE as u64),
         );
     }
     if footer.saved_state != 0 {
@@ -226,7 +226,7 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
             Problem::warning(
                 "saved state is set: the virtual machine was saved with this disk attached",
             )
-            .at(s, "saved state", foot_at + 84),
+            .at(s, "saved state", foot_at + ff::SAVED_STATE as u64),
         );
     }
     if img.disk_type() == Format::Fixed {
@@ -236,7 +236,7 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                     "data offset {:#x} in a fixed disk, expected all ones",
                     footer.data_offset
                 ))
-                .at(s, "data offset", foot_at + 16),
+                .at(s, "data offset", foot_at + ff::DATA_OFFSET as u64),
             );
         }
         return Ok(());
@@ -294,7 +294,11 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                     "header version {:#010x}, expected 0x00010000",
                     h.header_version
                 ))
-                .at(Structure::DynamicHeader, "header version", at + 24),
+                .at(
+                    Structure::DynamicHeader,
+                    "header version",
+                    at + hf::HEADER_VERSION as u64,
+                ),
             );
         }
         if h.data_offset != u64::MAX {
@@ -303,7 +307,11 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                     "data offset {:#x}, expected all ones",
                     h.data_offset
                 ))
-                .at(Structure::DynamicHeader, "data offset", at + 8),
+                .at(
+                    Structure::DynamicHeader,
+                    "data offset",
+                    at + hf::DATA_OFFSET as u64,
+                ),
             );
         }
         if let Some(bat) = img.bat() {
@@ -336,7 +344,7 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                 if l.is_empty() {
                     continue;
                 }
-                let field_at = at + 576 + 24 * i as u64;
+                let field_at = at + (hf::PARENT_LOCATORS + hf::LOCATOR_SIZE * i) as u64;
                 let inside = regions
                     .iter()
                     .any(|r| r.what == crate::image::RegionKind::Locator(i));
@@ -349,7 +357,7 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                         .at(
                             Structure::ParentLocator(i),
                             "platform data offset",
-                            field_at + 16,
+                            field_at + hf::LOCATOR_DATA_OFFSET as u64,
                         ),
                     );
                 }

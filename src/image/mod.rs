@@ -19,6 +19,7 @@ use crate::ondisk::{
     bitmap_size, Bat, DiskType, DynamicHeader, Footer, FOOTER_SIZE, HEADER_SIZE, SECTOR,
     UNALLOCATED,
 };
+use crate::ondisk::{footer_fields as ff, header_fields as hf};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU8;
@@ -428,7 +429,7 @@ impl Image {
                 return Err(Error::corrupt(
                     Structure::Footer,
                     "disk type",
-                    foot_at + 60,
+                    foot_at + ff::DISK_TYPE as u64,
                     other.code(),
                     "2 (fixed), 3 (dynamic) or 4 (differencing)",
                 ))
@@ -451,7 +452,7 @@ impl Image {
                 self.report(Error::corrupt(
                     Structure::Footer,
                     "current size",
-                    foot_at + 48,
+                    foot_at + ff::CURRENT_SIZE as u64,
                     footer.current_size,
                     format!(
                         "at most {data_end}, the bytes in front of the footer (file truncated?)"
@@ -497,7 +498,7 @@ impl Image {
             return Err(Error::corrupt(
                 footer_structure,
                 "data offset",
-                foot_at + 16,
+                foot_at + ff::DATA_OFFSET as u64,
                 format!("{hdr_at:#x}"),
                 format!(
                     "the offset of a 1024-byte dynamic header between 512 and {}",
@@ -514,7 +515,6 @@ impl Image {
                 self.report(e)?;
             }
         }
-        use crate::ondisk::header_fields as hf;
         let bs = header.block_size;
         if bs < 512 || !bs.is_power_of_two() {
             return Err(Error::corrupt(
@@ -664,12 +664,16 @@ impl Image {
                         RegionKind::Locator(i) => (
                             Structure::ParentLocator(i),
                             "platform data offset",
-                            self.header_offset + 576 + 24 * i as u64 + 16,
+                            self.header_offset
+                                + (hf::PARENT_LOCATORS
+                                    + hf::LOCATOR_SIZE * i
+                                    + hf::LOCATOR_DATA_OFFSET)
+                                    as u64,
                         ),
                         _ => (
                             Structure::DynamicHeader,
                             "table offset",
-                            self.header_offset + 16,
+                            self.header_offset + hf::TABLE_OFFSET as u64,
                         ),
                     };
                     let e = Error::corrupt(

@@ -276,7 +276,7 @@ pub(crate) fn resolve(
             return Err(Error::corrupt(
                 Structure::ParentChain,
                 "parent unique id",
-                img.header_offset + 40,
+                img.header_offset + crate::ondisk::header_fields::PARENT_UNIQUE_ID as u64,
                 format!("a loop back to {}", real.display()),
                 "a chain that ends in a non-differencing disk",
             )

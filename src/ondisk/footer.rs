@@ -9,8 +9,10 @@ pub const FOOTER_SIZE: usize = 512;
 /// Bytes in the footer written by Virtual PC before 2004 (one reserved byte short).
 pub const LEGACY_FOOTER_SIZE: usize = 511;
 
-/// Field offsets within the footer.
-mod off {
+/// Field offsets within the footer, for errors and checks that name a
+/// field's absolute offset (footer offset + field offset).
+#[allow(missing_docs)]
+pub mod off {
     pub const COOKIE: usize = 0;
     pub const FEATURES: usize = 8;
     pub const FORMAT_VERSION: usize = 12;

@@ -21,13 +21,18 @@ mod off {
     pub const PARENT_UNICODE_NAME: usize = 64;
     pub const PARENT_LOCATORS: usize = 576;
     pub const LOCATOR_SIZE: usize = 24;
+    /// Offsets within one 24-byte locator entry.
+    pub const LOCATOR_PLATFORM_CODE: usize = 0;
+    pub const LOCATOR_DATA_SPACE: usize = 4;
+    pub const LOCATOR_DATA_LENGTH: usize = 8;
+    pub const LOCATOR_RESERVED: usize = 12;
+    pub const LOCATOR_DATA_OFFSET: usize = 16;
 }
 
 /// Offsets of fields, for errors raised outside this module.
 #[allow(missing_docs)]
 pub mod field_offset {
-    pub use super::off::{BLOCK_SIZE, CHECKSUM, MAX_TABLE_ENTRIES, PARENT_LOCATORS, TABLE_OFFSET};
-    pub use super::off::{DATA_OFFSET, HEADER_VERSION, LOCATOR_SIZE};
+    pub use super::off::*;
 }
 
 /// The dynamic header's cookie.
@@ -118,20 +123,23 @@ impl ParentLocator {
 
     fn parse(b: &[u8]) -> ParentLocator {
         ParentLocator {
-            platform_code: PlatformCode::from_code(BE::read_u32(&b[0..])),
-            data_space: BE::read_u32(&b[4..]),
-            data_length: BE::read_u32(&b[8..]),
-            reserved: BE::read_u32(&b[12..]),
-            data_offset: BE::read_u64(&b[16..]),
+            platform_code: PlatformCode::from_code(BE::read_u32(&b[off::LOCATOR_PLATFORM_CODE..])),
+            data_space: BE::read_u32(&b[off::LOCATOR_DATA_SPACE..]),
+            data_length: BE::read_u32(&b[off::LOCATOR_DATA_LENGTH..]),
+            reserved: BE::read_u32(&b[off::LOCATOR_RESERVED..]),
+            data_offset: BE::read_u64(&b[off::LOCATOR_DATA_OFFSET..]),
         }
     }
 
     fn write(&self, b: &mut [u8]) {
-        BE::write_u32(&mut b[0..], self.platform_code.code());
-        BE::write_u32(&mut b[4..], self.data_space);
-        BE::write_u32(&mut b[8..], self.data_length);
-        BE::write_u32(&mut b[12..], self.reserved);
-        BE::write_u64(&mut b[16..], self.data_offset);
+        BE::write_u32(
+            &mut b[off::LOCATOR_PLATFORM_CODE..],
+            self.platform_code.code(),
+        );
+        BE::write_u32(&mut b[off::LOCATOR_DATA_SPACE..], self.data_space);
+        BE::write_u32(&mut b[off::LOCATOR_DATA_LENGTH..], self.data_length);
+        BE::write_u32(&mut b[off::LOCATOR_RESERVED..], self.reserved);
+        BE::write_u64(&mut b[off::LOCATOR_DATA_OFFSET..], self.data_offset);
     }
 }
 
