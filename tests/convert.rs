@@ -821,6 +821,34 @@ fn qemu_ok(args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
 
 /// A number in JSON: the last `"key": N` (the top level of `qemu-img info
 /// --output=json`, whose nested protocol node comes first).
+/// qemu-img reads the VHD `vhd` at `size` bytes (`qemu-img info`) and finds
+/// its content equal to `other`'s, read as `other_format` (`qemu-img
+/// compare`; not `-s`, whose strict mode also compares allocation, and
+/// vhdkit's outputs are sparser than their inputs).
+fn qemu_agrees(vhd: &Path, size: u64, other: &Path, other_format: &str, what: &str) {
+    let info = qemu_ok(&[&"info", &"-f", &"vpc", &"--output=json", &vhd]);
+    assert_eq!(
+        json_number(&info, "virtual-size"),
+        size,
+        "{what}: qemu-img info: {info}"
+    );
+    let cmp = qemu(&[
+        &"compare",
+        &"-f",
+        &"vpc",
+        &"-F",
+        &other_format,
+        &vhd,
+        &other,
+    ]);
+    assert!(
+        cmp.status.success(),
+        "{what}: qemu-img compare says the contents differ: {}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
+}
+
 fn json_number(json: &str, key: &str) -> u64 {
     let k = format!("\"{key}\":");
     let at = json
@@ -906,22 +934,8 @@ fn qemu_img_reads_our_outputs() {
         for (what, o, want_size) in outs {
             let out = dir.path().join(format!("{name}.{what}.vhd"));
             convert(&input, &out, &o);
-            let info = qemu_ok(&[&"info", &"-f", &"vpc", &"--output=json", &out]);
-            assert_eq!(
-                json_number(&info, "virtual-size"),
-                want_size,
-                "{name} {what}: qemu-img info: {info}"
-            );
-            // (Not `-s`: strict mode also compares allocation, and ours is
-            // sparser. The sizes are checked above; the Azure output's
-            // padding must read as zeros.)
-            let cmp = qemu(&[&"compare", &"-f", &"vpc", &"-F", &"raw", &out, &input]);
-            assert!(
-                cmp.status.success(),
-                "{name} {what}: qemu-img compare says the output differs from the input: {}{}",
-                String::from_utf8_lossy(&cmp.stdout),
-                String::from_utf8_lossy(&cmp.stderr)
-            );
+            // The Azure output's padding must read as zeros.
+            qemu_agrees(&out, want_size, &input, "raw", &format!("{name} {what}"));
             // And qemu-img's raw conversion of it is the input, padded.
             let back = dir.path().join(format!("{name}.{what}.qemu.raw"));
             qemu_ok(&[&"convert", &"-f", &"vpc", &"-O", &"raw", &out, &back]);
@@ -996,18 +1010,12 @@ fn we_read_what_qemu_img_writes() {
             // Back to dynamic: qemu-img finds it equal to its own image.
             let again = dir.path().join(format!("{name}.{sub}.vhdkit.vhd"));
             convert(&q, &again, &opts(Target::Dynamic));
-            let info = qemu_ok(&[&"info", &"-f", &"vpc", &"--output=json", &again]);
-            assert_eq!(
-                json_number(&info, "virtual-size"),
+            qemu_agrees(
+                &again,
                 qemu_bytes.len() as u64,
-                "{sub}: {info}"
-            );
-            let cmp = qemu(&[&"compare", &"-f", &"vpc", &"-F", &"vpc", &again, &q]);
-            assert!(
-                cmp.status.success(),
-                "{name} {sub}: qemu-img compare: {}{}",
-                String::from_utf8_lossy(&cmp.stdout),
-                String::from_utf8_lossy(&cmp.stderr)
+                &q,
+                "vpc",
+                &format!("{name} {sub}"),
             );
         }
     }
