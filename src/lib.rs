@@ -27,6 +27,12 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+// vhdkit builds on Unix (Linux first): positional I/O, SEEK_DATA/SEEK_HOLE,
+// hole punching and the parent-opening rules use Unix calls. Say so at build
+// time rather than with a page of unresolved imports.
+#[cfg(not(unix))]
+compile_error!("vhdkit builds on Unix-like systems only (Linux, the BSDs, macOS); Windows is not supported");
+
 pub mod check;
 pub mod convert;
 pub mod error;

@@ -1,7 +1,7 @@
 //! Zero detection: a fast all-zero test for a buffer, the split of a buffer
 //! into runs of non-zero units, and windowed access to file bytes (mapped
 //! for large windows, read for small ones) for the parallel walks of
-//! [`crate::convert`] and [`crate::ops`].
+//! [`mod@crate::convert`] and [`crate::ops`].
 
 use std::fs::File;
 use std::io;

@@ -12,11 +12,8 @@
 //! (`InPlacePlan::run_steps(n)` for every `n`), and the file must then open
 //! and read as the old image or the new one, never fail.
 
-mod common;
-use common::qemu_img;
-#[path = "../examples/make_testdata.rs"]
-#[allow(dead_code)]
-mod make_testdata;
+use crate::common::qemu_img;
+use crate::make_testdata;
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};

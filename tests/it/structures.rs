@@ -11,7 +11,6 @@
 use proptest::prelude::*;
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::PathBuf;
 use vhdkit::error::Structure;
 use vhdkit::ondisk::{
     bitmap_size, Bat, DiskType, DynamicHeader, Footer, Geometry, ParentLocator, PlatformCode,
@@ -22,16 +21,7 @@ use vhdkit::ondisk::{
 // Corpus access
 // ---------------------------------------------------------------------------
 
-fn corpus_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus");
-    assert!(
-        dir.join("MANIFEST.md").is_file(),
-        "the shared corpus is missing: expected {}/MANIFEST.md. These tests need it and \
-         refuse to pass without it.",
-        dir.display()
-    );
-    dir
-}
+use crate::common::corpus as corpus_dir;
 
 fn corpus_file(rel: &str) -> Vec<u8> {
     let p = corpus_dir().join(rel);

@@ -9,11 +9,8 @@
 //! The sparseness tests assume a filesystem with holes and `fallocate`
 //! (ext4, xfs, btrfs, tmpfs) under the system's temporary folder.
 
-mod common;
-use common::{assert_same, qemu_img};
-#[path = "../examples/make_testdata.rs"]
-#[allow(dead_code)]
-mod make_testdata;
+use crate::common::{assert_same, qemu_img};
+use crate::make_testdata;
 
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;

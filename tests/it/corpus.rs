@@ -23,19 +23,7 @@ const STREAM_LIMIT: u64 = 64 << 20;
 /// Differencing images whose parent is in the corpus under another name.
 const PARENTS: &[(&str, &str)] = &[("dfvfs__image-differential.vhd", "dfvfs-2016__image.vhd")];
 
-fn corpus() -> PathBuf {
-    let dir = std::env::var_os("VHDKIT_CORPUS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus"));
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "THE VHD CORPUS IS MISSING: {} has no manifest.json. These tests read the real images \
-         of ../shared/corpus and do not pass without them; put the corpus there or name its \
-         folder with VHDKIT_CORPUS=/path/to/corpus",
-        dir.display()
-    );
-    dir
-}
+use crate::common::corpus;
 
 // ---------------------------------------------------------------------------
 // A small JSON reader for manifest.json (the tests run without serde_json).

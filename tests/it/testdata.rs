@@ -13,11 +13,8 @@
 //! `examples/make_testdata.rs` (included below), and qemu is held to what a
 //! bitmap-blind, parent-blind reader sees, which checks the construction.
 
-mod common;
-use common::{assert_same, qemu_img};
-#[path = "../examples/make_testdata.rs"]
-#[allow(dead_code)]
-mod make_testdata;
+use crate::common::{assert_same, qemu_img};
+use crate::make_testdata;
 
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;

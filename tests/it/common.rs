@@ -36,3 +36,21 @@ pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
         );
     }
 }
+
+/// The shared corpus of real images: `VHDKIT_CORPUS`, else `../shared/corpus`
+/// beside the crate. Panics, saying where it looked and how to point at it,
+/// when the folder has no `manifest.json`: the tests that read real images
+/// fail loudly rather than pass without them.
+pub fn corpus() -> PathBuf {
+    let dir = std::env::var_os("VHDKIT_CORPUS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus"));
+    assert!(
+        dir.join("manifest.json").is_file() && dir.join("MANIFEST.md").is_file(),
+        "THE VHD CORPUS IS MISSING: {} has no manifest.json and MANIFEST.md. These tests read \
+         the real images of ../shared/corpus and do not pass without them; put the corpus there \
+         or name its folder with VHDKIT_CORPUS=/path/to/corpus",
+        dir.display()
+    );
+    dir
+}

@@ -4,11 +4,7 @@
 //! (issues 2 and 4). Expectations come from the library and from bytes the
 //! tests wrote or damaged themselves.
 
-#![cfg(feature = "cli")]
-
-#[path = "../examples/make_testdata.rs"]
-#[allow(dead_code)]
-mod make_testdata;
+use crate::make_testdata;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

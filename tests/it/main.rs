@@ -1,0 +1,17 @@
+//! vhdkit's integration tests, as one test binary: the modules share one
+//! build of the helpers and one link step (seven binaries took most of the
+//! test build's time). Run a part with `cargo test --test it MODULE::`.
+
+mod common;
+#[path = "../../examples/make_testdata.rs"]
+#[allow(dead_code)]
+mod make_testdata;
+
+#[cfg(feature = "cli")]
+mod cli;
+mod convert;
+mod corpus;
+mod hostile;
+mod ops;
+mod structures;
+mod testdata;
