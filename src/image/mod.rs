@@ -241,20 +241,25 @@ impl Image {
         visited: &mut parent::Walk,
         collect: Option<&mut Vec<Error>>,
     ) -> Result<Image> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(opts.writable)
-            .open(path)
-            .map_err(|e| Error::io(path, "open", e))?;
-        let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
-        if meta.is_dir() {
-            return Err(Error::io(
-                path,
-                "open",
-                std::io::Error::other("is a folder, not an image file"),
-            ));
-        }
-        let file_len = meta.len();
+        // Opened without blocking and checked with fstat before anything is
+        // read: a FIFO or a character device is refused, a block device is
+        // read at its real size.
+        let (file, file_len) = crate::io::open_input(path, opts.writable)?;
+        Self::open_file(path, file, file_len, opts, depth, visited, collect)
+    }
+
+    /// Opens as an image a file already opened and checked (a regular file,
+    /// or a block device for an input); `path` names it in messages and
+    /// gives the folder its parent is looked for in.
+    fn open_file(
+        path: &Path,
+        file: File,
+        file_len: u64,
+        opts: &OpenOptions,
+        depth: usize,
+        visited: &mut parent::Walk,
+        collect: Option<&mut Vec<Error>>,
+    ) -> Result<Image> {
         let mut img = Image {
             path: path.to_path_buf(),
             file,
@@ -288,7 +293,7 @@ impl Image {
         if result.is_ok() && img.format == Format::Differencing && !opts.shallow {
             visited
                 .path
-                .push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
+                .push(parent::file_id(&img.file).map_err(|e| Error::io(path, "stat", e))?);
             result = parent::resolve(&mut img, opts, depth, visited);
             visited.path.pop();
             if let (Err(Error::ParentNotFound { .. }), Some(_)) = (&result, &img.diag) {

@@ -13,5 +13,6 @@ mod convert;
 mod corpus;
 mod hostile;
 mod ops;
+mod security;
 mod structures;
 mod testdata;
