@@ -106,13 +106,15 @@ impl OpenOptions {
         self.ignore_checksums = yes;
         self
     }
-    /// Names a file that may serve as a parent (matched by unique id).
+    /// Names a file that may serve as a parent (matched by unique id). It
+    /// may lie anywhere, but must be a regular file.
     pub fn parent(mut self, path: impl Into<PathBuf>) -> Self {
         self.parents.push(path.into());
         self
     }
     /// Allows parents to be opened from this folder, besides the child's
-    /// own, and looks in it for the file names the child's locators give.
+    /// own, and looks in it for the file names the child's locators give
+    /// (regular files directly in it; no link leading out of it is followed).
     pub fn parent_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.parent_dirs.push(dir.into());
         self
@@ -194,7 +196,9 @@ impl Image {
     /// Opens `path` with default options.
     ///
     /// # Errors
-    /// [`Error::Io`] when the file cannot be read; [`Error::Corrupt`] naming
+    /// [`Error::Io`] when the file cannot be read (or is a folder);
+    /// [`Error::NotAnImageFile`] when it is a FIFO, a character device or a
+    /// socket (a block device is read at its size); [`Error::Corrupt`] naming
     /// the structure, field and offset when a structure is damaged;
     /// [`Error::Checksum`] on a checksum mismatch; [`Error::ParentNotFound`]
     /// when a differencing disk's parent cannot be found in the allowed places.

@@ -25,7 +25,7 @@ use super::{Image, OpenOptions};
 use crate::error::{Error, Result, Structure};
 use crate::io::ReadAt;
 use crate::ondisk::PlatformCode;
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -168,9 +168,14 @@ struct Folder {
 impl Folder {
     fn open(dir: &Path) -> Folder {
         let path = canon(dir);
+        // O_PATH: the handle needs only search permission on the folder.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let how = OFlags::PATH;
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let how = OFlags::RDONLY;
         let fd = rustix::fs::open(
             &path,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            how | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
         .map_err(|e| std::io::Error::from(e).to_string());
@@ -179,34 +184,43 @@ impl Folder {
 }
 
 /// Opens `name`, a bare file name, beneath `dir` without blocking and
-/// without following a link out of the folder: `openat2` with
-/// `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS` (a link inside the folder is
-/// followed), or, where the kernel lacks `openat2`, `openat` with
-/// `O_NOFOLLOW` (no link is followed). Then checks with `fstat` that it is
-/// a regular file. Errors are the reason, in words.
+/// without following a link out of the folder, then checks with `fstat`
+/// that it is a regular file. Errors are the reason, in words.
 fn open_beneath(dir: &OwnedFd, name: &str) -> std::result::Result<(File, u64), String> {
-    let flags = crate::io::open_flags(false);
-    let fd = match rustix::fs::openat2(
-        dir,
-        name,
-        flags,
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
-    ) {
-        // No openat2 (kernels before 5.6, some seccomp filters).
-        Err(Errno::NOSYS) | Err(Errno::PERM) => {
-            rustix::fs::openat(dir, name, flags | OFlags::NOFOLLOW, Mode::empty())
-        }
-        r => r,
-    };
-    let file = File::from(fd.map_err(|e| match e {
+    let fd = open_at(dir, name, true).map_err(|e| match e {
         Errno::NOENT => "not found".to_string(),
         Errno::XDEV => "refused: a link leading out of the folder".to_string(),
         Errno::LOOP => "refused: a symbolic link (not followed)".to_string(),
         Errno::NXIO => "refused: not a regular file".to_string(),
         e => format!("could not be opened: {}", std::io::Error::from(e)),
-    })?);
-    settled(file)
+    })?;
+    settled(File::from(fd))
+}
+
+/// `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS` (a link that
+/// stays inside the folder is followed, one that leaves it fails with
+/// `EXDEV`) where the kernel has it and `use_openat2` is set; else `openat`
+/// with `O_NOFOLLOW` (no link is followed: `ELOOP`). `name` is one path
+/// component, so no other link or `..` is on the way.
+fn open_at(dir: &OwnedFd, name: &str, use_openat2: bool) -> rustix::io::Result<OwnedFd> {
+    let flags = crate::io::open_flags(false);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if use_openat2 {
+        match rustix::fs::openat2(
+            dir,
+            name,
+            flags,
+            Mode::empty(),
+            rustix::fs::ResolveFlags::BENEATH | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+        ) {
+            // No openat2 (kernels before 5.6, some seccomp filters).
+            Err(Errno::NOSYS) | Err(Errno::PERM) => {}
+            r => return r,
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = use_openat2;
+    rustix::fs::openat(dir, name, flags | OFlags::NOFOLLOW, Mode::empty())
 }
 
 /// Checks an opened candidate with `fstat` before anything is read from it.
@@ -526,6 +540,68 @@ mod tests {
         assert_eq!(hint_targets(".."), h(None, Some(".."), None));
         assert_eq!(hint_targets("/"), h(None, Some("/"), None));
         assert_eq!(hint_targets("C:\\"), h(None, Some("C:/"), None));
+    }
+
+    /// Both ways of opening beneath a folder: what each opens and refuses.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn candidates_open_beneath_the_folder_with_and_without_openat2() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("p.vhd"), b"parent").unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::os::unix::fs::symlink("p.vhd", d.path().join("in")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join("out")).unwrap();
+        std::os::unix::fs::symlink("../../etc/passwd", d.path().join("up")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            d.path().join("f"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let dir = Folder::open(d.path()).fd.unwrap();
+        let open = |name: &str, openat2: bool| -> std::result::Result<u64, String> {
+            let r = open_at(&dir, name, openat2).map_err(|e| e.to_string());
+            let (_, len) = settled(File::from(r?))?;
+            Ok(len)
+        };
+        let has_openat2 = !matches!(
+            rustix::fs::openat2(
+                &dir,
+                "p.vhd",
+                OFlags::RDONLY,
+                Mode::empty(),
+                rustix::fs::ResolveFlags::empty()
+            ),
+            Err(Errno::NOSYS) | Err(Errno::PERM)
+        );
+        if !has_openat2 {
+            eprintln!("SKIPPED: this kernel has no openat2; only the openat fallback is tested");
+        }
+        for openat2 in [has_openat2, false] {
+            assert_eq!(open("p.vhd", openat2), Ok(6));
+            let fifo = open("f", openat2).unwrap_err();
+            assert!(fifo.contains("FIFO"), "{fifo}");
+            let sub = open("sub", openat2).unwrap_err();
+            assert!(sub.contains("a folder, not a regular file"), "{sub}");
+            for link in ["out", "up"] {
+                let e = open_at(&dir, link, openat2).unwrap_err();
+                // openat2: EXDEV (leaves the folder); openat: ELOOP (a link).
+                let want = if openat2 { Errno::XDEV } else { Errno::LOOP };
+                assert_eq!(e, want, "{link}, openat2 {openat2}");
+            }
+        }
+        // A link inside the folder: followed by openat2 only.
+        if has_openat2 {
+            assert_eq!(open("in", true), Ok(6));
+            assert_eq!(
+                open_beneath(&dir, "out").unwrap_err(),
+                "refused: a link leading out of the folder"
+            );
+        }
+        assert_eq!(open_at(&dir, "in", false).unwrap_err(), Errno::LOOP);
+        assert_eq!(open_beneath(&dir, "nothere").unwrap_err(), "not found");
     }
 
     #[test]
