@@ -259,13 +259,15 @@ fn a_device_named_as_parent_is_refused_before_it_is_read() {
 /// to a decoy outside the folder until stopped.
 struct Swapper {
     stop: Arc<AtomicBool>,
+    swaps: Arc<std::sync::atomic::AtomicU64>,
     handle: Option<std::thread::JoinHandle<u64>>,
 }
 
 impl Swapper {
     fn start(dir: PathBuf, keep: PathBuf, decoy: PathBuf) -> Swapper {
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let swaps = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, count) = (stop.clone(), swaps.clone());
         let handle = std::thread::spawn(move || {
             let name = dir.join("hand-chain-base.vhd");
             let (tmp_link, tmp_real) = (dir.join(".swap-link"), dir.join(".swap-real"));
@@ -273,9 +275,9 @@ impl Swapper {
             let rel = Path::new("..")
                 .join("outside")
                 .join(decoy.file_name().unwrap());
-            let mut swaps = 0u64;
+            let mut n = 0u64;
             while !s.load(Ordering::Relaxed) {
-                let target = if swaps % 2 == 0 {
+                let target = if n % 2 == 0 {
                     decoy.as_path()
                 } else {
                     rel.as_path()
@@ -288,14 +290,19 @@ impl Swapper {
                 std::fs::hard_link(&keep, &tmp_real).unwrap();
                 std::fs::rename(&tmp_real, &name).unwrap();
                 std::thread::yield_now();
-                swaps += 1;
+                n += 1;
+                count.store(n, Ordering::Relaxed);
             }
-            swaps
+            n
         });
         Swapper {
             stop,
+            swaps,
             handle: Some(handle),
         }
+    }
+    fn swaps(&self) -> u64 {
+        self.swaps.load(Ordering::Relaxed)
     }
     fn finish(mut self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
@@ -340,9 +347,16 @@ fn a_parent_swapped_for_a_link_outside_is_never_read() {
 
     let swapper = Swapper::start(kids.clone(), keep.clone(), decoy.clone());
     let (mut real, mut refused) = (0u32, 0u32);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for i in 0..600 {
-        assert!(Instant::now() < deadline, "600 opens took over a minute");
+    // At least 600 opens, and more (up to a minute) until the swapper has
+    // swapped 300 times and both outcomes were seen, so that a busy machine
+    // that starves the swapper still exercises the race.
+    let t0 = Instant::now();
+    let mut i = 0u32;
+    while i < 600
+        || (real == 0 || refused == 0 || swapper.swaps() < 300)
+            && t0.elapsed() < Duration::from_secs(60)
+    {
+        i += 1;
         match Image::open(&path) {
             Ok(img) => {
                 let mut s = [0u8; 512];
@@ -361,8 +375,11 @@ fn a_parent_swapped_for_a_link_outside_is_never_read() {
         }
     }
     let swaps = swapper.finish();
-    eprintln!("swapped {swaps} times: {real} opens read the real parent, {refused} were refused");
-    assert!(swaps > 0);
+    eprintln!(
+        "swapped {swaps} times in {:?}: {real} opens read the real parent, {refused} were refused",
+        t0.elapsed()
+    );
+    assert!(swaps >= 300, "the swapper ran {swaps} times only");
     assert!(
         real > 0 && refused > 0,
         "the race was not exercised: {real} real, {refused} refused"
