@@ -122,15 +122,9 @@ impl Problem {
 pub fn check(path: impl AsRef<Path>, opts: &CheckOptions) -> Result<CheckReport> {
     let path = path.as_ref();
     // Fail with an error (exit 2) when the file is not readable at all. A
-    // folder opens on Unix, but is no image either.
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?;
-    if file.metadata().is_ok_and(|m| m.is_dir()) {
-        return Err(Error::io(
-            path,
-            "open",
-            std::io::Error::other("is a folder, not an image file"),
-        ));
-    }
+    // folder opens on Unix, but is no image either; nor is a FIFO or a
+    // character device (opened without blocking, so they cannot hang it).
+    drop(crate::io::open_input(path, false)?);
     let (img, errors) = Image::open_collect(path, &opts.open);
     let mut problems: Vec<Problem> = errors.iter().map(Problem::from_error).collect();
     let mut report = CheckReport {

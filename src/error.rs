@@ -155,6 +155,18 @@ pub enum Error {
         /// What is not supported.
         what: String,
     },
+    /// The file is neither a regular file nor a block device (a FIFO, a
+    /// character device, a socket): it is not read as a disk image.
+    #[error(
+        "{}: is {kind}; only regular files and block devices are read as disk images",
+        path.display()
+    )]
+    NotAnImageFile {
+        /// The file.
+        path: PathBuf,
+        /// What it is ("a FIFO (named pipe)", "a character device", ...).
+        kind: &'static str,
+    },
     /// A caller's argument is out of range or contradictory.
     #[error("{0}")]
     InvalidArgument(String),

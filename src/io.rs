@@ -3,10 +3,12 @@
 //! Everything in vhdkit reads with [`ReadAt::read_exact_at`], so rayon
 //! workers share one file without locks or seeks.
 
+use crate::error::{Error, Result};
 use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 /// Reads at an absolute offset without moving any cursor; safe to call from
 /// many threads at once.
@@ -32,7 +34,7 @@ impl ReadAt for File {
         FileExt::read_exact_at(self, buf, offset)
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
+        file_len(self)
     }
 }
 
@@ -76,6 +78,90 @@ impl ReadAt for memmap2::Mmap {
     }
     fn len(&self) -> io::Result<u64> {
         Ok(<[u8]>::len(self) as u64)
+    }
+}
+
+/// The length of an open file in bytes: its size for a regular file, the
+/// device's size for a block device (whose `st_size` is 0), found by seeking
+/// to its end. vhdkit reads at absolute offsets only, so the file's cursor
+/// does not matter.
+pub fn file_len(file: &File) -> io::Result<u64> {
+    use rustix::fs::{fstat, seek, FileType, SeekFrom};
+    let st = fstat(file)?;
+    if FileType::from_raw_mode(st.st_mode) == FileType::BlockDevice {
+        return Ok(seek(file, SeekFrom::End(0))?);
+    }
+    Ok(st.st_size as u64)
+}
+
+/// A file type in words, for messages.
+pub(crate) fn type_name(t: rustix::fs::FileType) -> &'static str {
+    use rustix::fs::FileType;
+    match t {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a folder",
+        FileType::Symlink => "a symbolic link",
+        FileType::Fifo => "a FIFO (named pipe)",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Unknown => "a file of unknown type",
+    }
+}
+
+/// Flags of every open of an image or a candidate parent: `O_NONBLOCK`, so
+/// that opening a FIFO with no writer (or a device waiting for a carrier)
+/// returns at once instead of blocking for good; `O_NOCTTY`, so that a
+/// terminal never becomes the process's controlling terminal.
+pub(crate) fn open_flags(writable: bool) -> rustix::fs::OFlags {
+    use rustix::fs::OFlags;
+    let mode = if writable {
+        OFlags::RDWR
+    } else {
+        OFlags::RDONLY
+    };
+    mode | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC
+}
+
+/// Checks with `fstat` what a file opened with [`open_flags`] is, before
+/// anything is read from it. A regular file (and, with `block_ok`, a block
+/// device) gets `O_NONBLOCK` cleared and its length returned; anything else
+/// is returned as its type, untouched.
+pub(crate) fn settle(
+    file: &File,
+    block_ok: bool,
+) -> io::Result<std::result::Result<u64, rustix::fs::FileType>> {
+    use rustix::fs::{fcntl_getfl, fcntl_setfl, fstat, FileType, OFlags};
+    let t = FileType::from_raw_mode(fstat(file)?.st_mode);
+    if t != FileType::RegularFile && !(block_ok && t == FileType::BlockDevice) {
+        return Ok(Err(t));
+    }
+    let flags = fcntl_getfl(file)?;
+    if flags.contains(OFlags::NONBLOCK) {
+        fcntl_setfl(file, flags - OFlags::NONBLOCK)?;
+    }
+    Ok(Ok(file_len(file)?))
+}
+
+/// Opens an input image without blocking and checks, before anything is
+/// read, that it is a regular file or a block device (read at its real
+/// size). A folder, a FIFO, a character device or a socket is refused.
+/// Returns the file and its length.
+pub(crate) fn open_input(path: &Path, writable: bool) -> Result<(File, u64)> {
+    let fd = rustix::fs::open(path, open_flags(writable), rustix::fs::Mode::empty())
+        .map_err(|e| Error::io(path, "open", e.into()))?;
+    let file = File::from(fd);
+    match settle(&file, true).map_err(|e| Error::io(path, "stat", e))? {
+        Ok(len) => Ok((file, len)),
+        Err(rustix::fs::FileType::Directory) => Err(Error::io(
+            path,
+            "open",
+            io::Error::other("is a folder, not an image file"),
+        )),
+        Err(t) => Err(Error::NotAnImageFile {
+            path: path.to_path_buf(),
+            kind: type_name(t),
+        }),
     }
 }
 

@@ -81,7 +81,7 @@ impl std::ops::Deref for Window {
 /// read reports an error. Inputs are validated against their length when
 /// opened, but a file may shrink after that.
 fn check_mappable(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let file_len = file.metadata()?.len();
+    let file_len = crate::io::file_len(file)?;
     if offset.checked_add(len).is_none_or(|end| end > file_len) {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,

@@ -106,13 +106,15 @@ impl OpenOptions {
         self.ignore_checksums = yes;
         self
     }
-    /// Names a file that may serve as a parent (matched by unique id).
+    /// Names a file that may serve as a parent (matched by unique id). It
+    /// may lie anywhere, but must be a regular file.
     pub fn parent(mut self, path: impl Into<PathBuf>) -> Self {
         self.parents.push(path.into());
         self
     }
     /// Allows parents to be opened from this folder, besides the child's
-    /// own, and looks in it for the file names the child's locators give.
+    /// own, and looks in it for the file names the child's locators give
+    /// (regular files directly in it; no link leading out of it is followed).
     pub fn parent_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.parent_dirs.push(dir.into());
         self
@@ -194,7 +196,9 @@ impl Image {
     /// Opens `path` with default options.
     ///
     /// # Errors
-    /// [`Error::Io`] when the file cannot be read; [`Error::Corrupt`] naming
+    /// [`Error::Io`] when the file cannot be read (or is a folder);
+    /// [`Error::NotAnImageFile`] when it is a FIFO, a character device or a
+    /// socket (a block device is read at its size); [`Error::Corrupt`] naming
     /// the structure, field and offset when a structure is damaged;
     /// [`Error::Checksum`] on a checksum mismatch; [`Error::ParentNotFound`]
     /// when a differencing disk's parent cannot be found in the allowed places.
@@ -241,20 +245,25 @@ impl Image {
         visited: &mut parent::Walk,
         collect: Option<&mut Vec<Error>>,
     ) -> Result<Image> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(opts.writable)
-            .open(path)
-            .map_err(|e| Error::io(path, "open", e))?;
-        let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
-        if meta.is_dir() {
-            return Err(Error::io(
-                path,
-                "open",
-                std::io::Error::other("is a folder, not an image file"),
-            ));
-        }
-        let file_len = meta.len();
+        // Opened without blocking and checked with fstat before anything is
+        // read: a FIFO or a character device is refused, a block device is
+        // read at its real size.
+        let (file, file_len) = crate::io::open_input(path, opts.writable)?;
+        Self::open_file(path, file, file_len, opts, depth, visited, collect)
+    }
+
+    /// Opens as an image a file already opened and checked (a regular file,
+    /// or a block device for an input); `path` names it in messages and
+    /// gives the folder its parent is looked for in.
+    fn open_file(
+        path: &Path,
+        file: File,
+        file_len: u64,
+        opts: &OpenOptions,
+        depth: usize,
+        visited: &mut parent::Walk,
+        collect: Option<&mut Vec<Error>>,
+    ) -> Result<Image> {
         let mut img = Image {
             path: path.to_path_buf(),
             file,
@@ -288,7 +297,7 @@ impl Image {
         if result.is_ok() && img.format == Format::Differencing && !opts.shallow {
             visited
                 .path
-                .push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
+                .push(parent::file_id(&img.file).map_err(|e| Error::io(path, "stat", e))?);
             result = parent::resolve(&mut img, opts, depth, visited);
             visited.path.pop();
             if let (Err(Error::ParentNotFound { .. }), Some(_)) = (&result, &img.diag) {

@@ -2,20 +2,33 @@
 //!
 //! Candidates, in order: files the caller named; the parent locators
 //! (`W2ru`, `W2ku`, `MacX`, then the deprecated `Wi2r`/`Wi2k`); the parent's
-//! unicode name. A path from the image is only a hint: relative paths are
-//! taken against the child's folder, absolute ones are reduced to their file
-//! name in the child's folder (POSIX absolute paths from `MacX` are tried as
-//! they are too), every hint's file name is also looked for in the folders
-//! the caller allowed, and a candidate is opened only if it lies, after
-//! resolving links, in the child's folder, a folder the caller allowed, or is
-//! a file the caller named. A hostile image cannot make vhdkit open anything else.
-//! The parent's unique id must equal the child's header's parent unique id;
-//! depth is limited and loops are refused.
+//! unicode name. A path from the image is only a hint, reduced to a file
+//! name: a bare relative name (`.\p.vhd`) is opened in the child's folder;
+//! an absolute path (Windows or POSIX) is reported as outside, without being
+//! looked at, and its file name is opened in the child's folder; a relative
+//! path through other folders (`..\base\p.vhd`) is reported as outside too.
+//! Every hint's file name is also looked for in the folders the caller
+//! allowed. A hostile image cannot make vhdkit open, or even look at,
+//! anything else, nor learn from the error which files exist elsewhere.
+//!
+//! Each allowed folder is opened once and candidates are opened beneath its
+//! handle (`openat2` with `RESOLVE_BENEATH`, or `openat` with `O_NOFOLLOW`
+//! where the kernel lacks it), so that what is checked is what is opened;
+//! without blocking (`O_NONBLOCK`: a FIFO does not hang the open); and used
+//! only if `fstat` says it is a regular file. Files the caller named are
+//! trusted wherever they are, but opened the same way and must be regular
+//! files too. The parent's unique id must equal the child's header's parent
+//! unique id; depth is limited and loops (the same device and inode twice in
+//! a chain) are refused.
 
 use super::{Image, OpenOptions};
 use crate::error::{Error, Result, Structure};
 use crate::io::ReadAt;
 use crate::ondisk::PlatformCode;
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 /// The most bytes of locator data read (a path, not a payload).
@@ -66,23 +79,66 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Paths to try for one hint, relative to the child's folder.
-pub(crate) fn candidates(hint: &str, child_dir: &Path) -> Vec<PathBuf> {
+/// Where one hint sends vhdkit: file names to open in the child's folder,
+/// and the path named when it lies outside the allowed folders (reported,
+/// never looked at).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Hint {
+    /// A file name to open in the child's folder.
+    pub(crate) in_child_dir: Option<String>,
+    /// The path as the image gives it, when it names a file elsewhere.
+    pub(crate) outside: Option<String>,
+    /// The hint's file name, looked for in the folders the caller allowed.
+    pub(crate) file_name: Option<String>,
+}
+
+/// A usable file name: one path component, not `.` or `..`, no NUL.
+fn file_name_of(s: &str) -> Option<String> {
+    Some(s)
+        .filter(|n| !n.is_empty() && *n != "." && *n != ".." && !n.contains(['/', '\0']))
+        .map(str::to_string)
+}
+
+/// What to try for one hint. A relative path that is a bare file name (`p.vhd`,
+/// `.\p.vhd`) is opened in the child's folder; one through other folders
+/// (`..\base\p.vhd`, `sub/p.vhd`) is outside. An absolute path (Windows or
+/// POSIX) is outside, and its file name is opened in the child's folder.
+pub(crate) fn hint_targets(hint: &str) -> Hint {
     let unified = hint.replace('\\', "/");
-    let is_windows_abs =
-        unified.len() >= 2 && unified.as_bytes()[1] == b':' || unified.starts_with("//");
-    let mut v = Vec::new();
-    if unified.starts_with('/') && !unified.starts_with("//") {
-        v.push(PathBuf::from(&unified));
+    let is_abs = unified.starts_with('/')
+        || unified.len() >= 2 && unified.as_bytes()[1] == b':'
+        || unified.starts_with("//");
+    let file_name = unified.rsplit('/').next().and_then(file_name_of);
+    if is_abs {
+        return Hint {
+            in_child_dir: file_name.clone(),
+            outside: Some(unified),
+            file_name,
+        };
     }
-    if is_windows_abs || unified.starts_with('/') {
-        if let Some(name) = unified.rsplit('/').next().filter(|n| !n.is_empty()) {
-            v.push(child_dir.join(name));
-        }
-    } else {
-        v.push(child_dir.join(&unified));
+    let parts: Vec<&str> = unified
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    match parts.as_slice() {
+        [one] if file_name_of(one).is_some() => Hint {
+            in_child_dir: file_name_of(one),
+            outside: None,
+            file_name,
+        },
+        _ => Hint {
+            in_child_dir: None,
+            outside: Some(unified),
+            file_name,
+        },
     }
-    v
+}
+
+/// A file's identity (device and inode): what a walk compares, so that a
+/// file reached by two names is one file.
+pub(crate) fn file_id(f: &File) -> std::io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(f)?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 /// The state of one walk up a parent chain.
@@ -90,16 +146,114 @@ pub(crate) fn candidates(hint: &str, child_dir: &Path) -> Vec<PathBuf> {
 pub(crate) struct Walk {
     /// The differencing disks being resolved, child first: a candidate
     /// parent with the right unique id that is already here is a loop.
-    pub(crate) path: Vec<PathBuf>,
+    pub(crate) path: Vec<(u64, u64)>,
     /// Candidates whose own parents could not be resolved. Resolving them
     /// again cannot succeed, so each is walked at most once: a folder of
     /// hostile images that name each other costs time in proportion to
     /// their number, not to the number of paths through them.
-    pub(crate) failed: Vec<PathBuf>,
+    pub(crate) failed: Vec<(u64, u64)>,
 }
 
 fn canon(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// A folder parents may be opened from, held open: every candidate is
+/// resolved beneath this handle, so the folder checked is the one opened in.
+struct Folder {
+    path: PathBuf,
+    fd: std::result::Result<OwnedFd, String>,
+}
+
+impl Folder {
+    fn open(dir: &Path) -> Folder {
+        let path = canon(dir);
+        // O_PATH: the handle needs only search permission on the folder.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let how = OFlags::PATH;
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let how = OFlags::RDONLY;
+        let fd = rustix::fs::open(
+            &path,
+            how | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| std::io::Error::from(e).to_string());
+        Folder { path, fd }
+    }
+}
+
+/// Opens `name`, a bare file name, beneath `dir` without blocking and
+/// without following a link out of the folder, then checks with `fstat`
+/// that it is a regular file. Errors are the reason, in words.
+fn open_beneath(dir: &OwnedFd, name: &str) -> std::result::Result<(File, u64), String> {
+    let fd = open_at(dir, name, true).map_err(|e| match e {
+        Errno::NOENT => "not found".to_string(),
+        Errno::XDEV => "refused: a link leading out of the folder".to_string(),
+        Errno::LOOP => "refused: a symbolic link (not followed)".to_string(),
+        Errno::NXIO => "refused: not a regular file".to_string(),
+        e => format!("could not be opened: {}", std::io::Error::from(e)),
+    })?;
+    settled(File::from(fd))
+}
+
+/// `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS` (a link that
+/// stays inside the folder is followed, one that leaves it fails with
+/// `EXDEV`) where the kernel has it and `use_openat2` is set; else `openat`
+/// with `O_NOFOLLOW` (no link is followed: `ELOOP`). `name` is one path
+/// component, so no other link or `..` is on the way.
+fn open_at(dir: &OwnedFd, name: &str, use_openat2: bool) -> rustix::io::Result<OwnedFd> {
+    let flags = crate::io::open_flags(false);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if use_openat2 {
+        match rustix::fs::openat2(
+            dir,
+            name,
+            flags,
+            Mode::empty(),
+            rustix::fs::ResolveFlags::BENEATH | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+        ) {
+            // No openat2 (kernels before 5.6, some seccomp filters).
+            Err(Errno::NOSYS) | Err(Errno::PERM) => {}
+            r => return r,
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = use_openat2;
+    rustix::fs::openat(dir, name, flags | OFlags::NOFOLLOW, Mode::empty())
+}
+
+/// Checks an opened candidate with `fstat` before anything is read from it.
+fn settled(file: File) -> std::result::Result<(File, u64), String> {
+    match crate::io::settle(&file, false) {
+        Ok(Ok(len)) => Ok((file, len)),
+        Ok(Err(t)) => Err(format!(
+            "refused: {}, not a regular file",
+            crate::io::type_name(t)
+        )),
+        Err(e) => Err(format!("could not be examined: {e}")),
+    }
+}
+
+/// A file the caller named: trusted wherever it is, but still opened
+/// without blocking and used only if it is a regular file.
+fn open_named(path: &Path) -> std::result::Result<(File, u64), String> {
+    let fd =
+        rustix::fs::open(path, crate::io::open_flags(false), Mode::empty()).map_err(
+            |e| match e {
+                Errno::NOENT => "not found".to_string(),
+                e => format!("could not be opened: {}", std::io::Error::from(e)),
+            },
+        )?;
+    settled(File::from(fd))
+}
+
+/// One candidate parent.
+enum Candidate {
+    /// A file the caller named.
+    Named(PathBuf),
+    /// A file name in one of the allowed folders (0 is the child's).
+    InFolder(usize, String),
 }
 
 pub(crate) fn resolve(
@@ -130,9 +284,6 @@ pub(crate) fn resolve(
         })
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    let named: Vec<PathBuf> = opts.parents.iter().map(|p| canon(p)).collect();
-    let mut allowed_dirs = vec![canon(&child_dir)];
-    allowed_dirs.extend(opts.parent_dirs.iter().map(|d| canon(d)));
 
     // Hints in order of preference.
     let mut hints: Vec<(String, String)> = Vec::new();
@@ -174,28 +325,42 @@ pub(crate) fn resolve(
         hints.push(("parent unicode name".to_string(), name));
     }
 
+    // The allowed folders, opened once: the child's, then the caller's.
+    let folders: Vec<Folder> = std::iter::once(&child_dir)
+        .chain(&opts.parent_dirs)
+        .map(|d| Folder::open(d))
+        .collect();
+
     // Named files first: they need no gate.
-    let mut paths: Vec<(String, PathBuf)> = opts
+    let mut paths: Vec<(String, Candidate)> = opts
         .parents
         .iter()
-        .map(|p| ("named by the caller".to_string(), p.clone()))
+        .map(|p| {
+            (
+                "named by the caller".to_string(),
+                Candidate::Named(canon(p)),
+            )
+        })
         .collect();
     for (source, hint) in &hints {
-        for c in candidates(hint, &child_dir) {
-            paths.push((format!("{source} {hint:?}"), c));
+        let h = hint_targets(hint);
+        if let Some(outside) = &h.outside {
+            // Not looked at: whether it exists is none of the image's business.
+            tried.push(format!(
+                "{source} {hint:?}: {outside} refused without looking at it (outside the \
+                 child's folder and the allowed folders)"
+            ));
+        }
+        if let Some(name) = h.in_child_dir {
+            paths.push((format!("{source} {hint:?}"), Candidate::InFolder(0, name)));
         }
         // A folder the caller allowed is also searched for the file name,
         // so that a parent moved there is found.
-        let unified = hint.replace('\\', "/");
-        let file_name = unified
-            .rsplit('/')
-            .next()
-            .filter(|n| !n.is_empty() && *n != "." && *n != "..");
-        if let Some(name) = file_name {
-            for dir in &opts.parent_dirs {
+        if let Some(name) = &h.file_name {
+            for i in 1..folders.len() {
                 paths.push((
                     format!("{source} {hint:?} in an allowed folder"),
-                    dir.join(name),
+                    Candidate::InFolder(i, name.clone()),
                 ));
             }
         }
@@ -212,32 +377,42 @@ pub(crate) fn resolve(
         shallow: true,
         ..popts.clone()
     };
-    let mut seen: Vec<PathBuf> = Vec::new();
-    for (source, p) in paths {
-        let real = match std::fs::canonicalize(&p) {
-            Ok(r) => r,
-            Err(_) => {
-                tried.push(format!("{}: {} not found", source, p.display()));
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    for (source, c) in paths {
+        let (real, opened) = match &c {
+            Candidate::Named(p) => (p.clone(), open_named(p)),
+            Candidate::InFolder(i, name) => {
+                let f = &folders[*i];
+                let real = f.path.join(name);
+                match &f.fd {
+                    Ok(fd) => (real, open_beneath(fd, name)),
+                    Err(e) => (real, Err(format!("its folder could not be opened: {e}"))),
+                }
+            }
+        };
+        let (file, len) = match opened {
+            Ok(x) => x,
+            Err(why) => {
+                tried.push(format!("{}: {} {why}", source, real.display()));
                 continue;
             }
         };
-        if seen.contains(&real) {
+        let id = match file_id(&file) {
+            Ok(id) => id,
+            Err(e) => {
+                tried.push(format!(
+                    "{}: {} could not be examined: {e}",
+                    source,
+                    real.display()
+                ));
+                continue;
+            }
+        };
+        if seen.contains(&id) {
             continue;
         }
-        seen.push(real.clone());
-        let is_named = named.contains(&real);
-        let dir_ok = real
-            .parent()
-            .is_some_and(|d| allowed_dirs.iter().any(|a| a == d));
-        if !is_named && !dir_ok {
-            tried.push(format!(
-                "{}: {} refused (outside the child's folder and the allowed folders)",
-                source,
-                real.display()
-            ));
-            continue;
-        }
-        if walk.failed.contains(&real) {
+        seen.push(id);
+        if walk.failed.contains(&id) {
             tried.push(format!(
                 "{}: {} was tried already and its own parent was not found",
                 source,
@@ -248,7 +423,7 @@ pub(crate) fn resolve(
         // The candidate alone first: its unique id decides whether it is the
         // parent, before any of its own parents is looked for. (A file the
         // caller named for another link of the chain is passed over here.)
-        let mut parent = match Image::open_level(&real, &alone, depth + 1, walk) {
+        let mut parent = match Image::open_file(&real, file, len, &alone, depth + 1, walk, None) {
             Ok(p) => p,
             Err(e) => {
                 tried.push(format!(
@@ -272,7 +447,7 @@ pub(crate) fn resolve(
             tried.push(format!("{}: {} is not a VHD", source, real.display()));
             continue;
         }
-        if walk.path.contains(&real) {
+        if walk.path.contains(&id) {
             return Err(Error::corrupt(
                 Structure::ParentChain,
                 "parent unique id",
@@ -283,7 +458,7 @@ pub(crate) fn resolve(
             .with_path(&img.path));
         }
         if parent.format == super::Format::Differencing {
-            walk.path.push(real.clone());
+            walk.path.push(id);
             let r = resolve(&mut parent, &popts, depth + 1, walk);
             walk.path.pop();
             match r {
@@ -295,7 +470,7 @@ pub(crate) fn resolve(
                     return Err(e)
                 }
                 Err(e) => {
-                    walk.failed.push(real.clone());
+                    walk.failed.push(id);
                     tried.push(format!(
                         "{}: {} could not be opened: {e}",
                         source,
@@ -340,27 +515,93 @@ mod tests {
     use super::*;
 
     #[test]
-    fn windows_paths_reduce_to_the_childs_folder() {
-        let d = Path::new("/imgs");
+    fn hints_reduce_to_file_names_in_the_childs_folder() {
+        let h = |in_dir: Option<&str>, outside: Option<&str>, name: Option<&str>| Hint {
+            in_child_dir: in_dir.map(str::to_string),
+            outside: outside.map(str::to_string),
+            file_name: name.map(str::to_string),
+        };
+        let p = Some("p.vhd");
+        assert_eq!(hint_targets(".\\p.vhd"), h(p, None, p));
+        assert_eq!(hint_targets("p.vhd"), h(p, None, p));
         assert_eq!(
-            candidates(".\\fat-parent.vhd", d),
-            vec![PathBuf::from("/imgs/./fat-parent.vhd")]
+            hint_targets("C:\\Projects\\x\\p.vhd"),
+            h(p, Some("C:/Projects/x/p.vhd"), p)
         );
         assert_eq!(
-            candidates("C:\\Projects\\x\\fat-parent.vhd", d),
-            vec![PathBuf::from("/imgs/fat-parent.vhd")]
+            hint_targets("/Users/a/p.vhd"),
+            h(p, Some("/Users/a/p.vhd"), p)
         );
+        assert_eq!(hint_targets("sub\\p.vhd"), h(None, Some("sub/p.vhd"), p));
         assert_eq!(
-            candidates("/Users/a/base.vhd", d),
-            vec![
-                PathBuf::from("/Users/a/base.vhd"),
-                PathBuf::from("/imgs/base.vhd")
-            ]
+            hint_targets("..\\..\\etc\\passwd"),
+            h(None, Some("../../etc/passwd"), Some("passwd"))
         );
-        assert_eq!(
-            candidates("sub\\p.vhd", d),
-            vec![PathBuf::from("/imgs/sub/p.vhd")]
+        assert_eq!(hint_targets(".."), h(None, Some(".."), None));
+        assert_eq!(hint_targets("/"), h(None, Some("/"), None));
+        assert_eq!(hint_targets("C:\\"), h(None, Some("C:/"), None));
+    }
+
+    /// Both ways of opening beneath a folder: what each opens and refuses.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn candidates_open_beneath_the_folder_with_and_without_openat2() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("p.vhd"), b"parent").unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::os::unix::fs::symlink("p.vhd", d.path().join("in")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join("out")).unwrap();
+        std::os::unix::fs::symlink("../../etc/passwd", d.path().join("up")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            d.path().join("f"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let dir = Folder::open(d.path()).fd.unwrap();
+        let open = |name: &str, openat2: bool| -> std::result::Result<u64, String> {
+            let r = open_at(&dir, name, openat2).map_err(|e| e.to_string());
+            let (_, len) = settled(File::from(r?))?;
+            Ok(len)
+        };
+        let has_openat2 = !matches!(
+            rustix::fs::openat2(
+                &dir,
+                "p.vhd",
+                OFlags::RDONLY,
+                Mode::empty(),
+                rustix::fs::ResolveFlags::empty()
+            ),
+            Err(Errno::NOSYS) | Err(Errno::PERM)
         );
+        if !has_openat2 {
+            eprintln!("SKIPPED: this kernel has no openat2; only the openat fallback is tested");
+        }
+        for openat2 in [has_openat2, false] {
+            assert_eq!(open("p.vhd", openat2), Ok(6));
+            let fifo = open("f", openat2).unwrap_err();
+            assert!(fifo.contains("FIFO"), "{fifo}");
+            let sub = open("sub", openat2).unwrap_err();
+            assert!(sub.contains("a folder, not a regular file"), "{sub}");
+            for link in ["out", "up"] {
+                let e = open_at(&dir, link, openat2).unwrap_err();
+                // openat2: EXDEV (leaves the folder); openat: ELOOP (a link).
+                let want = if openat2 { Errno::XDEV } else { Errno::LOOP };
+                assert_eq!(e, want, "{link}, openat2 {openat2}");
+            }
+        }
+        // A link inside the folder: followed by openat2 only.
+        if has_openat2 {
+            assert_eq!(open("in", true), Ok(6));
+            assert_eq!(
+                open_beneath(&dir, "out").unwrap_err(),
+                "refused: a link leading out of the folder"
+            );
+        }
+        assert_eq!(open_at(&dir, "in", false).unwrap_err(), Errno::LOOP);
+        assert_eq!(open_beneath(&dir, "nothere").unwrap_err(), "not found");
     }
 
     #[test]

@@ -13,5 +13,8 @@ mod convert;
 mod corpus;
 mod hostile;
 mod ops;
+// FIFOs, device nodes, loop devices and /proc: Linux.
+#[cfg(target_os = "linux")]
+mod security;
 mod structures;
 mod testdata;
