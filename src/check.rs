@@ -618,7 +618,8 @@ const MAX_RANGES_LISTED: usize = 8;
 /// Dynamic disks: allocated blocks whose bitmap has clear bits over
 /// non-zero data (read as zeros here, as the data by bitmap-blind readers).
 /// Reads only the clear-bit sectors of blocks with partial bitmaps, in
-/// pieces of at most 1 MiB.
+/// pieces of at most 1 MiB, and at most as many bytes as the file holds in
+/// all: blocks that overlap (reported as such) cannot make it read more.
 fn data_under_clear_bits(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
     if img.disk_type() != Format::Dynamic {
         return Ok(());
@@ -635,7 +636,9 @@ fn data_under_clear_bits(img: &Image, problems: &mut Vec<Problem>) -> Result<()>
     let mut bitmap = vec![0u8; bm as usize];
     let mut buf = Vec::new();
     let (mut listed, mut unlisted) = (0usize, 0u64);
-    for (i, &e) in bat
+    let mut budget = img.data_end();
+    let mut stopped = false;
+    'blocks: for (i, &e) in bat
         .entries
         .iter()
         .enumerate()
@@ -648,6 +651,11 @@ fn data_under_clear_bits(img: &Image, problems: &mut Vec<Problem>) -> Result<()>
         if end > img.data_end() {
             continue; // reported as bat-entry-out-of-file
         }
+        if budget < bm {
+            stopped = true;
+            break 'blocks;
+        }
+        budget -= bm;
         read(&mut bitmap, start)?;
         let base = i as u64 * bs;
         let sectors = size.saturating_sub(base).min(bs).div_ceil(SECTOR);
@@ -656,29 +664,59 @@ fn data_under_clear_bits(img: &Image, problems: &mut Vec<Problem>) -> Result<()>
             continue;
         }
         let data_at = start + bm;
-        // Block-relative sector ranges [a, b) of non-zero data under clear bits.
+        // Block-relative sector ranges [a, b) of non-zero data under clear
+        // bits: the first few kept, the rest counted.
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for (s, n, set) in bits.runs(0, sectors) {
-            if set {
+        let (mut nranges, mut count) = (0u64, 0u64);
+        let mut open: Option<(u64, u64)> = None;
+        let mut close = |r: (u64, u64), ranges: &mut Vec<(u64, u64)>| {
+            if ranges.len() < MAX_RANGES_LISTED {
+                ranges.push(r);
+            }
+            nranges += 1;
+            count += r.1 - r.0;
+        };
+        let mut s = 0u64;
+        while s < sectors {
+            if s % 8 == 0 && s + 8 <= sectors && bitmap[(s / 8) as usize] == 0xff {
+                s += 8;
                 continue;
             }
-            let mut k = s;
-            while k < s + n {
-                let m = (s + n - k).min(2048);
-                buf.resize((m * SECTOR) as usize, 0);
-                read(&mut buf, data_at + k * SECTOR)?;
-                for (j, sec) in buf.chunks(SECTOR as usize).enumerate() {
-                    if crate::scan::is_zero(sec) {
-                        continue;
-                    }
-                    let x = k + j as u64;
-                    match ranges.last_mut() {
-                        Some(r) if r.1 == x => r.1 = x + 1,
-                        _ => ranges.push((x, x + 1)),
-                    }
-                }
-                k += m;
+            if bits.is_set(s) {
+                s += 1;
+                continue;
             }
+            // A run of clear bits, at most 1 MiB.
+            let mut e = s + 1;
+            while e < sectors && e - s < 2048 && !bits.is_set(e) {
+                e += 1;
+            }
+            let len = (e - s) * SECTOR;
+            if budget < len {
+                stopped = true;
+                break 'blocks;
+            }
+            budget -= len;
+            buf.resize(len as usize, 0);
+            read(&mut buf, data_at + s * SECTOR)?;
+            for (j, sec) in buf.chunks(SECTOR as usize).enumerate() {
+                let x = s + j as u64;
+                if crate::scan::is_zero(sec) {
+                    continue;
+                }
+                open = match open {
+                    Some(r) if r.1 == x => Some((r.0, x + 1)),
+                    Some(r) => {
+                        close(r, &mut ranges);
+                        Some((x, x + 1))
+                    }
+                    None => Some((x, x + 1)),
+                };
+            }
+            s = e;
+        }
+        if let Some(r) = open {
+            close(r, &mut ranges);
         }
         if ranges.is_empty() {
             continue;
@@ -690,7 +728,6 @@ fn data_under_clear_bits(img: &Image, problems: &mut Vec<Problem>) -> Result<()>
         listed += 1;
         let mut list: Vec<String> = ranges
             .iter()
-            .take(MAX_RANGES_LISTED)
             .map(|(a, b)| {
                 if b - a == 1 {
                     a.to_string()
@@ -699,13 +736,9 @@ fn data_under_clear_bits(img: &Image, problems: &mut Vec<Problem>) -> Result<()>
                 }
             })
             .collect();
-        if ranges.len() > MAX_RANGES_LISTED {
-            list.push(format!(
-                "and {} more ranges",
-                ranges.len() - MAX_RANGES_LISTED
-            ));
+        if nranges > ranges.len() as u64 {
+            list.push(format!("and {} more ranges", nranges - ranges.len() as u64));
         }
-        let count: u64 = ranges.iter().map(|(a, b)| b - a).sum();
         problems.push(
             Problem::warning(
                 "data-under-clear-bitmap",
@@ -721,6 +754,16 @@ fn data_under_clear_bits(img: &Image, problems: &mut Vec<Problem>) -> Result<()>
             )
             .at(Structure::Block(i as u64), "sector bitmap", start),
         );
+    }
+    if stopped {
+        problems.push(Problem::warning(
+            "data-under-clear-bitmap",
+            format!(
+                "the search for data under clear bitmap bits stopped after reading {} bytes, \
+                 the file's length: blocks overlap",
+                img.data_end()
+            ),
+        ));
     }
     if unlisted > 0 {
         problems.push(Problem::warning(

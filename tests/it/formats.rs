@@ -537,6 +537,47 @@ fn data_under_clear_bitmap_bits_is_a_warning_in_dynamic_disks() {
     assert_eq!(codes(&r), ["data-under-clear-bitmap"], "{:?}", r.problems);
 }
 
+/// BAT entries that all name one block with a clear bitmap over data: the
+/// search reads at most the file's length, not entries x block size (here
+/// 65,536 x 2 MiB = 128 GiB), and says it stopped.
+#[test]
+fn data_under_clear_bitmap_search_is_bounded_by_the_file() {
+    use vhdkit::ondisk::DynamicHeader;
+    let n: u32 = 1 << 16;
+    let bs: u32 = 2 << 20;
+    let table = 1536u64;
+    let block_at = (table + 4 * u64::from(n)).div_ceil(512) * 512;
+    let mut v = vec![0u8; block_at as usize];
+    let f = Footer::new(DiskType::Dynamic, u64::from(n) * u64::from(bs), 512);
+    v[..512].copy_from_slice(&f.to_bytes());
+    v[512..1536].copy_from_slice(&DynamicHeader::new(table, n, bs).to_bytes());
+    let sector = (block_at / 512) as u32;
+    for i in 0..n as usize {
+        let at = table as usize + 4 * i;
+        v[at..at + 4].copy_from_slice(&sector.to_be_bytes());
+    }
+    v.extend_from_slice(&[0u8; 512]); // bitmap: all clear
+    v.extend_from_slice(&nonzero(u64::from(bs)));
+    v.extend_from_slice(&f.to_bytes());
+    let dir = tempdir();
+    let p = dir.path().join("same-block.vhd");
+    std::fs::write(&p, &v).unwrap();
+    let t = std::time::Instant::now();
+    let r = check(&p, OpenOptions::new());
+    assert!(t.elapsed().as_secs() < 20, "{:?}", t.elapsed());
+    assert!(codes(&r).contains(&"bat-overlap"));
+    let w: Vec<_> = r
+        .problems
+        .iter()
+        .filter(|x| x.code == "data-under-clear-bitmap")
+        .collect();
+    assert!(
+        w.iter().any(|x| x.structure.as_deref() == Some("block 0")),
+        "{w:?}"
+    );
+    assert!(w.iter().any(|x| x.message.contains("stopped")), "{w:?}");
+}
+
 // ---------------------------------------------------------------- codes
 
 /// Every problem `check` finds in the regression inputs, the testdata, the
