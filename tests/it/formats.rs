@@ -688,6 +688,27 @@ fn every_check_problem_has_a_documented_code() {
         "footer-copy-checksum",
         &mut seen,
     );
+    // Warnings the open itself gives have their codes too.
+    let p = dir.path().join("footer-sum");
+    has(&p, false, "footer-copy-used", &mut seen);
+    let p = dir.path().join("header-sum");
+    let r = run(
+        &p,
+        false,
+        OpenOptions::new().ignore_checksums(true),
+        &mut seen,
+    );
+    assert!(codes(&r).contains(&"checksum-ignored"), "{:?}", r.problems);
+    let base = make_testdata::chain_base();
+    let child = make_testdata::chain_child(&base);
+    let alone = tempdir();
+    std::fs::write(alone.path().join(&child.name), &child.bytes).unwrap();
+    has(
+        &alone.path().join(&child.name),
+        false,
+        "parent-not-found",
+        &mut seen,
+    );
     has(&dynv, true, "azure-not-fixed", &mut seen);
     has(&dynv, true, "azure-size-not-whole-mib", &mut seen);
     let fixed = dir.path().join("f.vhd");
