@@ -184,6 +184,7 @@ impl ConvertOptions {
 
 /// What a conversion did.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Report {
     /// The output's virtual size.
     pub virtual_size: u64,
@@ -199,6 +200,13 @@ pub struct Report {
     pub allocated_blocks: Option<u64>,
     /// Wall-clock time.
     pub elapsed: Duration,
+    /// The size asked for (the input's virtual size, unless
+    /// [`ConvertOptions::virtual_size`] set one) when the output's was rounded up from it:
+    /// to a whole number of 512-byte sectors (every VHD vhdkit writes has
+    /// one), or to a whole MiB for Azure. The bytes added read as zeros.
+    pub rounded_from: Option<u64>,
+    /// Things the caller should know about the output (a size rounded up).
+    pub warnings: Vec<String>,
 }
 
 /// Converts the image at `input` into `output`.
@@ -260,11 +268,28 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
             "output size {wanted} is smaller than the input's {input_size} bytes; conversion never cuts data"
         )));
     }
-    let size = if opts.azure {
-        write::azure_size(wanted)
+    // Every VHD written has a size of whole 512-byte sectors: a reader that
+    // counts sectors (qemu-img) would otherwise lose the tail, and a fixed
+    // disk's footer would sit off a sector boundary. Raw outputs keep the
+    // exact size.
+    let mut warnings = Vec::new();
+    let sectors = if opts.target != Target::Raw && wanted % SECTOR != 0 {
+        let up = wanted.div_ceil(SECTOR) * SECTOR;
+        warnings.push(format!(
+            "the size, {wanted} bytes, is not a whole number of 512-byte sectors: rounded up to \
+             {up} bytes, the last {} of them zeros",
+            up - wanted
+        ));
+        up
     } else {
         wanted
     };
+    let size = if opts.azure {
+        write::azure_size(sectors)
+    } else {
+        sectors
+    };
+    let rounded_from = (size != wanted).then_some(wanted);
     if opts.target != Target::Raw && size > write::MAX_VHD_SIZE {
         return Err(Error::InvalidArgument(format!(
             "{}: {size} bytes is larger than a VHD can hold ({} bytes, 2040 GiB)",
@@ -365,6 +390,8 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
         output_len,
         allocated_blocks,
         elapsed: started.elapsed(),
+        rounded_from,
+        warnings,
     })
 }
 

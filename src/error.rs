@@ -167,6 +167,23 @@ pub enum Error {
         /// What it is ("a FIFO (named pipe)", "a character device", ...).
         kind: &'static str,
     },
+    /// The file is another disk image format (qcow2, VHDX, VMDK...), which
+    /// vhdkit does not read; read as raw it would be a disk of its own
+    /// metadata. Forcing the raw format reads its bytes anyway.
+    #[error(
+        "{} is a {format}{} image; vhdkit reads VHD and raw disks",
+        path.display(),
+        version.as_ref().map(|v| format!(" (version {v})")).unwrap_or_default()
+    )]
+    #[non_exhaustive]
+    ForeignFormat {
+        /// The file.
+        path: PathBuf,
+        /// The format found ([`Foreign::format`](crate::detect::Foreign::format)).
+        format: &'static str,
+        /// The version the file states, when it states one.
+        version: Option<String>,
+    },
     /// A caller's argument is out of range or contradictory.
     #[error("{0}")]
     InvalidArgument(String),

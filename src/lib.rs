@@ -37,6 +37,7 @@ compile_error!(
 
 pub mod check;
 pub mod convert;
+pub mod detect;
 pub mod error;
 pub mod image;
 pub mod io;

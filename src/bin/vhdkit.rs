@@ -34,6 +34,15 @@ struct OpenArgs {
     /// Read images whose footer or header checksum does not match
     #[arg(long)]
     ignore_checksums: bool,
+    /// Read the file as this format instead of detecting it (raw: its bytes
+    /// as they are, even when they look like a VHD, qcow2, VMDK...)
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    format: Option<FormatArg>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum FormatArg {
+    Raw,
 }
 
 impl OpenArgs {
@@ -44,6 +53,9 @@ impl OpenArgs {
         }
         for d in &self.parent_dirs {
             o = o.parent_dir(d);
+        }
+        if self.format == Some(FormatArg::Raw) {
+            o = o.format(Format::Raw);
         }
         o
     }
@@ -239,6 +251,9 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("vhdkit: {e}");
+            if matches!(e, vhdkit::Error::ForeignFormat { .. }) {
+                eprintln!("vhdkit: to read its bytes as a raw disk anyway, add --format raw");
+            }
             ExitCode::from(CANNOT_RUN)
         }
     }
@@ -628,6 +643,7 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
             "clean": report.is_clean(),
             "problems": report.problems.iter().map(|p| json!({
                 "severity": match p.severity { vhdkit::Severity::Error => "error", vhdkit::Severity::Warning => "warning" },
+                "code": p.code,
                 "structure": p.structure,
                 "field": p.field,
                 "offset": p.offset,
@@ -649,6 +665,9 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
             (None, None) => String::new(),
         };
         outln!("{sev}: {place}{}", p.message);
+    }
+    if report.problems.iter().any(|p| p.code == "no-vhd-footer") {
+        outln!("hint: to check it as the raw disk it is, add --format raw");
     }
     let errors = report
         .problems
@@ -726,6 +745,9 @@ fn convert(
         b.0.finish_and_clear();
     }
     let r = result?;
+    for w in &r.warnings {
+        eprintln!("vhdkit: warning: {w}");
+    }
     if as_json {
         let v = json!({
             "input": input.display().to_string(),
@@ -737,6 +759,8 @@ fn convert(
             "output_len": r.output_len,
             "allocated_blocks": r.allocated_blocks,
             "seconds": r.elapsed.as_secs_f64(),
+            "rounded_from": r.rounded_from,
+            "warnings": r.warnings,
         });
         outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
     } else if !quiet {

@@ -412,8 +412,21 @@ impl Image {
                     (copy, FooterSource::Copy, len)
                 }
                 None => {
-                    // Raw: no footer anywhere. A VHD format forced by the
-                    // caller cannot be honoured without one.
+                    // No footer anywhere: a raw disk, unless the file is
+                    // another format, which read as raw would be a "disk"
+                    // of its own metadata. (A caller who knows it is raw
+                    // forces Format::Raw, which skips detect() entirely.)
+                    if let Some(f) =
+                        crate::detect::foreign_format(&self.file, len).map_err(self.io("read"))?
+                    {
+                        return Err(Error::ForeignFormat {
+                            path: self.path.clone(),
+                            format: f.format,
+                            version: f.version,
+                        });
+                    }
+                    // A VHD format forced by the caller cannot be honoured
+                    // without a footer.
                     if let Some(forced) = opts.format {
                         return Err(Error::InvalidArgument(format!(
                             "{}: no VHD footer at the end or at offset 0, so not {forced}",
@@ -806,6 +819,28 @@ impl Image {
     /// replaced by its copy, a checksum ignored on request, padding).
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+    /// The stable code of one of [`Image::warnings`] (see check's codes in
+    /// the README): the warnings are built here, in `detect()` and in the
+    /// parent walk, so their codes are told apart here too.
+    pub(crate) fn warning_code(message: &str) -> &'static str {
+        if message.ends_with("(ignored on request)") {
+            "checksum-ignored"
+        } else if message.contains("the footer copy at offset 0 is intact and was used instead")
+            || message.contains("the footer copy at offset 0 was used")
+        {
+            "footer-copy-used"
+        } else if message.contains("are not part of the disk") {
+            "fixed-padding"
+        } else if message.contains("the footer copy at offset 0 differs") {
+            "footer-copy-differs"
+        } else if message.contains("bytes, the child") {
+            "parent-size-differs"
+        } else if message.contains("reads as zeros") {
+            "parent-missing"
+        } else {
+            "image-warning"
+        }
     }
     /// Allocated blocks (those inside the virtual disk).
     pub fn allocated_blocks(&self) -> u64 {

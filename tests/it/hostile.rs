@@ -380,6 +380,8 @@ fn check_with(path: &Path, opts: &OpenOptions, azure: bool) -> Result<(), String
             for p in &r.problems {
                 let _ = format!("{p:?}");
             }
+            // Each has a code from README's list.
+            crate::formats::assert_documented(&r);
             Ok(())
         }
         Err(e) => Err(e.to_string()),

@@ -11,6 +11,7 @@ mod make_testdata;
 mod cli;
 mod convert;
 mod corpus;
+mod formats;
 mod hostile;
 mod ops;
 // FIFOs, device nodes, loop devices and /proc: Linux.
