@@ -213,6 +213,7 @@ pub(crate) fn resolve(
         ..popts.clone()
     };
     let mut seen: Vec<PathBuf> = Vec::new();
+    let mut wrong_id: Vec<PathBuf> = Vec::new();
     for (source, p) in paths {
         let real = match std::fs::canonicalize(&p) {
             Ok(r) => r,
@@ -261,6 +262,7 @@ pub(crate) fn resolve(
         };
         let got = parent.footer().map(|f| f.unique_id).unwrap_or_default();
         if got != want {
+            wrong_id.push(real.clone());
             tried.push(format!(
                 "{}: {} has unique id {got}, not {want}",
                 source,
@@ -332,6 +334,7 @@ pub(crate) fn resolve(
         path: img.path.clone(),
         parent_id: want.to_string(),
         tried,
+        wrong_id,
     })
 }
 
