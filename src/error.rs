@@ -161,7 +161,7 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     /// The output exists and overwriting was not requested.
-    #[error("{}: output exists and replacing it was not asked for", .0.display())]
+    #[error("{}: the output exists and was left as it is", .0.display())]
     OutputExists(PathBuf),
     /// The operation was cancelled (Ctrl-C); no output was left behind.
     #[error("interrupted; no output was written")]

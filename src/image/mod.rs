@@ -507,8 +507,8 @@ impl Image {
                         format!("the offset of a 1024-byte dynamic header between 512 and {last}")
                     }
                     None => format!(
-                        "the offset of a 1024-byte dynamic header, but the {end} bytes in front \
-                         of the footer cannot hold one after the first 512 (it takes {})",
+                        "the offset of a 1024-byte dynamic header from 512 on, in a file too \
+                         short for one ({end} bytes in front of the footer; a header needs {})",
                         SECTOR + HEADER_SIZE as u64
                     ),
                 },
@@ -567,8 +567,8 @@ impl Image {
                          in front of the footer at {end}"
                     ),
                     None => format!(
-                        "an offset where the {bat_len} bytes of BAT fit, but the {end} bytes in \
-                         front of the footer cannot hold them after the first 512"
+                        "an offset from 512 on where the {bat_len} bytes of BAT fit, in a file \
+                         too short for them ({end} bytes in front of the footer)"
                     ),
                 },
             ));
