@@ -88,9 +88,11 @@ enum Cmd {
         open: OpenArgs,
     },
     /// Convert between raw, fixed and dynamic, writing sparse outputs
-    #[command(after_help = "Examples:\n  vhdkit convert disk.raw disk.vhd --to dynamic\n  \
+    #[command(
+        after_help = "Examples:\n  vhdkit convert disk.raw disk.vhd --to dynamic\n  \
                             vhdkit convert disk.vhd azure.vhd --to fixed --azure\n  \
-                            vhdkit convert --in-place disk.raw --to fixed")]
+                            vhdkit convert --in-place disk.raw --to fixed"
+    )]
     Convert {
         /// The image to read (any type vhdkit opens; never modified, except with --in-place)
         input: PathBuf,
@@ -563,7 +565,10 @@ struct Doc<'w, W: std::io::Write> {
 
 impl<'w, W: std::io::Write> Doc<'w, W> {
     fn new(w: &'w mut W) -> Self {
-        let mut d = Doc { w, first_item: true };
+        let mut d = Doc {
+            w,
+            first_item: true,
+        };
         d.put(format_args!("{{\n  \"schema\": {SCHEMA}"));
         d
     }
@@ -916,7 +921,10 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
     }
     if azure
         && report.virtual_size.is_some()
-        && report.problems.iter().any(|p| p.message.starts_with("Azure:"))
+        && report
+            .problems
+            .iter()
+            .any(|p| p.message.starts_with("Azure:"))
     {
         outln!(
             "hint: `vhdkit convert {} OUT.vhd --to fixed --azure` writes a copy Azure takes",
@@ -985,7 +993,7 @@ fn progress_bar(quiet: bool) -> Option<Arc<Bar>> {
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
-            "{bar:30} {bytes}/{total_bytes} virtual ({binary_bytes_per_sec}), {msg}, eta {eta}",
+            "{bar:20} {bytes}/{total_bytes} virtual ({binary_bytes_per_sec}), {msg}, eta {eta}",
         )
         .expect("template"),
     );
@@ -1287,7 +1295,11 @@ mod tests {
                 "{name}: the examples run vhdkit {name}:\n{help}"
             );
             // What each example passes parses.
-            for l in examples.lines().map(str::trim).filter(|l| l.starts_with("vhdkit ")) {
+            for l in examples
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with("vhdkit "))
+            {
                 let words = l.split_whitespace().take_while(|w| *w != ">");
                 if let Err(e) = Cli::try_parse_from(words) {
                     panic!("{name}: the example {l:?} does not parse: {e}");

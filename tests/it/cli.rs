@@ -1131,13 +1131,27 @@ fn flags_that_do_not_apply_are_refused() {
         ],
     );
     assert!(r.stderr.contains("--block-size"), "{}", r.stderr);
-    let r = expect(2, &[&"convert", &raw, &out, &"--to", &"dynamic", &"--azure"]);
-    assert!(r.stderr.contains("--azure goes with --to fixed"), "{}", r.stderr);
+    let r = expect(
+        2,
+        &[&"convert", &raw, &out, &"--to", &"dynamic", &"--azure"],
+    );
+    assert!(
+        r.stderr.contains("--azure goes with --to fixed"),
+        "{}",
+        r.stderr
+    );
     assert!(!out.exists());
     expect(
         0,
         &[
-            &"convert", &raw, &out, &"--to", &"dynamic", &"--block-size", &"1M", &"-q",
+            &"convert",
+            &raw,
+            &out,
+            &"--to",
+            &"dynamic",
+            &"--block-size",
+            &"1M",
+            &"-q",
         ],
     );
     assert_eq!(Image::open(&out).unwrap().block_size(), MIB);
@@ -1164,7 +1178,15 @@ fn threads_above_the_cap_are_refused() {
         let started = std::time::Instant::now();
         let r = expect(
             2,
-            &[&"convert", &raw, &out, &"--to", &"fixed", &"--threads", &n.to_string()],
+            &[
+                &"convert",
+                &raw,
+                &out,
+                &"--to",
+                &"fixed",
+                &"--threads",
+                &n.to_string(),
+            ],
         );
         assert!(
             r.stderr.contains("threads") && r.stderr.contains(&cap.to_string()),
@@ -1176,7 +1198,16 @@ fn threads_above_the_cap_are_refused() {
     }
     expect(
         0,
-        &[&"convert", &raw, &out, &"--to", &"fixed", &"--threads", &"256", &"-q"],
+        &[
+            &"convert",
+            &raw,
+            &out,
+            &"--to",
+            &"fixed",
+            &"--threads",
+            &"256",
+            &"-q",
+        ],
     );
 }
 
@@ -1227,7 +1258,14 @@ fn every_json_document_has_the_schema_and_the_shared_style() {
         (
             expect(
                 0,
-                &[&"convert", &"--json", &"--in-place", &fixed, &"--to", &"raw"],
+                &[
+                    &"convert",
+                    &"--json",
+                    &"--in-place",
+                    &fixed,
+                    &"--to",
+                    &"raw",
+                ],
             ),
             vec![("image", s(&fixed))],
         ),
@@ -1324,7 +1362,10 @@ fn names_that_are_not_utf8_are_carried_as_bytes() {
     let child = dir.path().join("hand-chain-child.vhd");
     let base = name(b"base-\xff.vhd");
     std::fs::rename(dir.path().join("hand-chain-base.vhd"), &base).unwrap();
-    let v = json(&expect(0, &[&"info", &"--json", &child, &"--parent", &base]));
+    let v = json(&expect(
+        0,
+        &[&"info", &"--json", &child, &"--parent", &base],
+    ));
     check_path(&v["chain"][0], "path", &base);
     let v = json(&expect(
         0,
@@ -1337,7 +1378,14 @@ fn names_that_are_not_utf8_are_carried_as_bytes() {
         .any(|e| e.get("file_bytes").is_some()));
     let v = json(&expect(
         0,
-        &[&"convert", &"--json", &"--in-place", &raw, &"--to", &"fixed"],
+        &[
+            &"convert",
+            &"--json",
+            &"--in-place",
+            &raw,
+            &"--to",
+            &"fixed",
+        ],
     ));
     check_path(&v, "image", &raw);
 }
@@ -1566,7 +1614,11 @@ fn check_ranges(msg: &str) {
         if let (Some(a), Some("and"), Some(b)) = (
             words.first().and_then(|w| w.parse::<u64>().ok()),
             words.get(1).copied(),
-            words.get(2).and_then(|w| w.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>().ok()),
+            words.get(2).and_then(|w| {
+                w.trim_matches(|c: char| !c.is_ascii_digit())
+                    .parse::<u64>()
+                    .ok()
+            }),
         ) {
             assert!(a <= b, "an empty range in {msg:?}");
         }
