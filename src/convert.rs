@@ -553,6 +553,8 @@ fn copy_chunks(
     std::thread::scope(|s| -> Result<()> {
         let writer = s.spawn(move || -> Result<()> {
             for job in rx {
+                // Stop writing as soon as asked (the queued chunks are dropped).
+                check_cancel(opts)?;
                 let mut wrote = 0;
                 for r in &job.runs {
                     let from = (r.start - job.offset) as usize;
