@@ -535,7 +535,7 @@ fn azure_checks(img: Option<&Image>, problems: &mut Vec<Problem>) {
         return;
     };
     let size = img.virtual_size();
-    let fix = "convert it with `vhdkit convert IN OUT --to fixed --azure`";
+    let fix = "convert it to a fixed VHD whose size is rounded up to a whole MiB";
     if img.disk_type() != Format::Fixed {
         problems.push(Problem::error(
             "azure-not-fixed",

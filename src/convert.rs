@@ -34,11 +34,32 @@ pub enum Target {
 }
 
 /// Receives progress of a long operation, in bytes of the virtual disk.
+///
+/// A conversion calls [`start`](Progress::start) once with the input's
+/// virtual size, then [`advance`](Progress::advance) until the advances add
+/// up to exactly that size: zero regions as they are passed, data as it has
+/// been written (or found to be zero). [`written`](Progress::written)
+/// reports, besides, the bytes of data actually written to the output, so
+/// that a sparse input can show both rates (virtual and written).
 pub trait Progress: Send + Sync {
     /// The total, known once the input is open.
     fn start(&self, total: u64);
-    /// `bytes` more are done.
+    /// `bytes` more of the virtual disk are done.
     fn advance(&self, bytes: u64);
+    /// `bytes` of data were written to the output (called from the writer
+    /// thread; metadata is not counted). The default does nothing.
+    fn written(&self, bytes: u64) {
+        let _ = bytes;
+    }
+}
+
+/// The most worker threads a conversion accepts: 256, or 4 per core where
+/// that is more. Threads beyond the cores only wait on I/O, and each costs
+/// a stack and a start-up: thousands of them make a conversion slower and
+/// slow to answer Ctrl-C.
+pub fn max_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.saturating_mul(4).max(256)
 }
 
 /// How to convert.
@@ -100,7 +121,7 @@ impl ConvertOptions {
         self.block_size = bytes;
         self
     }
-    /// Worker threads (default: one per core).
+    /// Worker threads (default: one per core); at most [`max_threads`].
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = Some(n);
         self
@@ -172,11 +193,17 @@ impl ConvertOptions {
         }
         if self.azure && self.target != Target::Fixed {
             return Err(Error::InvalidArgument(
-                "Azure takes fixed VHDs only: --azure goes with --to fixed".into(),
+                "Azure takes fixed VHDs only: Azure sizing goes with a fixed target".into(),
             ));
         }
         if self.threads == Some(0) {
             return Err(Error::InvalidArgument("threads must be at least 1".into()));
+        }
+        if let Some(n) = self.threads.filter(|&n| n > max_threads()) {
+            return Err(Error::InvalidArgument(format!(
+                "{n} threads is over the limit of {} (256, or 4 per core where that is more)",
+                max_threads()
+            )));
         }
         Ok(())
     }
@@ -526,6 +553,8 @@ const QUEUE: usize = 2;
 /// A scanned chunk on its way to the writer.
 struct WriteJob {
     data: crate::scan::Window,
+    /// Virtual bytes this chunk covers, reported to progress once written.
+    len: u64,
     /// Virtual offset of `data[0]`.
     offset: u64,
     /// Virtual ranges to write.
@@ -551,6 +580,9 @@ fn copy_chunks(
     std::thread::scope(|s| -> Result<()> {
         let writer = s.spawn(move || -> Result<()> {
             for job in rx {
+                // Stop writing as soon as asked (the queued chunks are dropped).
+                check_cancel(opts)?;
+                let mut wrote = 0;
                 for r in &job.runs {
                     let from = (r.start - job.offset) as usize;
                     let to = (r.end - job.offset) as usize;
@@ -560,6 +592,7 @@ fn copy_chunks(
                     stats
                         .data_written
                         .fetch_add(r.end - r.start, Ordering::Relaxed);
+                    wrote += r.end - r.start;
                     if opts.sync {
                         // Start writeback now, so the final sync finds little to do.
                         let _ = rustix::fs::fadvise(
@@ -569,6 +602,10 @@ fn copy_chunks(
                             rustix::fs::Advice::DontNeed,
                         );
                     }
+                }
+                if let Some(p) = &opts.progress {
+                    p.written(wrote);
+                    p.advance(job.len);
                 }
             }
             Ok(())
@@ -600,13 +637,17 @@ fn copy_chunks(
                         runs.push(c.offset..c.offset + c.len);
                     }
                     if !runs.is_empty() {
-                        // A closed channel means the writer failed; its error is reported below.
+                        // A closed channel means the writer failed; its error
+                        // is reported below. The writer advances the progress
+                        // once the chunk is written.
                         let _ = tx.send(WriteJob {
                             data,
+                            len: c.len,
                             offset: c.offset,
                             runs,
                             shift,
                         });
+                        return Ok(());
                     }
                 }
                 if let Some(p) = &opts.progress {

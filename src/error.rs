@@ -104,8 +104,8 @@ pub enum Error {
     /// A checksum does not match; the image may be read anyway on request.
     #[error(
         "{}{structure} checksum at offset {offset}: found {found:#010x}, computed {computed:#010x} \
-         (the image is damaged or was edited by hand; to read it anyway use --ignore-checksums, \
-         or OpenOptions::ignore_checksums in the library)",
+         (the image is damaged or was edited by hand; it can still be read with checksums \
+         ignored)",
         path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default()
     )]
     Checksum {
@@ -122,8 +122,7 @@ pub enum Error {
     },
     /// The parent of a differencing disk could not be found or was refused.
     #[error(
-        "{}: parent with unique id {parent_id} not found; tried: {}. Name it with --parent FILE \
-         (OpenOptions::parent) or allow its folder with --parent-dir DIR",
+        "{}: parent with unique id {parent_id} not found; tried: {}",
         path.display(),
         if tried.is_empty() { "nothing (no locator and no parent name)".to_string() } else { tried.join("; ") }
     )]
@@ -134,6 +133,9 @@ pub enum Error {
         parent_id: String,
         /// Each candidate and why it was not used.
         tried: Vec<String>,
+        /// Candidates that were found and opened but carry another unique
+        /// id: files of that name exist, but are not this disk's parent.
+        wrong_id: Vec<PathBuf>,
     },
     /// A limit set in [`OpenOptions`](crate::OpenOptions) was exceeded.
     #[error("{}: {what} is {value}, over the limit of {limit}", path.display())]
@@ -188,7 +190,7 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     /// The output exists and overwriting was not requested.
-    #[error("{}: output exists; use --force (ConvertOptions::overwrite) to replace it", .0.display())]
+    #[error("{}: the output exists and was left as it is", .0.display())]
     OutputExists(PathBuf),
     /// The operation was cancelled (Ctrl-C); no output was left behind.
     #[error("interrupted; no output was written")]

@@ -52,60 +52,62 @@ pub struct MapExtent {
     pub file_offset: Option<u64>,
 }
 
+/// Virtual bytes mapped at a time by [`map_each`]: one window's extents are
+/// held at once (at most one per sector, 32 bytes each: 4 MiB).
+const MAP_WINDOW: u64 = 64 << 20;
+
 /// The virtual disk as merged extents of data and zero: unallocated blocks,
 /// clear bitmap bits and filesystem holes are zero without being read, and
 /// the rest is scanned (in parallel) for zero pages when `scan` is set.
+/// Collects [`map_each`]; prefer that for images that may have millions of
+/// extents.
 ///
 /// # Errors
 /// I/O errors reading the image.
 pub fn map(img: &Image, scan: bool) -> Result<Vec<MapExtent>> {
+    let mut out = Vec::new();
+    map_each(img, scan, |e| {
+        out.push(e);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// [`map`] as a stream: walks the disk a window at a time, merges adjacent
+/// extents (across windows too) and hands each finished extent to `f`, in
+/// order, so that memory stays flat however many extents the disk has.
+///
+/// # Errors
+/// I/O errors reading the image, and the first error `f` returns (which
+/// stops the walk).
+pub fn map_each<F>(img: &Image, scan: bool, mut f: F) -> Result<()>
+where
+    F: FnMut(MapExtent) -> Result<()>,
+{
     let size = img.virtual_size();
-    let mut out: Vec<Extent> = Vec::new();
+    // The extent being grown; handed over when the next cannot join it.
+    let mut pending: Vec<Extent> = Vec::with_capacity(2);
+    let mut push = |e: Extent, f: &mut F| -> Result<()> {
+        crate::image::push_extent(&mut pending, e);
+        if pending.len() > 1 {
+            let done = pending.remove(0);
+            f(map_extent(img, done))?;
+        }
+        Ok(())
+    };
     let mut start = 0;
     while start < size {
-        let len = WINDOW.min(size - start);
+        let len = MAP_WINDOW.min(size - start);
         let extents = img.map(start, len)?;
         if !scan {
             for e in extents {
-                crate::image::push_extent(&mut out, e);
+                push(e, &mut f)?;
             }
         } else {
             let pieces = chunks(&extents, PIECE);
             let scanned: Vec<Vec<Extent>> = pieces
                 .par_iter()
-                .map(|c| -> Result<Vec<Extent>> {
-                    let data = chunk_bytes(img, c)?;
-                    let mut runs = Vec::new();
-                    nonzero_runs(&data, c.offset, ZERO_UNIT, &mut runs);
-                    let mut v = Vec::new();
-                    let mut pos = c.offset;
-                    for r in runs {
-                        if r.start > pos {
-                            v.push(Extent {
-                                offset: pos,
-                                length: r.start - pos,
-                                kind: ExtentKind::Zero,
-                            });
-                        }
-                        v.push(Extent {
-                            offset: r.start,
-                            length: r.end - r.start,
-                            kind: ExtentKind::Data {
-                                layer: c.layer,
-                                file_offset: c.file_offset + (r.start - c.offset),
-                            },
-                        });
-                        pos = r.end;
-                    }
-                    if pos < c.offset + c.len {
-                        v.push(Extent {
-                            offset: pos,
-                            length: c.offset + c.len - pos,
-                            kind: ExtentKind::Zero,
-                        });
-                    }
-                    Ok(v)
-                })
+                .map(|c| scan_piece(img, c))
                 .collect::<Result<_>>()?;
             // Put zero extents and scanned pieces back in order.
             let mut it = scanned.into_iter();
@@ -114,37 +116,76 @@ pub fn map(img: &Image, scan: bool) -> Result<Vec<MapExtent>> {
                     let mut pos = e.offset;
                     while pos < e.end() {
                         let piece = it.next().expect("one piece list per chunk");
-                        for x in &piece {
-                            crate::image::push_extent(&mut out, *x);
-                        }
                         pos = piece.last().map(|x| x.end()).unwrap_or(e.end());
+                        for x in piece {
+                            push(x, &mut f)?;
+                        }
                     }
                 } else {
-                    crate::image::push_extent(&mut out, e);
+                    push(e, &mut f)?;
                 }
             }
         }
         start += len;
     }
-    Ok(out
-        .into_iter()
-        .map(|e| match e.kind {
-            ExtentKind::Data { layer, file_offset } => MapExtent {
-                offset: e.offset,
-                length: e.length,
-                data: true,
-                file: img.layer(layer).map(|l| l.path().to_path_buf()),
-                file_offset: Some(file_offset),
+    for e in pending {
+        f(map_extent(img, e))?;
+    }
+    Ok(())
+}
+
+/// One data piece, scanned: its data runs and the zero pages between them.
+fn scan_piece(img: &Image, c: &Chunk) -> Result<Vec<Extent>> {
+    let data = chunk_bytes(img, c)?;
+    let mut runs = Vec::new();
+    nonzero_runs(&data, c.offset, ZERO_UNIT, &mut runs);
+    let mut v = Vec::new();
+    let mut pos = c.offset;
+    for r in runs {
+        if r.start > pos {
+            v.push(Extent {
+                offset: pos,
+                length: r.start - pos,
+                kind: ExtentKind::Zero,
+            });
+        }
+        v.push(Extent {
+            offset: r.start,
+            length: r.end - r.start,
+            kind: ExtentKind::Data {
+                layer: c.layer,
+                file_offset: c.file_offset + (r.start - c.offset),
             },
-            _ => MapExtent {
-                offset: e.offset,
-                length: e.length,
-                data: false,
-                file: None,
-                file_offset: None,
-            },
-        })
-        .collect())
+        });
+        pos = r.end;
+    }
+    if pos < c.offset + c.len {
+        v.push(Extent {
+            offset: pos,
+            length: c.offset + c.len - pos,
+            kind: ExtentKind::Zero,
+        });
+    }
+    Ok(v)
+}
+
+fn map_extent(img: &Image, e: Extent) -> MapExtent {
+    match e.kind {
+        ExtentKind::Data { layer, file_offset } => MapExtent {
+            offset: e.offset,
+            length: e.length,
+            data: true,
+            file: img.layer(layer).map(|l| l.path().to_path_buf()),
+            file_offset: Some(file_offset),
+        },
+        _ => MapExtent {
+            offset: e.offset,
+            length: e.length,
+            data: false,
+            file: None,
+            file_offset: None,
+        },
+    }
 }
 
 // ---------------------------------------------------------------- compare
@@ -546,7 +587,7 @@ pub fn plan_in_place(
         (Format::Fixed, Format::Raw) => {
             if azure {
                 return Err(Error::InvalidArgument(
-                    "--azure goes with --to fixed".into(),
+                    "Azure sizing goes with a fixed target".into(),
                 ));
             }
             steps.push(Step::SetLen(size));

@@ -6,10 +6,12 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use std::io::IsTerminal;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use vhdkit::{ConvertOptions, Format, Image, OpenOptions, Target};
 
 #[derive(Parser)]
@@ -71,16 +73,24 @@ enum To {
 #[derive(Subcommand)]
 enum Cmd {
     /// Describe an image: type, sizes, geometry, creator, blocks, parents
+    #[command(after_help = "Examples:\n  vhdkit info disk.vhd\n  \
+                            vhdkit info --json child.vhd --parent-dir /images/bases")]
     Info {
+        /// The image: a raw disk or a fixed, dynamic or differencing VHD
         image: PathBuf,
+        /// Print one JSON document (fields in the README)
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         open: OpenArgs,
     },
     /// Report every structural problem (exit 1 when any is found)
+    #[command(after_help = "Examples:\n  vhdkit check disk.vhd\n  \
+                            vhdkit check --azure --json upload.vhd")]
     Check {
+        /// The image to check
         image: PathBuf,
+        /// Print one JSON document (fields in the README)
         #[arg(long)]
         json: bool,
         /// Also check Azure's rules (fixed type, whole MiB, size range)
@@ -90,20 +100,33 @@ enum Cmd {
         open: OpenArgs,
     },
     /// Convert between raw, fixed and dynamic, writing sparse outputs
+    #[command(
+        after_help = "Examples:\n  vhdkit convert disk.raw disk.vhd --to dynamic\n  \
+                            vhdkit convert disk.vhd azure.vhd --to fixed --azure\n  \
+                            vhdkit convert --in-place disk.raw --to fixed"
+    )]
     Convert {
+        /// The image to read (any type vhdkit opens; never modified, except with --in-place)
         input: PathBuf,
         /// The output (omit with --in-place)
         output: Option<PathBuf>,
         /// The output type
         #[arg(long, value_enum)]
         to: To,
-        /// Block size of a dynamic output (power of two, 512K to 256M)
-        #[arg(long, value_parser = parse_size, default_value = "2M")]
-        block_size: u64,
-        /// Worker threads (default: all cores)
+        /// Block size of a dynamic output (power of two, 512K to 256M; default 2M); only with --to dynamic
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
+        /// Worker threads (default: all cores; at most 256, or 4 per core where that is more)
         #[arg(long)]
         threads: Option<usize>,
-        /// Write zeros out instead of leaving holes / unallocated blocks
+        /// Write zeros out: raw and fixed outputs are allocated whole; a dynamic
+        /// output keeps every block the input has data in, all-zero ones too
+        ///
+        /// A raw or fixed output is allocated whole, with no holes. A dynamic
+        /// output gets a block for every block of the disk where the input holds
+        /// data (allocated blocks of a VHD, the parts of a raw file that are not
+        /// holes), all-zero ones included, each written out whole; blocks the
+        /// input leaves unallocated (or in holes) stay unallocated.
         #[arg(long)]
         no_sparse: bool,
         /// Azure: a fixed VHD whose size is rounded up to a whole MiB
@@ -121,15 +144,19 @@ enum Cmd {
         /// No progress bar and no summary line
         #[arg(long, short)]
         quiet: bool,
-        /// Print the summary as JSON
+        /// Print the summary as one JSON document (fields in the README)
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         open: OpenArgs,
     },
     /// List the virtual disk as extents of data and zero
+    #[command(after_help = "Examples:\n  vhdkit map disk.vhd\n  \
+                            vhdkit map --json --no-scan disk.vhd > extents.json")]
     Map {
+        /// The image to map
         image: PathBuf,
+        /// Print one JSON document, one extent per line, as the map is walked
         #[arg(long)]
         json: bool,
         /// Do not scan data for zero pages: report the allocation only
@@ -139,35 +166,51 @@ enum Cmd {
         open: OpenArgs,
     },
     /// Compare the virtual contents of two images (exit 1 when they differ)
+    #[command(after_help = "Examples:\n  vhdkit compare disk.raw disk.vhd\n  \
+                            vhdkit compare --strict-size --json a.vhd b.vhd")]
     Compare {
+        /// The first image
         a: PathBuf,
+        /// The second image (of any type: contents are compared, not files)
         b: PathBuf,
         /// Images of different sizes differ (otherwise the extra must be zero)
         #[arg(long)]
         strict_size: bool,
+        /// Print one JSON document (fields in the README)
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         open: OpenArgs,
     },
-    /// CRC-32 of the virtual content, the same for every form of one disk
+    /// CRC-32 of the virtual content: equal for every form of one disk of the same virtual size
+    #[command(after_help = "Examples:\n  vhdkit checksum disk.vhd\n  \
+                            vhdkit checksum --json disk.raw")]
     Checksum {
+        /// The image to checksum
         image: PathBuf,
+        /// Print one JSON document (fields in the README)
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         open: OpenArgs,
     },
     /// Make zero regions cost no disk space, in place
+    #[command(after_help = "Examples:\n  vhdkit sparsify disk.raw\n  \
+                            vhdkit sparsify --json disk.vhd")]
     Sparsify {
+        /// The raw, fixed or dynamic image to sparsify in place
         image: PathBuf,
+        /// Print one JSON document (fields in the README)
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         open: OpenArgs,
     },
     /// Grow an image (or shrink it when the cut region is all zero), in place
+    #[command(after_help = "Examples:\n  vhdkit resize disk.vhd --size 20G\n  \
+                            vhdkit resize upload.vhd --size 30G --azure")]
     Resize {
+        /// The raw, fixed or dynamic image to resize in place
         image: PathBuf,
         /// The new virtual size: bytes, or with K/M/G/T (binary)
         #[arg(long, value_parser = parse_size)]
@@ -247,15 +290,61 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let ctx = Context::of(&cli);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("vhdkit: {e}");
-            if matches!(e, vhdkit::Error::ForeignFormat { .. }) {
-                eprintln!("vhdkit: to read its bytes as a raw disk anyway, add --format raw");
+            match hint(&e, &ctx) {
+                Some(h) => eprintln!("vhdkit: {e}; {h}"),
+                None => eprintln!("vhdkit: {e}"),
             }
             ExitCode::from(CANNOT_RUN)
         }
+    }
+}
+
+/// What ran, as far as the advice after an error depends on it.
+struct Context {
+    convert: bool,
+    ignore_checksums: bool,
+}
+
+impl Context {
+    fn of(cli: &Cli) -> Context {
+        let open = match &cli.cmd {
+            Cmd::Info { open, .. }
+            | Cmd::Check { open, .. }
+            | Cmd::Convert { open, .. }
+            | Cmd::Map { open, .. }
+            | Cmd::Compare { open, .. }
+            | Cmd::Checksum { open, .. }
+            | Cmd::Sparsify { open, .. }
+            | Cmd::Resize { open, .. } => open,
+        };
+        Context {
+            convert: matches!(cli.cmd, Cmd::Convert { .. }),
+            ignore_checksums: open.ignore_checksums,
+        }
+    }
+}
+
+/// The flag that can help after `e`, when one can: library errors name no
+/// flags, so the advice is added here, and only where it fits.
+fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
+    match e {
+        vhdkit::Error::Checksum { .. } if !ctx.ignore_checksums => {
+            Some("to read it anyway, add --ignore-checksums".into())
+        }
+        // A candidate with another unique id is not the parent; naming it
+        // again cannot help.
+        vhdkit::Error::ParentNotFound { wrong_id, .. } if wrong_id.is_empty() => Some(
+            "name the parent with --parent FILE, or allow its folder with --parent-dir DIR".into(),
+        ),
+        vhdkit::Error::OutputExists(_) if ctx.convert => Some("add --force to replace it".into()),
+        vhdkit::Error::ForeignFormat { .. } => {
+            Some("to read its bytes as a raw disk anyway, add --format raw".into())
+        }
+        _ => None,
     }
 }
 
@@ -289,6 +378,16 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                 To::Fixed => Target::Fixed,
                 To::Dynamic => Target::Dynamic,
             };
+            if azure && to != To::Fixed {
+                return Err(vhdkit::Error::InvalidArgument(
+                    "--azure goes with --to fixed".into(),
+                ));
+            }
+            if block_size.is_some() && (to != To::Dynamic || in_place) {
+                return Err(vhdkit::Error::InvalidArgument(
+                    "--block-size goes with --to dynamic (and not with --in-place)".into(),
+                ));
+            }
             if in_place {
                 if output.is_some() {
                     return Err(vhdkit::Error::InvalidArgument(
@@ -302,11 +401,7 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                     "convert needs an OUTPUT (or --in-place)".into(),
                 ));
             };
-            let bs = u32::try_from(block_size).map_err(|_| {
-                vhdkit::Error::InvalidArgument(format!("block size {block_size} is too large"))
-            })?;
             let mut opts = ConvertOptions::new(target)
-                .block_size(bs)
                 .sparse(!no_sparse)
                 .azure(azure)
                 .overwrite(force)
@@ -314,6 +409,14 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                 .open_options(open.options());
             if let Some(t) = threads {
                 opts = opts.threads(t);
+            }
+            if let Some(b) = block_size {
+                let bs = u32::try_from(b).map_err(|_| {
+                    vhdkit::Error::InvalidArgument(format!(
+                        "block size {b}: must be a power of two from 512 KiB to 256 MiB"
+                    ))
+                })?;
+                opts = opts.block_size(bs);
             }
             convert(&input, &output, opts, quiet, json)
         }
@@ -345,33 +448,87 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
     }
 }
 
+/// `writeln!` into a buffered stdout, ending quietly on a closed pipe as
+/// [`outln!`] does.
+macro_rules! bufln {
+    ($w:expr, $($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!($w, $($arg)*) {
+            out_failed(e);
+        }
+    }};
+}
+
+fn out_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("vhdkit: writing the output: {e}");
+    std::process::exit(2);
+}
+
 fn map_cmd(path: &Path, as_json: bool, scan: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+    use std::io::Write as _;
     let img = Image::open_with(path, &open.options())?;
-    let extents = vhdkit::ops::map(&img, scan)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if as_json {
-        let v: Vec<Value> = extents
+        // One document, streamed: each extent is printed as the walk
+        // hands it over, so memory stays flat whatever their number.
+        let mut head = json!({"virtual_size": img.virtual_size()});
+        put_path(&mut head, "path", img.path());
+        let mut doc = Doc::new(&mut out);
+        doc.fields(&head);
+        doc.list_start("extents");
+        // The file of each layer, as JSON fields, made once.
+        let files: Vec<Value> = img
+            .chain()
             .iter()
-            .map(|e| {
-                let mut o = json!({"offset": e.offset, "length": e.length, "data": e.data});
-                if let (Some(f), Some(fo)) = (&e.file, e.file_offset) {
-                    o["file"] = json!(f.display().to_string());
-                    o["file_offset"] = json!(fo);
-                }
-                o
+            .map(|l| {
+                let mut v = json!({});
+                put_path(&mut v, "file", l.path());
+                v
             })
             .collect();
-        outln!("{}", serde_json::to_string(&v).expect("json"));
+        vhdkit::ops::map_each(&img, scan, |e| {
+            let mut o = json!({"offset": e.offset, "length": e.length, "data": e.data});
+            if let (Some(f), Some(fo)) = (&e.file, e.file_offset) {
+                let layer = img.chain().iter().position(|l| l.path() == f.as_path());
+                match layer.and_then(|i| files.get(i)) {
+                    Some(Value::Object(m)) => {
+                        for (k, v) in m {
+                            o[k.as_str()] = v.clone();
+                        }
+                    }
+                    _ => put_path(&mut o, "file", f),
+                }
+                o["file_offset"] = json!(fo);
+            }
+            doc.list_item(&o);
+            Ok(())
+        })?;
+        doc.list_end();
+        doc.end();
+        if let Err(e) = out.flush() {
+            out_failed(e);
+        }
         return Ok(OK);
     }
-    outln!(
+    bufln!(
+        out,
         "{:>16} {:>16}  {:<5} {:>16}  file",
         "offset",
         "length",
         "kind",
         "file offset"
     );
-    for e in &extents {
-        outln!(
+    let (mut count, mut data) = (0u64, 0u64);
+    vhdkit::ops::map_each(&img, scan, |e| {
+        count += 1;
+        if e.data {
+            data += e.length;
+        }
+        bufln!(
+            out,
             "{:>16} {:>16}  {:<5} {:>16}  {}",
             e.offset,
             e.length,
@@ -382,15 +539,118 @@ fn map_cmd(path: &Path, as_json: bool, scan: bool, open: &OpenArgs) -> vhdkit::R
                 .map(|f| f.display().to_string())
                 .unwrap_or_default()
         );
-    }
-    let data: u64 = extents.iter().filter(|e| e.data).map(|e| e.length).sum();
-    outln!(
+        Ok(())
+    })?;
+    bufln!(
+        out,
         "{} extents, {} data, {} zero",
-        extents.len(),
+        count,
         human(data),
         human(img.virtual_size() - data)
     );
+    if let Err(e) = out.flush() {
+        out_failed(e);
+    }
     Ok(OK)
+}
+
+/// The version of the JSON documents the CLI prints, in each as `schema`.
+/// Fields may be added without a new version; a field removed, renamed or
+/// given another meaning bumps it.
+const SCHEMA: u64 = 1;
+
+/// Sets `name` to `path` as a string and, when the path is not valid UTF-8
+/// (the string then has U+FFFD in place of the bytes that are not), also
+/// `{name}_bytes`: the path's bytes as a list of integers, from which a
+/// consumer gets the exact name back.
+fn put_path(v: &mut Value, name: &str, path: &Path) {
+    v[name] = json!(path.to_string_lossy());
+    if path.to_str().is_none() {
+        v[format!("{name}_bytes").as_str()] = json!(path.as_os_str().as_bytes());
+    }
+}
+
+/// Writes the one JSON document of a command, in the style every command
+/// shares: an object with `schema` first and one field per line; a list
+/// field with one element per line; anything nested inside on one line.
+struct Doc<'w, W: std::io::Write> {
+    w: &'w mut W,
+    first_item: bool,
+}
+
+impl<'w, W: std::io::Write> Doc<'w, W> {
+    fn new(w: &'w mut W) -> Self {
+        let mut d = Doc {
+            w,
+            first_item: true,
+        };
+        d.put(format_args!("{{\n  \"schema\": {SCHEMA}"));
+        d
+    }
+    fn put(&mut self, a: std::fmt::Arguments<'_>) {
+        if let Err(e) = self.w.write_fmt(a) {
+            out_failed(e);
+        }
+    }
+    fn key(&mut self, k: &str) {
+        let k = serde_json::to_string(k).expect("json");
+        self.put(format_args!(",\n  {k}: "));
+    }
+    /// Each field of the object `v`, in its order.
+    fn fields(&mut self, v: &Value) {
+        let Value::Object(m) = v else {
+            unreachable!("a document is an object")
+        };
+        for (k, v) in m {
+            match v {
+                Value::Array(items) if !items.is_empty() => {
+                    self.list_start(k);
+                    for i in items {
+                        self.list_item(i);
+                    }
+                    self.list_end();
+                }
+                _ => {
+                    self.key(k);
+                    let s = serde_json::to_string(v).expect("json");
+                    self.put(format_args!("{s}"));
+                }
+            }
+        }
+    }
+    fn list_start(&mut self, k: &str) {
+        self.key(k);
+        self.put(format_args!("["));
+        self.first_item = true;
+    }
+    fn list_item(&mut self, v: &Value) {
+        let s = serde_json::to_string(v).expect("json");
+        let sep = if self.first_item { "" } else { "," };
+        self.first_item = false;
+        self.put(format_args!("{sep}\n    {s}"));
+    }
+    fn list_end(&mut self) {
+        if self.first_item {
+            self.put(format_args!("]"));
+        } else {
+            self.put(format_args!("\n  ]"));
+        }
+    }
+    fn end(&mut self) {
+        self.put(format_args!("\n}}\n"));
+    }
+}
+
+/// Prints `v`, an object, as a command's one JSON document.
+fn print_doc(v: &Value) {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut d = Doc::new(&mut out);
+    d.fields(v);
+    d.end();
+    if let Err(e) = out.flush() {
+        out_failed(e);
+    }
 }
 
 fn compare_cmd(
@@ -404,8 +664,10 @@ fn compare_cmd(
     let ib = Image::open_with(b, &open.options())?;
     let c = vhdkit::ops::compare(&ia, &ib, strict)?;
     if as_json {
-        let v = json!({"equal": c.equal(), "first_difference": c.first_difference, "size_a": c.size_a, "size_b": c.size_b});
-        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        let mut v = json!({"equal": c.equal(), "first_difference": c.first_difference, "size_a": c.size_a, "size_b": c.size_b});
+        put_path(&mut v, "a", a);
+        put_path(&mut v, "b", b);
+        print_doc(&v);
     } else {
         match c.first_difference {
             None if c.size_a == c.size_b => outln!("Images are identical."),
@@ -427,7 +689,9 @@ fn checksum_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u
     let img = Image::open_with(path, &open.options())?;
     let (crc, size) = vhdkit::ops::checksum(&img)?;
     if as_json {
-        outln!("{}", json!({"crc32": format!("{crc:08x}"), "size": size}));
+        let mut v = json!({"crc32": format!("{crc:08x}"), "size": size});
+        put_path(&mut v, "path", path);
+        print_doc(&v);
     } else {
         outln!("{crc:08x} {size} {}", path.display());
     }
@@ -437,11 +701,10 @@ fn checksum_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u
 fn sparsify_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     let r = vhdkit::ops::sparsify(path, &open.options())?;
     if as_json {
-        outln!(
-            "{}",
-            json!({"allocated_before": r.allocated_before, "allocated_after": r.allocated_after,
-                   "zero_bytes": r.zero_bytes, "freed_blocks": r.freed_blocks})
-        );
+        let mut v = json!({"allocated_before": r.allocated_before, "allocated_after": r.allocated_after,
+                   "zero_bytes": r.zero_bytes, "freed_blocks": r.freed_blocks});
+        put_path(&mut v, "path", path);
+        print_doc(&v);
     } else {
         let what = match r.freed_blocks {
             Some(n) => format!("{n} all-zero blocks freed, the image rewritten compactly"),
@@ -472,25 +735,28 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn open_for_info(path: &Path, open: &OpenArgs) -> vhdkit::Result<Image> {
+/// The image, and whether naming its missing parent could help (a
+/// candidate with another unique id is not its parent).
+fn open_for_info(path: &Path, open: &OpenArgs) -> vhdkit::Result<(Image, bool)> {
     match Image::open_with(path, &open.options()) {
-        Err(vhdkit::Error::ParentNotFound { .. }) => {
+        Err(vhdkit::Error::ParentNotFound { wrong_id, .. }) => {
             // Describe the child even when its parent is missing.
-            Image::open_with(path, &open.options().missing_parent_as_zero(true))
+            let img = Image::open_with(path, &open.options().missing_parent_as_zero(true))?;
+            Ok((img, wrong_id.is_empty()))
         }
-        other => other,
+        other => other.map(|i| (i, false)),
     }
 }
 
 fn info_json(img: &Image) -> Value {
     let mut v = json!({
-        "path": img.path().display().to_string(),
         "format": img.disk_type().name(),
         "virtual_size": img.virtual_size(),
         "file_size": img.file_len(),
         "allocated_file_bytes": vhdkit::io::allocated_bytes(img.file()).ok(),
         "warnings": img.warnings(),
     });
+    put_path(&mut v, "path", img.path());
     if let Some(f) = img.footer() {
         let g = f.geometry;
         v["original_size"] = json!(f.original_size);
@@ -528,12 +794,13 @@ fn info_json(img: &Image) -> Value {
                 .iter()
                 .skip(1)
                 .map(|p| {
-                    json!({
-                        "path": p.path().display().to_string(),
+                    let mut v = json!({
                         "format": p.disk_type().name(),
                         "virtual_size": p.virtual_size(),
                         "unique_id": p.footer().map(|f| f.unique_id.to_string()),
-                    })
+                    });
+                    put_path(&mut v, "path", p.path());
+                    v
                 })
                 .collect(),
         );
@@ -542,10 +809,10 @@ fn info_json(img: &Image) -> Value {
 }
 
 fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
-    let img = open_for_info(path, open)?;
+    let (img, advise_parent) = open_for_info(path, open)?;
     let v = info_json(&img);
     if as_json {
-        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        print_doc(&v);
         return Ok(OK);
     }
     outln!("image:          {}", img.path().display());
@@ -606,8 +873,10 @@ fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
         let h = img.header().unwrap();
         outln!("parent id:      {}", h.parent_unique_id);
         outln!("parent name:    {}", h.parent_name());
-        if img.parent_missing() {
+        if img.parent_missing() && advise_parent {
             outln!("parent:         NOT FOUND (use --parent FILE or --parent-dir DIR)");
+        } else if img.parent_missing() {
+            outln!("parent:         NOT FOUND (the files found have another unique id)");
         }
         for (i, p) in img.chain().iter().enumerate().skip(1) {
             outln!(
@@ -636,8 +905,7 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
     )?;
     let code = if report.is_clean() { OK } else { PROBLEM };
     if as_json {
-        let v = json!({
-            "path": report.path.display().to_string(),
+        let mut v = json!({
             "format": report.format.map(|f| f.name()),
             "virtual_size": report.virtual_size,
             "clean": report.is_clean(),
@@ -650,7 +918,8 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
                 "message": p.message,
             })).collect::<Vec<_>>(),
         });
-        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        put_path(&mut v, "path", &report.path);
+        print_doc(&v);
         return Ok(code);
     }
     for p in &report.problems {
@@ -668,6 +937,18 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
     }
     if report.problems.iter().any(|p| p.code == "no-vhd-footer") {
         outln!("hint: to check it as the raw disk it is, add --format raw");
+    }
+    if azure
+        && report.virtual_size.is_some()
+        && report
+            .problems
+            .iter()
+            .any(|p| p.code.starts_with("azure-") && p.code != "azure-not-readable")
+    {
+        outln!(
+            "hint: `vhdkit convert {} OUT.vhd --to fixed --azure` writes a copy Azure takes",
+            path.display()
+        );
     }
     let errors = report
         .problems
@@ -691,14 +972,35 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
     Ok(code)
 }
 
-struct Bar(indicatif::ProgressBar);
+/// The progress bar: virtual bytes done and their rate, and beside them the
+/// data actually written and its rate (far lower on a sparse input).
+struct Bar {
+    pb: indicatif::ProgressBar,
+    written: AtomicU64,
+    started: Instant,
+}
+
+impl Bar {
+    fn show_written(&self, total: u64) {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        self.pb.set_message(format!(
+            "wrote {} ({}/s)",
+            human(total),
+            human((total as f64 / secs) as u64)
+        ));
+    }
+}
 
 impl vhdkit::Progress for Bar {
     fn start(&self, total: u64) {
-        self.0.set_length(total);
+        self.pb.set_length(total);
     }
     fn advance(&self, bytes: u64) {
-        self.0.inc(bytes);
+        self.pb.inc(bytes);
+    }
+    fn written(&self, bytes: u64) {
+        let total = self.written.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.show_written(total);
     }
 }
 
@@ -710,11 +1012,20 @@ fn progress_bar(quiet: bool) -> Option<Arc<Bar>> {
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
-            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            "{bar:20} {bytes}/{total_bytes} virtual ({binary_bytes_per_sec}), {msg}, eta {eta}",
         )
         .expect("template"),
     );
-    Some(Arc::new(Bar(pb)))
+    // Redrawn while nothing advances too (the final sync), so that what is
+    // shown is never an old frame.
+    pb.enable_steady_tick(Duration::from_millis(200));
+    let bar = Bar {
+        pb,
+        written: AtomicU64::new(0),
+        started: Instant::now(),
+    };
+    bar.show_written(0);
+    Some(Arc::new(bar))
 }
 
 /// Ctrl-C asks long operations to stop cleanly (they remove their partial
@@ -742,16 +1053,20 @@ fn convert(
     }
     let result = vhdkit::convert(input, output, &opts);
     if let Some(b) = &bar {
-        b.0.finish_and_clear();
+        if result.is_ok() {
+            // The last frame stays above the summary line, drawn as it is
+            // (`finish` would force 100 %; the conversion's advances reach it).
+            b.pb.abandon();
+        } else {
+            b.pb.finish_and_clear();
+        }
     }
     let r = result?;
     for w in &r.warnings {
         eprintln!("vhdkit: warning: {w}");
     }
     if as_json {
-        let v = json!({
-            "input": input.display().to_string(),
-            "output": output.display().to_string(),
+        let mut v = json!({
             "virtual_size": r.virtual_size,
             "bytes_read": r.bytes_read,
             "bytes_written": r.bytes_written,
@@ -762,7 +1077,9 @@ fn convert(
             "rounded_from": r.rounded_from,
             "warnings": r.warnings,
         });
-        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        put_path(&mut v, "input", input);
+        put_path(&mut v, "output", output);
+        print_doc(&v);
     } else if !quiet {
         outln!(
             "{} -> {}: {} virtual, read {}, wrote {}, skipped {} as zero, {:.3} s",
@@ -794,12 +1111,259 @@ fn in_place_convert(
     let plan = vhdkit::ops::plan_in_place(image, to, azure, &open.options())?;
     plan.run()?;
     if as_json {
-        outln!(
-            "{}",
-            json!({"image": image.display().to_string(), "done": plan.description})
-        );
+        let mut v = json!({"done": plan.description});
+        put_path(&mut v, "image", image);
+        print_doc(&v);
     } else if !quiet {
         outln!("{}: {}", image.display(), plan.description);
     }
     Ok(OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every long flag of every subcommand (`force`, `ignore-checksums`...).
+    fn long_flags() -> Vec<String> {
+        let mut v = Vec::new();
+        for sub in Cli::command().get_subcommands() {
+            for a in sub.get_arguments() {
+                if let Some(l) = a.get_long() {
+                    v.push(l.to_string());
+                }
+            }
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The string literals of Rust source, escapes and line continuations
+    /// left as written except that `\` + newline + indentation is dropped.
+    fn string_literals(src: &str) -> Vec<String> {
+        let b = src.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'/' if b.get(i + 1) == Some(&b'/') => {
+                    while i < b.len() && b[i] != b'\n' {
+                        i += 1;
+                    }
+                }
+                b'/' if b.get(i + 1) == Some(&b'*') => {
+                    i += 2;
+                    while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                        i += 1;
+                    }
+                    i += 2;
+                }
+                b'\'' => {
+                    // A char literal ('x', '\n', '"') or a lifetime ('a).
+                    if b.get(i + 1) == Some(&b'\\') {
+                        i += 2;
+                        while i < b.len() && b[i] != b'\'' {
+                            i += 1;
+                        }
+                        i += 1;
+                    } else if b.get(i + 2) == Some(&b'\'') {
+                        i += 3;
+                    } else {
+                        i += 1;
+                    }
+                }
+                b'r' if matches!(b.get(i + 1), Some(b'"') | Some(b'#'))
+                    && (i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_')) =>
+                {
+                    let mut j = i + 1;
+                    let mut hashes = 0;
+                    while b.get(j) == Some(&b'#') {
+                        hashes += 1;
+                        j += 1;
+                    }
+                    if b.get(j) != Some(&b'"') {
+                        i += 1;
+                        continue;
+                    }
+                    let close: String = std::iter::once('"')
+                        .chain(std::iter::repeat_n('#', hashes))
+                        .collect();
+                    let start = j + 1;
+                    let end = src[start..].find(&close).map_or(b.len(), |e| start + e);
+                    out.push(src[start..end].to_string());
+                    i = end + close.len();
+                }
+                b'"' => {
+                    let mut s = String::new();
+                    i += 1;
+                    while i < b.len() && b[i] != b'"' {
+                        if b[i] == b'\\' && b.get(i + 1) == Some(&b'\n') {
+                            i += 2;
+                            while i < b.len() && b[i].is_ascii_whitespace() {
+                                i += 1;
+                            }
+                            continue;
+                        }
+                        if b[i] == b'\\' {
+                            s.push('\\');
+                            i += 1;
+                        }
+                        let c = src[i..].chars().next().expect("a char");
+                        s.push(c);
+                        i += c.len_utf8();
+                    }
+                    i += 1;
+                    out.push(s);
+                }
+                _ => i += 1,
+            }
+        }
+        out
+    }
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).expect("read src") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn the_literal_scanner_finds_strings_and_skips_the_rest() {
+        let src = "// \"--force\" in a comment\nlet c = '\"'; let l: &'a str = \"one --force \\\n    two\"; \
+                   let r = r#\"raw \"--json\"\"#; /* \"--no\" */ f(\"x\\\"y\");";
+        assert_eq!(
+            string_literals(src),
+            vec!["one --force two", "raw \"--json\"", "x\\\"y"]
+        );
+    }
+
+    /// Library messages carry no CLI words: no `--flag` of this CLI in any
+    /// string literal of the library. And no message, library or CLI,
+    /// names a library item (`OpenOptions::parent`...).
+    #[test]
+    fn library_strings_name_no_flag_and_no_string_names_a_library_item() {
+        let flags = long_flags();
+        assert!(
+            flags.iter().any(|f| f == "force") && flags.iter().any(|f| f == "ignore-checksums"),
+            "{flags:?}"
+        );
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        assert!(files.len() > 10, "{files:?}");
+        let bin = src.join("bin");
+        let mut bad = Vec::new();
+        for f in &files {
+            let text = std::fs::read_to_string(f).expect("read");
+            for lit in string_literals(&text) {
+                if !f.starts_with(&bin) {
+                    for flag in &flags {
+                        let dashed = format!("--{flag}");
+                        let hit = lit.match_indices(&dashed).any(|(at, _)| {
+                            let after = lit[at + dashed.len()..].chars().next();
+                            !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-')
+                        });
+                        if hit {
+                            bad.push(format!("{}: {lit:?} names {dashed}", f.display()));
+                        }
+                    }
+                }
+                // Spelled in two pieces, so that this test's own literals pass.
+                let items = [["Options", "::"].concat(), ["Error", "::"].concat()];
+                if items.iter().any(|i| lit.contains(i.as_str())) {
+                    bad.push(format!("{}: {lit:?} names a library item", f.display()));
+                }
+            }
+        }
+        assert!(bad.is_empty(), "{bad:#?}");
+    }
+
+    /// `--help` of every subcommand describes every argument and flag and
+    /// ends with examples.
+    #[test]
+    fn every_argument_has_a_description_and_every_command_examples() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        let subs: Vec<clap::Command> = cmd
+            .get_subcommands()
+            .filter(|s| s.get_name() != "help")
+            .cloned()
+            .collect();
+        assert!(subs.len() >= 8, "{}", subs.len());
+        for mut sub in subs {
+            let name = sub.get_name().to_string();
+            for a in sub.get_arguments() {
+                if a.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{name} {}", a.get_id()));
+                }
+            }
+            let help = sub.render_long_help().to_string();
+            let examples = help
+                .split_once("Examples:")
+                .map(|(_, e)| e.to_string())
+                .unwrap_or_else(|| panic!("{name}: no examples:\n{help}"));
+            assert!(
+                examples
+                    .lines()
+                    .filter(|l| l.trim_start().starts_with(&format!("vhdkit {name} ")))
+                    .count()
+                    >= 1,
+                "{name}: the examples run vhdkit {name}:\n{help}"
+            );
+            // What each example passes parses.
+            for l in examples
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with("vhdkit "))
+            {
+                let words = l.split_whitespace().take_while(|w| *w != ">");
+                if let Err(e) = Cli::try_parse_from(words) {
+                    panic!("{name}: the example {l:?} does not parse: {e}");
+                }
+            }
+        }
+        assert!(missing.is_empty(), "no description: {missing:?}");
+    }
+
+    #[test]
+    fn paths_that_are_not_utf8_carry_their_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let p = Path::new(std::ffi::OsStr::from_bytes(b"/tmp/d\xffisk.vhd"));
+        let mut v = json!({});
+        put_path(&mut v, "path", p);
+        assert_eq!(v["path"], "/tmp/d\u{fffd}isk.vhd");
+        let bytes: Vec<u8> = v["path_bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(bytes, b"/tmp/d\xffisk.vhd");
+        let mut v = json!({});
+        put_path(&mut v, "path", Path::new("/tmp/disk.vhd"));
+        assert_eq!(v, json!({"path": "/tmp/disk.vhd"}));
+    }
+
+    #[test]
+    fn documents_share_one_style() {
+        let mut out = Vec::new();
+        let mut d = Doc::new(&mut out);
+        d.fields(&json!({"a": 1, "l": [{"x": 1}, {"x": 2}], "e": [], "o": {"k": "v"}}));
+        d.end();
+        let s = String::from_utf8(out).unwrap();
+        assert_eq!(
+            s,
+            "{\n  \"schema\": 1,\n  \"a\": 1,\n  \"e\": [],\n  \"l\": [\n    {\"x\":1},\n    {\"x\":2}\n  ],\n  \"o\": {\"k\":\"v\"}\n}\n"
+        );
+        let v: Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["schema"], SCHEMA);
+    }
 }

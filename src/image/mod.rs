@@ -522,10 +522,18 @@ impl Image {
                 "data offset",
                 foot_at + ff::DATA_OFFSET as u64,
                 format!("{hdr_at:#x}"),
-                format!(
-                    "the offset of a 1024-byte dynamic header between 512 and {}",
-                    end.saturating_sub(HEADER_SIZE as u64)
-                ),
+                // A range only where one exists: a file too short for any
+                // header says so instead of "between 512 and 0".
+                match end.checked_sub(HEADER_SIZE as u64).filter(|&l| l >= SECTOR) {
+                    Some(last) => {
+                        format!("the offset of a 1024-byte dynamic header between 512 and {last}")
+                    }
+                    None => format!(
+                        "the offset of a 1024-byte dynamic header from 512 on, in a file too \
+                         short for one ({end} bytes in front of the footer; a header needs {})",
+                        SECTOR + HEADER_SIZE as u64
+                    ),
+                },
             ));
         }
         let bytes: [u8; HEADER_SIZE] = read_array(&self.file, hdr_at).map_err(self.io("read"))?;
@@ -575,9 +583,16 @@ impl Image {
                 "table offset",
                 hdr_at + hf::TABLE_OFFSET as u64,
                 format!("{tbl:#x}"),
-                format!(
-                    "an offset where {bat_len} bytes of BAT fit inside the file (before {end})"
-                ),
+                match end.checked_sub(bat_len).filter(|&l| l >= SECTOR) {
+                    Some(last) => format!(
+                        "an offset between 512 and {last}, where the {bat_len} bytes of BAT fit \
+                         in front of the footer at {end}"
+                    ),
+                    None => format!(
+                        "an offset from 512 on where the {bat_len} bytes of BAT fit, in a file \
+                         too short for them ({end} bytes in front of the footer)"
+                    ),
+                },
             ));
         }
         // bat_len <= file length here, so this allocation is bounded by the file.

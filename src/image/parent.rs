@@ -378,6 +378,7 @@ pub(crate) fn resolve(
         ..popts.clone()
     };
     let mut seen: Vec<(u64, u64)> = Vec::new();
+    let mut wrong_id: Vec<PathBuf> = Vec::new();
     for (source, c) in paths {
         let (real, opened) = match &c {
             Candidate::Named(p) => (p.clone(), open_named(p)),
@@ -436,6 +437,7 @@ pub(crate) fn resolve(
         };
         let got = parent.footer().map(|f| f.unique_id).unwrap_or_default();
         if got != want {
+            wrong_id.push(real.clone());
             tried.push(format!(
                 "{}: {} has unique id {got}, not {want}",
                 source,
@@ -507,6 +509,7 @@ pub(crate) fn resolve(
         path: img.path.clone(),
         parent_id: want.to_string(),
         tried,
+        wrong_id,
     })
 }
 

@@ -236,8 +236,13 @@ fn map_json_parses_and_matches_the_library() {
                 expect(0, &[&"map", &"--json", &"--no-scan", path])
             };
             let v = json(&r);
-            let list = v.as_array().expect("a JSON list");
+            assert_eq!(v["schema"], 1, "{v}");
+            assert_eq!(v["path"].as_str(), path.to_str());
+            let list = v["extents"].as_array().expect("a JSON list of extents");
+            // One document, one extent per line.
+            assert_eq!(r.stdout.lines().count(), list.len() + 7, "{}", r.stdout);
             let img = Image::open(path).unwrap();
+            assert_eq!(v["virtual_size"].as_u64(), Some(img.virtual_size()));
             let want = vhdkit::ops::map(&img, scan).unwrap();
             assert_eq!(list.len(), want.len(), "{}", path.display());
             let mut pos = 0;
@@ -273,7 +278,7 @@ fn map_json_parses_and_matches_the_library() {
     }
     // The chain's data comes from all three files.
     let v = json(&expect(0, &[&"map", &"--json", &"--no-scan", &chain]));
-    let files: std::collections::BTreeSet<String> = v
+    let files: std::collections::BTreeSet<String> = v["extents"]
         .as_array()
         .unwrap()
         .iter()
@@ -1015,4 +1020,616 @@ fn ctrl_c_mid_conversion_leaves_nothing() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(left, vec!["in.raw".to_string()], "files left: {left:?}");
+}
+
+// ---------------------------------------------------------------- messages and hints
+
+/// Asserts that nothing the CLI printed names a library item.
+fn names_no_library_item(r: &Run) {
+    for out in [&r.stdout, &r.stderr] {
+        for item in ["Options::", "Error::", "ConvertOptions", "OpenOptions"] {
+            assert!(!out.contains(item), "names {item}: {out}");
+        }
+    }
+}
+
+/// The CLI adds the flag that can help after an error, and only then: a bad
+/// checksum advises --ignore-checksums (not when it was given), a missing
+/// parent --parent (not when the file found has another unique id), an
+/// existing output --force.
+#[test]
+fn hints_fit_the_command_that_ran() {
+    let dir = tempdir();
+    let raw = dir.path().join("disk.raw");
+    sample_raw(&raw, 2 * MIB);
+    let fixed = dir.path().join("f.vhd");
+    convert(&raw, &fixed, &to(Target::Fixed));
+    // The creator application, covered by the footer checksum only.
+    poke(&fixed, 2 * MIB + 28, b"XXXX");
+    let r = expect(2, &[&"info", &fixed]);
+    assert!(r.stderr.contains("add --ignore-checksums"), "{}", r.stderr);
+    names_no_library_item(&r);
+    // Asked for already: not advised again, anywhere in the output.
+    let r = vhdkit([
+        "check".as_ref(),
+        "--ignore-checksums".as_ref(),
+        fixed.as_os_str(),
+    ]);
+    assert!(r.code == 0 || r.code == 1, "{}", r.stderr);
+    assert!(r.stdout.contains("checksum"), "{}", r.stdout);
+    assert!(
+        !r.stdout.contains("--ignore") && !r.stderr.contains("--ignore"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+    names_no_library_item(&r);
+    let r = expect(0, &[&"info", &"--ignore-checksums", &fixed]);
+    assert!(!r.stdout.contains("--ignore"), "{}", r.stdout);
+
+    // A parent that is missing: name it.
+    let chain = dir.path().join("chain");
+    std::fs::create_dir(&chain).unwrap();
+    write_chain(&chain);
+    let child = chain.join("hand-chain-child.vhd");
+    let base = chain.join("hand-chain-base.vhd");
+    let kept = dir.path().join("kept-base.vhd");
+    std::fs::rename(&base, &kept).unwrap();
+    let r = expect(2, &[&"checksum", &child]);
+    assert!(r.stderr.contains("--parent FILE"), "{}", r.stderr);
+    names_no_library_item(&r);
+    let r = expect(0, &[&"info", &child]);
+    assert!(r.stdout.contains("NOT FOUND (use --parent"), "{}", r.stdout);
+    expect(0, &[&"checksum", &child, &"--parent", &kept]);
+    // A file of the parent's name with another unique id: naming a file
+    // cannot help, so it is not advised.
+    convert(&raw, &base, &to(Target::Dynamic));
+    let r = expect(2, &[&"checksum", &child]);
+    assert!(r.stderr.contains("unique id"), "{}", r.stderr);
+    assert!(!r.stderr.contains("--parent"), "{}", r.stderr);
+    names_no_library_item(&r);
+    let r = expect(2, &[&"checksum", &child, &"--parent", &base]);
+    assert!(!r.stderr.contains("--parent"), "{}", r.stderr);
+    let r = expect(0, &[&"info", &child]);
+    assert!(r.stdout.contains("NOT FOUND"), "{}", r.stdout);
+    assert!(!r.stdout.contains("use --parent"), "{}", r.stdout);
+
+    // An existing output: --force, in the CLI's words only.
+    let out = dir.path().join("out.vhd");
+    std::fs::write(&out, b"keep").unwrap();
+    let r = expect(2, &[&"convert", &raw, &out, &"--to", &"dynamic", &"-q"]);
+    assert!(r.stderr.contains("add --force"), "{}", r.stderr);
+    names_no_library_item(&r);
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep");
+
+    // Azure advice comes from the CLI, naming its own command.
+    let dynv = dir.path().join("d.vhd");
+    convert(&raw, &dynv, &to(Target::Dynamic));
+    let r = expect(1, &[&"check", &"--azure", &dynv]);
+    assert!(r.stdout.contains("--to fixed --azure"), "{}", r.stdout);
+    names_no_library_item(&r);
+    let r = expect(0, &[&"check", &dynv]);
+    assert!(!r.stdout.contains("--"), "{}", r.stdout);
+}
+
+/// Flags that do not fit the output type are errors, not ignored.
+#[test]
+fn flags_that_do_not_apply_are_refused() {
+    let dir = tempdir();
+    let raw = dir.path().join("disk.raw");
+    sample_raw(&raw, 2 * MIB);
+    let out = dir.path().join("out");
+    for to in ["raw", "fixed"] {
+        let r = expect(
+            2,
+            &[&"convert", &raw, &out, &"--to", &to, &"--block-size", &"1M"],
+        );
+        assert!(r.stderr.contains("--block-size"), "{}", r.stderr);
+        assert!(!out.exists());
+    }
+    let r = expect(
+        2,
+        &[
+            &"convert",
+            &"--in-place",
+            &raw,
+            &"--to",
+            &"fixed",
+            &"--block-size",
+            &"1M",
+        ],
+    );
+    assert!(r.stderr.contains("--block-size"), "{}", r.stderr);
+    let r = expect(
+        2,
+        &[&"convert", &raw, &out, &"--to", &"dynamic", &"--azure"],
+    );
+    assert!(
+        r.stderr.contains("--azure goes with --to fixed"),
+        "{}",
+        r.stderr
+    );
+    assert!(!out.exists());
+    expect(
+        0,
+        &[
+            &"convert",
+            &raw,
+            &out,
+            &"--to",
+            &"dynamic",
+            &"--block-size",
+            &"1M",
+            &"-q",
+        ],
+    );
+    assert_eq!(Image::open(&out).unwrap().block_size(), MIB);
+}
+
+/// `--threads` is capped; above the cap it is an error before any work, in
+/// the library and on the command line (exit 2).
+#[test]
+fn threads_above_the_cap_are_refused() {
+    let cap = vhdkit::convert::max_threads();
+    assert!(cap >= 256, "{cap}");
+    let dir = tempdir();
+    let raw = dir.path().join("disk.raw");
+    sample_raw(&raw, MIB);
+    let out = dir.path().join("out.vhd");
+    match vhdkit::convert(&raw, &out, &to(Target::Fixed).threads(cap + 1)) {
+        Err(vhdkit::Error::InvalidArgument(m)) => {
+            assert!(m.contains(&cap.to_string()), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!out.exists());
+    for n in [cap + 1, 100_000] {
+        let started = std::time::Instant::now();
+        let r = expect(
+            2,
+            &[
+                &"convert",
+                &raw,
+                &out,
+                &"--to",
+                &"fixed",
+                &"--threads",
+                &n.to_string(),
+            ],
+        );
+        assert!(
+            r.stderr.contains("threads") && r.stderr.contains(&cap.to_string()),
+            "{}",
+            r.stderr
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(!out.exists());
+    }
+    expect(
+        0,
+        &[
+            &"convert",
+            &raw,
+            &out,
+            &"--to",
+            &"fixed",
+            &"--threads",
+            &"256",
+            &"-q",
+        ],
+    );
+}
+
+// ---------------------------------------------------------------- JSON documents
+
+/// Every command's JSON is one document in one style: an object, `schema`
+/// 1 on its second line, one field per line. Each names the files it is
+/// about.
+#[test]
+fn every_json_document_has_the_schema_and_the_shared_style() {
+    let dir = tempdir();
+    let raw = dir.path().join("disk.raw");
+    sample_raw(&raw, 3 * MIB);
+    let dynv = dir.path().join("d.vhd");
+    let fixed = dir.path().join("f.vhd");
+    let conv = dir.path().join("c.vhd");
+    convert(&raw, &fixed, &to(Target::Fixed));
+    convert(&raw, &dynv, &to(Target::Dynamic));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let runs: Vec<(Run, Vec<(&str, String)>)> = vec![
+        (
+            expect(0, &[&"info", &"--json", &dynv]),
+            vec![("path", s(&dynv))],
+        ),
+        (
+            expect(0, &[&"check", &"--json", &dynv]),
+            vec![("path", s(&dynv))],
+        ),
+        (
+            expect(0, &[&"map", &"--json", &dynv]),
+            vec![("path", s(&dynv))],
+        ),
+        (
+            expect(0, &[&"checksum", &"--json", &dynv]),
+            vec![("path", s(&dynv))],
+        ),
+        (
+            expect(0, &[&"compare", &"--json", &raw, &dynv]),
+            vec![("a", s(&raw)), ("b", s(&dynv))],
+        ),
+        (
+            expect(
+                0,
+                &[&"convert", &"--json", &raw, &conv, &"--to", &"dynamic"],
+            ),
+            vec![("input", s(&raw)), ("output", s(&conv))],
+        ),
+        (
+            expect(
+                0,
+                &[
+                    &"convert",
+                    &"--json",
+                    &"--in-place",
+                    &fixed,
+                    &"--to",
+                    &"raw",
+                ],
+            ),
+            vec![("image", s(&fixed))],
+        ),
+        (
+            expect(0, &[&"sparsify", &"--json", &dynv]),
+            vec![("path", s(&dynv))],
+        ),
+    ];
+    for (r, paths) in &runs {
+        let v = json(r);
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        assert_eq!(lines[0], "{", "{}", r.stdout);
+        assert_eq!(lines[1], "  \"schema\": 1,", "{}", r.stdout);
+        assert_eq!(*lines.last().unwrap(), "}", "{}", r.stdout);
+        assert_eq!(v["schema"], 1);
+        // One field per line: as many lines at two spaces as fields.
+        let fields = lines
+            .iter()
+            .filter(|l| l.starts_with("  \"") && !l.starts_with("   "))
+            .count();
+        assert_eq!(fields, v.as_object().unwrap().len(), "{}", r.stdout);
+        for (k, want) in paths {
+            assert_eq!(v[*k].as_str(), Some(want.as_str()), "{k}: {}", r.stdout);
+            assert!(v.get(format!("{k}_bytes")).is_none(), "{}", r.stdout);
+        }
+    }
+    let checksum = json(&runs[3].0);
+    assert!(checksum["crc32"].is_string() && checksum["size"] == 3 * MIB);
+}
+
+/// A file name that is not UTF-8 comes out in JSON as a string with U+FFFD
+/// and, beside it, its exact bytes (`path_bytes`, `file_bytes`...), which
+/// open the file.
+#[test]
+fn names_that_are_not_utf8_are_carried_as_bytes() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempdir();
+    let name = |b: &[u8]| dir.path().join(OsStr::from_bytes(b));
+    let raw = name(b"disk-\xff\xfe.raw");
+    sample_raw(&raw, 2 * MIB);
+    let vhd = name(b"out-\x80.vhd");
+    let bytes_of = |v: &Value, key: &str| -> Vec<u8> {
+        v[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {key} in {v}"))
+            .iter()
+            .map(|b| u8::try_from(b.as_u64().unwrap()).unwrap())
+            .collect()
+    };
+    let check_path = |v: &Value, key: &str, want: &Path| {
+        let got = bytes_of(v, &format!("{key}_bytes"));
+        assert_eq!(got, want.as_os_str().as_bytes(), "{key}");
+        assert!(Path::new(OsStr::from_bytes(&got)).exists());
+        assert_eq!(
+            v[key].as_str().unwrap(),
+            want.to_string_lossy(),
+            "{key}: the string stays, lossy"
+        );
+    };
+    let v = json(&expect(
+        0,
+        &[&"convert", &"--json", &raw, &vhd, &"--to", &"dynamic"],
+    ));
+    check_path(&v, "input", &raw);
+    check_path(&v, "output", &vhd);
+    for args in [
+        vec!["info", "--json"],
+        vec!["check", "--json"],
+        vec!["checksum", "--json"],
+        vec!["map", "--json"],
+        vec!["sparsify", "--json"],
+    ] {
+        let mut a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        a.push(vhd.as_os_str());
+        let r = vhdkit(&a);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+        let v = json(&r);
+        check_path(&v, "path", &vhd);
+        if args[0] == "map" {
+            let extents = v["extents"].as_array().unwrap();
+            let data: Vec<&Value> = extents.iter().filter(|e| e["data"] == true).collect();
+            assert!(!data.is_empty());
+            for e in data {
+                check_path(e, "file", &vhd);
+            }
+        }
+    }
+    let v = json(&expect(0, &[&"compare", &"--json", &raw, &vhd]));
+    check_path(&v, "a", &raw);
+    check_path(&v, "b", &vhd);
+    // A chain whose parent's name is not UTF-8.
+    write_chain(dir.path());
+    let child = dir.path().join("hand-chain-child.vhd");
+    let base = name(b"base-\xff.vhd");
+    std::fs::rename(dir.path().join("hand-chain-base.vhd"), &base).unwrap();
+    let v = json(&expect(
+        0,
+        &[&"info", &"--json", &child, &"--parent", &base],
+    ));
+    check_path(&v["chain"][0], "path", &base);
+    let v = json(&expect(
+        0,
+        &[&"map", &"--json", &"--no-scan", &child, &"--parent", &base],
+    ));
+    assert!(v["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e.get("file_bytes").is_some()));
+    let v = json(&expect(
+        0,
+        &[
+            &"convert",
+            &"--json",
+            &"--in-place",
+            &raw,
+            &"--to",
+            &"fixed",
+        ],
+    ));
+    check_path(&v, "image", &raw);
+}
+
+// ---------------------------------------------------------------- map streams
+
+/// A dynamic image (made by converting non-zero data) whose sector bitmaps
+/// are rewritten to alternate set and clear: one extent per sector.
+pub(crate) fn alternating_bitmaps(path: &Path, size: u64) {
+    let raw = path.with_extension("raw");
+    std::fs::write(&raw, pattern(size as usize, 9)).unwrap();
+    convert(
+        &raw,
+        path,
+        &to(Target::Dynamic).block_size(512 * KIB as u32),
+    );
+    std::fs::remove_file(&raw).unwrap();
+    let img = Image::open(path).unwrap();
+    let (bm, entries) = (img.bitmap_size(), img.bat().unwrap().entries.clone());
+    drop(img);
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for e in entries.into_iter().filter(|&e| e != u32::MAX) {
+        f.write_all_at(&vec![0xaa; bm as usize], u64::from(e) * 512)
+            .unwrap();
+    }
+}
+
+/// `ops::map_each` hands over the same extents as `ops::map`, in order,
+/// with and without the zero scan, and stops at the callback's error.
+#[test]
+fn map_each_streams_the_same_extents_as_map() {
+    let dir = tempdir();
+    let vhd = dir.path().join("alt.vhd");
+    alternating_bitmaps(&vhd, 4 * MIB);
+    let img = Image::open(&vhd).unwrap();
+    for scan in [true, false] {
+        let all = vhdkit::ops::map(&img, scan).unwrap();
+        // One sector of data, one of zero, throughout.
+        assert_eq!(all.len() as u64, 4 * MIB / 512, "scan {scan}");
+        assert!(all.iter().all(|e| e.length == 512));
+        assert!(all.iter().step_by(2).all(|e| e.data));
+        let mut streamed = Vec::new();
+        vhdkit::ops::map_each(&img, scan, |e| {
+            streamed.push(e);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(streamed, all);
+        let mut n = 0;
+        let r = vhdkit::ops::map_each(&img, scan, |_| {
+            n += 1;
+            if n == 10 {
+                Err(vhdkit::Error::InvalidArgument("enough".into()))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(matches!(r, Err(vhdkit::Error::InvalidArgument(_))));
+        assert_eq!(n, 10);
+    }
+    // Across windows, adjacent extents of one kind are merged: a sparse
+    // raw disk larger than a window maps to few extents.
+    let raw = dir.path().join("big.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(200 * MIB).unwrap();
+    f.write_all_at(&[1u8; 4096], 100 * MIB).unwrap();
+    let img = Image::open(&raw).unwrap();
+    let mut v = Vec::new();
+    vhdkit::ops::map_each(&img, true, |e| {
+        v.push((e.offset, e.length, e.data));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        v,
+        vec![
+            (0, 100 * MIB, false),
+            (100 * MIB, 4096, true),
+            (100 * MIB + 4096, 100 * MIB - 4096, false)
+        ]
+    );
+    // The CLI's document holds every extent, one per line.
+    let r = expect(0, &[&"map", &"--json", &vhd]);
+    let doc = json(&r);
+    assert_eq!(
+        doc["extents"].as_array().unwrap().len() as u64,
+        4 * MIB / 512
+    );
+}
+
+// ---------------------------------------------------------------- progress
+
+#[derive(Default)]
+struct Recorder {
+    starts: std::sync::Mutex<Vec<u64>>,
+    advanced: std::sync::atomic::AtomicU64,
+    written: std::sync::atomic::AtomicU64,
+}
+
+impl vhdkit::Progress for Recorder {
+    fn start(&self, total: u64) {
+        self.starts.lock().unwrap().push(total);
+    }
+    fn advance(&self, bytes: u64) {
+        self.advanced
+            .fetch_add(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn written(&self, bytes: u64) {
+        self.written
+            .fetch_add(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The advances of a conversion add up to the virtual size exactly (so the
+/// bar reaches 100 %), for raw, fixed, dynamic and sparse inputs into every
+/// target; `written` adds up to the data written.
+#[test]
+fn progress_reaches_the_virtual_size_and_counts_what_was_written() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::Arc;
+    let dir = tempdir();
+    // Not a whole number of blocks or windows: a tail region too.
+    let size = 9 * MIB + 4096;
+    let sparse = dir.path().join("sparse.raw");
+    let content = sample_raw(&sparse, size);
+    // The same content written out whole: zeros the map calls data.
+    let whole = dir.path().join("whole.raw");
+    std::fs::write(&whole, &content).unwrap();
+    let fixed = dir.path().join("f.vhd");
+    convert(&whole, &fixed, &to(Target::Fixed));
+    let dynv = dir.path().join("d.vhd");
+    convert(&sparse, &dynv, &to(Target::Dynamic));
+    let alt = dir.path().join("alt.vhd");
+    alternating_bitmaps(&alt, 2 * MIB);
+    let nonzero = content.iter().filter(|&&b| b != 0).count() as u64;
+    for input in [&sparse, &whole, &fixed, &dynv, &alt] {
+        let vsize = Image::open(input).unwrap().virtual_size();
+        for target in [Target::Raw, Target::Fixed, Target::Dynamic] {
+            for sparse_out in [true, false] {
+                let rec = Arc::new(Recorder::default());
+                let out = dir.path().join("out");
+                let r = vhdkit::convert(
+                    input,
+                    &out,
+                    &to(target)
+                        .sparse(sparse_out)
+                        .overwrite(true)
+                        .progress(rec.clone()),
+                )
+                .unwrap();
+                let what = format!("{} -> {target:?} sparse {sparse_out}", input.display());
+                assert_eq!(*rec.starts.lock().unwrap(), vec![vsize], "{what}");
+                assert_eq!(rec.advanced.load(SeqCst), vsize, "{what}");
+                let written = rec.written.load(SeqCst);
+                assert_eq!(written, r.virtual_size - r.bytes_skipped, "{what}");
+                assert!(written <= vsize, "{what}");
+                if input != &alt {
+                    assert!(written >= nonzero, "{what}: {written} < {nonzero}");
+                    if sparse_out {
+                        assert!(written < vsize / 4, "{what}: {written}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- ranges
+
+/// A dynamic footer whose data offset points into a file too short for any
+/// header: the expected value is not an empty range ("between 512 and 0").
+#[test]
+fn errors_state_real_ranges() {
+    let dir = tempdir();
+    let raw = dir.path().join("disk.raw");
+    sample_raw(&raw, 2 * MIB);
+    let dynv = dir.path().join("d.vhd");
+    convert(&raw, &dynv, &to(Target::Dynamic));
+    let full = std::fs::read(&dynv).unwrap();
+    // Header offset past the end, in files of several lengths: the footer
+    // alone (the copy in front cut off), one sector, three sectors.
+    let mut f = Image::open(&dynv).unwrap().footer().unwrap().clone();
+    f.data_offset = 1 << 20;
+    let bad = f.to_bytes();
+    for before in [0usize, 512, 1536] {
+        let mut v = vec![0u8; before];
+        v.extend_from_slice(&bad);
+        let p = dir.path().join(format!("short-{before}.vhd"));
+        std::fs::write(&p, &v).unwrap();
+        let e = match Image::open(&p) {
+            Err(vhdkit::Error::Corrupt(c)) => c,
+            other => panic!("{before}: {other:?}"),
+        };
+        assert_eq!(e.field, "data offset", "{e}");
+        check_ranges(&e.expected);
+        if before < 1536 {
+            assert!(!e.expected.contains("between"), "{before}: {e}");
+        } else {
+            assert!(e.expected.contains("between 512 and 512"), "{e}");
+        }
+    }
+    // A BAT that fits nowhere: the table offset's expectation is no range
+    // either.
+    let img = Image::open(&dynv).unwrap();
+    let mut h = img.header().unwrap().clone();
+    drop(img);
+    h.max_table_entries = 1 << 20;
+    let mut v = full.clone();
+    v[512..1536].copy_from_slice(&h.to_bytes());
+    let p = dir.path().join("big-bat.vhd");
+    std::fs::write(&p, &v).unwrap();
+    let r = vhdkit(["info".as_ref(), p.as_os_str()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("table offset"), "{}", r.stderr);
+    assert!(r.stderr.contains("4194304 bytes of BAT"), "{}", r.stderr);
+    check_ranges(&r.stderr);
+    assert!(!r.stderr.contains("between"), "{}", r.stderr);
+}
+
+/// Every "between A and B" in `msg` has A <= B.
+fn check_ranges(msg: &str) {
+    let mut rest = msg;
+    while let Some(i) = rest.find("between ") {
+        rest = &rest[i + 8..];
+        let words: Vec<&str> = rest.split_whitespace().take(3).collect();
+        if let (Some(a), Some("and"), Some(b)) = (
+            words.first().and_then(|w| w.parse::<u64>().ok()),
+            words.get(1).copied(),
+            words.get(2).and_then(|w| {
+                w.trim_matches(|c: char| !c.is_ascii_digit())
+                    .parse::<u64>()
+                    .ok()
+            }),
+        ) {
+            assert!(a <= b, "an empty range in {msg:?}");
+        }
+    }
 }
