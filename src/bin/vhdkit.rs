@@ -163,6 +163,9 @@ enum Cmd {
         /// Round the size up to a whole MiB
         #[arg(long)]
         azure: bool,
+        /// Allow a size smaller than the current one (the cut must be all zero)
+        #[arg(long)]
+        shrink: bool,
         #[command(flatten)]
         open: OpenArgs,
     },
@@ -321,9 +324,22 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             image,
             size,
             azure,
+            shrink,
             open,
         } => {
-            let done = vhdkit::ops::resize(&image, size, azure, &open.options())?;
+            let done =
+                vhdkit::ops::resize(&image, size, azure, shrink, &open.options()).map_err(|e| {
+                    match e {
+                        vhdkit::Error::InvalidArgument(m)
+                            if m.ends_with("shrinking was not asked for") =>
+                        {
+                            vhdkit::Error::InvalidArgument(format!(
+                                "{m}: add --shrink to shrink it"
+                            ))
+                        }
+                        e => e,
+                    }
+                })?;
             outln!("{}: {done}", image.display());
             Ok(OK)
         }
@@ -698,8 +714,9 @@ fn progress_bar(quiet: bool) -> Option<Arc<Bar>> {
     Some(Arc::new(Bar(pb)))
 }
 
-/// Ctrl-C asks long operations to stop cleanly (they remove their partial
-/// output); a second Ctrl-C exits at once.
+/// Ctrl-C, SIGTERM and SIGHUP ask long operations to stop cleanly (they
+/// remove their partial output, and vhdkit exits 2); a second one exits at
+/// once.
 fn install_interrupt_handler() {
     let pressed = AtomicBool::new(false);
     let _ = ctrlc::set_handler(move || {
