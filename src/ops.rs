@@ -638,8 +638,14 @@ pub struct SparsifyReport {
 /// id, so differencing children still match). Differencing disks are refused:
 /// a zero block in a child hides its parent's data.
 ///
+/// The rewrite of a dynamic image follows a symbolic link (the file it
+/// names is replaced, and the link stays a link), gives the new file the old
+/// one's owner, group and mode, and refuses a file with other hard links:
+/// the rename would give the new image to this name only.
+///
 /// # Errors
-/// [`Error::InvalidArgument`] for differencing disks; I/O errors.
+/// [`Error::InvalidArgument`] for differencing disks and, for a dynamic
+/// image, a file with other hard links; I/O errors.
 pub fn sparsify(path: &Path, opts: &OpenOptions) -> Result<SparsifyReport> {
     let img = Image::open_with(path, &opts.clone().writable(true))?;
     let before = crate::io::allocated_bytes(img.file()).map_err(|e| Error::io(path, "stat", e))?;

@@ -305,12 +305,12 @@ impl AtomicOutput {
             Some(m) if overwrite => m.permissions(),
             _ => std::os::unix::fs::PermissionsExt::from_mode(0o666),
         };
+        // `.NAME.<pid>.`, byte for byte (a name need not be UTF-8).
+        let mut prefix = std::ffi::OsString::from(".");
+        prefix.push(name);
+        prefix.push(format!(".{}.", std::process::id()));
         let temp = tempfile::Builder::new()
-            .prefix(&format!(
-                ".{}.{}.",
-                name.to_string_lossy(),
-                std::process::id()
-            ))
+            .prefix(&prefix)
             .suffix(".vhdkit-tmp")
             .permissions(mode.clone())
             .tempfile_in(&folder)
@@ -415,6 +415,15 @@ impl AtomicOutput {
             .checked_add(len)
             .ok_or_else(|| Error::InvalidArgument(format!("{at} + {len} overflows")))?;
         self.fits(end)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // The device zeroes the range itself where it can (WRITE ZEROES, or
+        // the kernel writing zero pages); otherwise zeros are written here.
+        let flags = rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        if rustix::fs::fallocate(f, flags, at, len).is_ok() {
+            return Ok(());
+        }
         let zeros = vec![0u8; (1 << 20).min(len) as usize];
         let mut pos = at;
         while pos < end {
@@ -487,6 +496,14 @@ mod tests {
         assert_eq!(azure_size(1), MIB);
         assert_eq!(azure_size(MIB), MIB);
         assert_eq!(azure_size(MIB + 512), 2 * MIB);
+    }
+
+    #[test]
+    fn every_output_has_a_folder_to_sync() {
+        assert_eq!(output_folder(Path::new("out.vhd")), Path::new("."));
+        assert_eq!(output_folder(Path::new("./out.vhd")), Path::new("."));
+        assert_eq!(output_folder(Path::new("a/out.vhd")), Path::new("a"));
+        assert_eq!(output_folder(Path::new("/out.vhd")), Path::new("/"));
     }
 
     #[test]
