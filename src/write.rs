@@ -143,10 +143,12 @@ pub fn azure_size(size: u64) -> u64 {
 /// into place by [`AtomicOutput::commit`] only when complete. Dropped
 /// without commit (an error, a panic, a cancellation), it removes itself.
 ///
-/// The temporary name is `.NAME.<pid>.<random>.vhdkit-tmp`: a process
-/// killed outright (SIGKILL, a power cut) cannot remove its temporary file,
-/// so [`AtomicOutput::create`] removes those left for the same target by a
-/// process that no longer runs, and leaves those of live processes alone.
+/// The temporary name is `.NAME.<pid>.<random>.vhdkit-tmp`, and the writer
+/// holds an exclusive `flock` on it: a process killed outright (SIGKILL, a
+/// power cut) cannot remove its temporary file, so [`AtomicOutput::create`]
+/// removes those left for the same target by a process that no longer runs
+/// and whose lock is gone (a writer in another PID namespace still holds
+/// its lock), and leaves the others alone.
 ///
 /// A block device named as the output with `overwrite` is written in place
 /// instead: every byte of the output, zeros included (see
@@ -219,9 +221,11 @@ fn pid_alive(pid: i32) -> bool {
 }
 
 /// Removes `.NAME.<pid>.<random>.vhdkit-tmp` files in `dir` whose writer
-/// (`pid`) no longer runs. Best effort: a file that cannot be removed stays.
+/// (`pid`) no longer runs and holds no lock on them. Best effort: a file
+/// that cannot be removed stays.
 fn remove_stale_temps(dir: &Path, name: &std::ffi::OsStr) {
     use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut prefix = b".".to_vec();
     prefix.extend_from_slice(name.as_bytes());
     prefix.push(b'.');
@@ -245,14 +249,28 @@ fn remove_stale_temps(dir: &Path, name: &std::ffi::OsStr) {
         else {
             continue;
         };
-        if pid != std::process::id() as i32 && !pid_alive(pid) {
-            if let Ok(m) = e.metadata() {
-                if m.is_file() {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
+        if pid == std::process::id() as i32 || pid_alive(pid) {
+            continue;
+        }
+        let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nofollow_nonblock())
+            .open(e.path())
+        else {
+            continue;
+        };
+        let unlocked =
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok();
+        if unlocked && f.metadata().is_ok_and(|m| m.is_file()) {
+            let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// `O_NOFOLLOW | O_NONBLOCK`: a candidate is never followed out of the
+/// folder, and opening a FIFO of that name does not block.
+fn nofollow_nonblock() -> i32 {
+    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32
 }
 
 impl AtomicOutput {
@@ -315,6 +333,12 @@ impl AtomicOutput {
             .permissions(mode.clone())
             .tempfile_in(&folder)
             .map_err(|e| Error::io(&folder, "create a file in the output's folder", e))?;
+        // Held while the file is open: tells a later run that this writer
+        // lives, whatever PID namespace it runs in.
+        let _ = rustix::fs::flock(
+            temp.as_file(),
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        );
         if keep_owner {
             if let Some(m) = &existing {
                 use std::os::unix::fs::MetadataExt;

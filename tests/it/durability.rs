@@ -560,8 +560,40 @@ fn a_dead_writers_temporary_file_is_removed_by_the_next_run() {
     let stale = format!(".out.vhd.{dead}.AbC123.vhdkit-tmp");
     let live = format!(".out.vhd.{alive}.XyZ789.vhdkit-tmp");
     let other = format!(".other.vhd.{dead}.QwE456.vhdkit-tmp");
-    for n in [&stale, &live, &other] {
+    // A writer whose PID is not ours to see (another PID namespace) but
+    // which still holds its lock: kept.
+    let locked = format!(".out.vhd.{dead}.LoCk42.vhdkit-tmp");
+    for n in [&stale, &live, &other, &locked] {
         std::fs::write(dir.path().join(n), vec![1u8; 4096]).unwrap();
+    }
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let locked_path = dir.path().join(&locked);
+    let holder = Holder(
+        Command::new("flock")
+            .arg("-x")
+            .arg(&locked_path)
+            .args(["sleep", "60"])
+            .spawn()
+            .expect("flock(1)"),
+    );
+    // Wait until the lock is held.
+    let t = std::time::Instant::now();
+    while Command::new("flock")
+        .args(["-n", "-x"])
+        .arg(&locked_path)
+        .arg("true")
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(t.elapsed().as_secs() < 10, "flock never took the lock");
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     vhdkit::convert(
         &input,
@@ -582,6 +614,11 @@ fn a_dead_writers_temporary_file_is_removed_by_the_next_run() {
         left.contains(&other),
         "another output's file was removed: {left:?}"
     );
+    assert!(
+        left.contains(&locked),
+        "a locked file was removed: {left:?}"
+    );
+    drop(holder);
     assert!(left.contains(&"out.vhd".to_string()));
 }
 
