@@ -154,7 +154,7 @@ enum Cmd {
         #[command(flatten)]
         open: OpenArgs,
     },
-    /// Grow an image (or shrink it when the cut region is all zero), in place
+    /// Grow an image (or, with --shrink, shrink it when the cut region is all zero), in place
     Resize {
         image: PathBuf,
         /// The new virtual size: bytes, or with K/M/G/T (binary)

@@ -18,6 +18,15 @@ const MIB: u64 = 1 << 20;
 
 // ---------------------------------------------------------------- helpers
 
+/// Says, past the test harness's capture (straight to the process's
+/// stderr), that a part of a test could not run here.
+macro_rules! skipped {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), "\n*** {} ***", format!($($arg)*));
+    }};
+}
+
 fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temporary directory")
 }
@@ -146,7 +155,7 @@ fn non_regular_outputs_are_refused_and_left_in_place() {
     if made {
         cases.push((&chr, "is a character device"));
     } else {
-        eprintln!("SKIPPED: mknod could not make a character device; /dev/null is tried without overwrite only");
+        skipped!("SKIPPED: mknod could not make a character device; /dev/null is tried without overwrite only");
     }
     for (path, what) in &cases {
         for overwrite in [false, true] {
@@ -213,7 +222,7 @@ impl LoopDevice {
     /// Attaches `backing`, or says loudly why not.
     fn attach(backing: &Path) -> Option<LoopDevice> {
         if !Path::new("/dev/loop-control").exists() {
-            eprintln!("SKIPPED: no loop device (/dev/loop-control is missing)");
+            skipped!("SKIPPED: no loop device (/dev/loop-control is missing)");
             return None;
         }
         let o = match Command::new("losetup")
@@ -223,13 +232,13 @@ impl LoopDevice {
         {
             Ok(o) if o.status.success() => o,
             other => {
-                eprintln!("SKIPPED: no loop device (losetup -f --show: {other:?})");
+                skipped!("SKIPPED: no loop device (losetup -f --show: {other:?})");
                 return None;
             }
         };
         let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
         if !dev.starts_with("/dev/") {
-            eprintln!("SKIPPED: no loop device (losetup printed {dev:?})");
+            skipped!("SKIPPED: no loop device (losetup printed {dev:?})");
             return None;
         }
         Some(LoopDevice { dev: dev.into() })
@@ -405,7 +414,7 @@ fn a_bad_output_folder_is_refused_before_the_conversion_naming_it() {
     if frozen.is_some() {
         cases.push((ro.join("out.vhd"), ro.clone(), "not permitted"));
     } else {
-        eprintln!("SKIPPED: chattr +i is not available here; the read-only folder case is not run");
+        skipped!("SKIPPED: chattr +i is not available here; the read-only folder case is not run");
     }
     for (out, folder, why) in &cases {
         let started = Arc::new(Started(AtomicBool::new(false)));
@@ -444,7 +453,7 @@ fn the_folder_of_a_bare_output_name_is_synced() {
         .output()
         .is_ok_and(|o| o.status.success())
     {
-        eprintln!("SKIPPED: strace is not installed; the folder sync is not observed");
+        skipped!("SKIPPED: strace is not installed; the folder sync is not observed");
         return;
     }
     let dir = tempdir();
