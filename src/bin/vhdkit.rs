@@ -248,6 +248,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> vhdkit::Result<u8> {
+    WRITES_OUTPUT.store(
+        matches!(
+            cli.cmd,
+            Cmd::Convert { .. } | Cmd::Sparsify { .. } | Cmd::Resize { .. }
+        ),
+        std::sync::atomic::Ordering::SeqCst,
+    );
     install_interrupt_handler();
     match cli.cmd {
         Cmd::Info { image, json, open } => info(&image, json, &open),
@@ -714,14 +721,23 @@ fn progress_bar(quiet: bool) -> Option<Arc<Bar>> {
     Some(Arc::new(Bar(pb)))
 }
 
-/// Ctrl-C, SIGTERM and SIGHUP ask long operations to stop cleanly (they
-/// remove their partial output, and vhdkit exits 2); a second one exits at
-/// once.
+/// Set while a command that writes a temporary output runs (convert,
+/// sparsify, resize): a signal then asks it to stop and clean up.
+static WRITES_OUTPUT: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C, SIGTERM and SIGHUP ask long operations that write an output to
+/// stop cleanly (they remove their partial output, and vhdkit exits 2); a
+/// second one exits at once (130). Commands with nothing to clean up exit 2
+/// at once.
 fn install_interrupt_handler() {
     let pressed = AtomicBool::new(false);
     let _ = ctrlc::set_handler(move || {
         if pressed.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::process::exit(130);
+        }
+        if !WRITES_OUTPUT.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("vhdkit: interrupted");
+            std::process::exit(i32::from(CANNOT_RUN));
         }
         vhdkit::cancel_all();
     });

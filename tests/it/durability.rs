@@ -1050,3 +1050,70 @@ fn the_command_line_shrinks_with_shrink_only() {
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert_eq!(std::fs::metadata(&raw).unwrap().len(), MIB);
 }
+
+/// A command with no output to clean up (here `map`, blocked writing to a
+/// pipe nobody reads) exits 2 at once on SIGTERM or SIGHUP, as on Ctrl-C,
+/// instead of dying by the signal or waiting for a second one.
+#[cfg(feature = "cli")]
+#[test]
+fn a_signal_stops_a_read_only_command_with_exit_2() {
+    use std::io::Read;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = tempdir();
+    let raw = dir.path().join("striped.raw");
+    // 4 KiB of data every 8 KiB over 32 MiB: 8192 extents, far more JSON
+    // than a pipe holds.
+    {
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(32 * MIB).unwrap();
+        let page = pattern(4096, 5);
+        for i in 0..(32 * MIB / 8192) {
+            f.write_all_at(&page, i * 8192).unwrap();
+        }
+    }
+    for sig in ["-TERM", "-HUP", "-INT"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vhdkit"))
+            .args(["map", "--json"])
+            .arg(&raw)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Its first bytes: it runs, its handler installed.
+        let mut first = [0u8; 16];
+        child
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut first)
+            .unwrap();
+        let s = Command::new("kill")
+            .arg(sig)
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(s.success());
+        let t = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{sig}: still running 10 s after the signal");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert_eq!(status.code(), Some(2), "{sig}: {status} {stderr}");
+        assert!(stderr.contains("interrupted"), "{sig}: {stderr}");
+    }
+}
