@@ -292,10 +292,14 @@ fn a_block_device_output_is_written_in_place_only_with_overwrite() {
     .to_string();
     assert!(e.contains("the device holds"), "{e}");
     assert!(lo.head(dev_size).iter().all(|&b| b == 0xAA));
-    for (target, format) in [
-        (Target::Raw, Format::Raw),
-        (Target::Fixed, Format::Fixed),
-        (Target::Dynamic, Format::Dynamic),
+    for (target, format, sparse) in [
+        (Target::Raw, Format::Raw, true),
+        (Target::Fixed, Format::Fixed, true),
+        (Target::Dynamic, Format::Dynamic, true),
+        // Without sparseness nothing is allocated after the copy on a
+        // device (a fallback writing zeros would wipe the data).
+        (Target::Raw, Format::Raw, false),
+        (Target::Dynamic, Format::Dynamic, false),
     ] {
         std::fs::OpenOptions::new()
             .write(true)
@@ -306,7 +310,7 @@ fn a_block_device_output_is_written_in_place_only_with_overwrite() {
         let r = vhdkit::convert(
             &input,
             &lo.dev,
-            &ConvertOptions::new(target).overwrite(true),
+            &ConvertOptions::new(target).overwrite(true).sparse(sparse),
         )
         .unwrap_or_else(|e| panic!("{target:?} onto {}: {e}", lo.dev.display()));
         assert!(std::fs::metadata(&lo.dev)
@@ -314,11 +318,14 @@ fn a_block_device_output_is_written_in_place_only_with_overwrite() {
             .file_type()
             .is_block_device());
         // The device's first output_len bytes are the image.
-        let copy = dir.path().join(format!("got-{target:?}"));
+        let copy = dir.path().join(format!("got-{target:?}-{sparse}"));
         std::fs::write(&copy, lo.head(r.output_len)).unwrap();
         let img = open(&copy);
         assert_eq!(img.disk_type(), format, "{target:?}");
-        assert!(read_all(&img) == content, "{target:?}: content differs");
+        assert!(
+            read_all(&img) == content,
+            "{target:?} sparse {sparse}: content differs"
+        );
         if format != Format::Raw {
             let report = vhdkit::check(&copy, &Default::default()).unwrap();
             assert!(
