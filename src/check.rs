@@ -269,6 +269,20 @@ pub fn check(path: impl AsRef<Path>, opts: &CheckOptions) -> Result<CheckReport>
     Ok(report)
 }
 
+/// True when two footers are equal but for the fields an in-place resize
+/// changes (size, geometry, creator, checksum): the state between the last
+/// two writes of a dynamic resize (see [`crate::ops::plan_resize`]).
+pub(crate) fn differ_by_resize_only(a: &[u8; FOOTER_SIZE], b: &[u8; FOOTER_SIZE]) -> bool {
+    let masked = |x: &[u8; FOOTER_SIZE]| {
+        let mut m = *x;
+        m[ff::CREATOR_APP..ff::CREATOR_HOST_OS].fill(0);
+        m[ff::CURRENT_SIZE..ff::DISK_TYPE].fill(0);
+        m[ff::CHECKSUM..ff::UNIQUE_ID].fill(0);
+        m
+    };
+    masked(a) == masked(b)
+}
+
 fn read_footer(img: &Image, at: u64) -> Result<[u8; FOOTER_SIZE]> {
     let mut b = [0u8; FOOTER_SIZE];
     let n = (img.file_len() - at).min(FOOTER_SIZE as u64) as usize;
@@ -381,7 +395,25 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
         problems.push(Problem::from_error(&e));
     } else if img.footer_source() != Some(crate::image::FooterSource::Copy) {
         let end = read_footer(img, foot_at)?;
-        if end != copy {
+        if end != copy && differ_by_resize_only(&end, &copy) {
+            // The state between the last two writes of an in-place resize
+            // (ops::plan_resize): documented, consistent, read as the new size.
+            let size_of = |b: &[u8; FOOTER_SIZE]| {
+                let mut v = [0u8; 8];
+                v.copy_from_slice(&b[ff::CURRENT_SIZE..ff::CURRENT_SIZE + 8]);
+                u64::from_be_bytes(v)
+            };
+            problems.push(
+                Problem::warning("footer-copy-resize-pending", format!(
+                    "the footer copy at offset 0 gives a size of {} bytes, the footer at {foot_at} {}: \
+                     a resize stopped before its last write; vhdkit reads the footer at the end, \
+                     other readers may read the copy; the same resize run again completes it",
+                    size_of(&copy),
+                    size_of(&end)
+                ))
+                .at(Structure::FooterCopy, "current size", ff::CURRENT_SIZE as u64),
+            );
+        } else if end != copy {
             let first = end
                 .iter()
                 .zip(copy.iter())

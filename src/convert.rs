@@ -324,7 +324,11 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
             write::MAX_VHD_SIZE
         )));
     }
-    let out = AtomicOutput::create(output, opts.overwrite)?;
+    let out = if opts.rewrite {
+        AtomicOutput::rewrite(output)?
+    } else {
+        AtomicOutput::create(output, opts.overwrite)?
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
@@ -343,8 +347,9 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
                     0
                 };
                 let len = size + footer_len;
-                file.set_len(len)
-                    .map_err(|e| Error::io(out.temp_path(), "set length", e))?;
+                out.set_len(len)?;
+                // A device's unwritten bytes are not zeros: write them all.
+                out.fill_zeros(0, len)?;
                 walk(
                     img,
                     opts,
@@ -354,7 +359,7 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
                     file,
                     out.temp_path(),
                 )?;
-                if !opts.sparse {
+                if !opts.sparse && !out.is_device() {
                     allocate(file, 0, size, out.temp_path())?;
                 }
                 if opts.target == Target::Fixed {
@@ -374,6 +379,9 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
                     layout,
                     slots: &slots,
                 };
+                // On a device, every byte of the file is written: the
+                // metadata area now, each block's slot when it is given.
+                out.fill_zeros(0, layout.first_block)?;
                 let plan = |blocks: &[(u64, bool)]| -> Result<()> {
                     let mut g = slots.lock().expect("slot lock");
                     for &(b, keep) in blocks {
@@ -381,6 +389,7 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
                             let slot = g.1;
                             g.0.entries[b as usize] = layout.bat_entry(slot)?;
                             g.1 += 1;
+                            out.fill_zeros(layout.block_offset(slot), layout.stride)?;
                         }
                     }
                     Ok(())
@@ -388,14 +397,13 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
                 walk(img, opts, &stats, &plan, &dest, file, out.temp_path())?;
                 let (bat, allocated) = slots.into_inner().expect("slot lock");
                 let len = layout.file_len(allocated);
-                file.set_len(len)
-                    .map_err(|e| Error::io(out.temp_path(), "set length", e))?;
+                out.set_len(len)?;
                 let footer = output_footer(opts, DiskType::Dynamic, size);
                 let meta = layout
                     .write_metadata(file, &footer, &bat)
                     .map_err(|e| e.with_path(out.temp_path()))?;
                 stats.written.fetch_add(meta, Ordering::Relaxed);
-                if !opts.sparse {
+                if !opts.sparse && !out.is_device() {
                     for &e in bat.entries.iter().filter(|&&e| e != UNALLOCATED) {
                         let at = u64::from(e) * SECTOR + layout.bitmap_size;
                         allocate(file, at, layout.block_size, out.temp_path())?;

@@ -9,7 +9,7 @@
 use crate::convert::{chunks, Chunk};
 use crate::error::{Error, Result};
 use crate::image::{Extent, ExtentKind, Format, Image, OpenOptions};
-use crate::io::WriteAt;
+use crate::io::{ReadAt, WriteAt};
 use crate::ondisk::{DiskType, FOOTER_SIZE, SECTOR, UNALLOCATED};
 use crate::scan::{is_zero, nonzero_runs, window, ZERO_UNIT};
 use crate::write::azure_size;
@@ -470,19 +470,40 @@ pub struct InPlacePlan {
 
 impl InPlacePlan {
     /// Runs the first `n` steps (all of them with `usize::MAX`).
+    ///
+    /// When a step fails (a full disk, a file-size limit) and no step run so
+    /// far has touched a byte of the file as it was (they only extended it:
+    /// a length at least the old one, writes and holes at or past the old
+    /// end), the file is cut back to its old length, which restores it
+    /// exactly, before the error is returned.
     pub fn run_steps(&self, n: usize) -> Result<()> {
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(&self.path)
             .map_err(|e| Error::io(&self.path, "open for writing", e))?;
+        let old_len = f
+            .metadata()
+            .map_err(|e| Error::io(&self.path, "stat", e))?
+            .len();
+        let mut only_extended = true;
         for s in self.steps.iter().take(n) {
+            only_extended &= match s {
+                Step::SetLen(l) => *l >= old_len,
+                Step::Write(at, _) | Step::PunchHole(at, _) => *at >= old_len,
+                Step::Sync => true,
+            };
             let r = match s {
                 Step::SetLen(l) => f.set_len(*l),
                 Step::Write(at, b) => f.write_all_at(b, *at),
                 Step::PunchHole(at, n) => crate::io::punch_hole(&f, *at..*at + *n),
                 Step::Sync => f.sync_all(),
             };
-            r.map_err(|e| Error::io(&self.path, "in-place step", e))?;
+            if let Err(e) = r {
+                if only_extended && f.set_len(old_len).is_ok() {
+                    let _ = f.sync_all();
+                }
+                return Err(Error::io(&self.path, "in-place step", e));
+            }
         }
         Ok(())
     }
@@ -536,11 +557,18 @@ fn grow_fixed(
 /// Plans an in-place conversion of `path` between raw and fixed, in constant
 /// time whatever its size:
 ///
-/// * raw → fixed: extend the file by the footer's 512 bytes (and, with
-///   `azure`, to a whole MiB first) — still the raw image, with zeros after
-///   it — sync, then write the footer into those last 512 bytes with one
-///   sector write, and sync. Before that write the file is the old raw
-///   image; after it, the new fixed image.
+/// * raw → fixed: when the size is not already a whole number of sectors
+///   (or, with `azure`, of MiB), extend the file with zeros to that size
+///   and sync — still the raw image, with zeros after it, and a size that
+///   rounds to itself, so that a retry plans the same fixed size; then
+///   write the footer past the end with one sector write, which extends the
+///   file by 512 bytes in one call, and sync. The states: the old raw image
+///   (before the footer write, or if the write is lost), the raw image
+///   padded with zeros (after the extension: the same disk), or the new
+///   fixed image (after the footer write). There is no length step between
+///   the data and the footer, so no state leaves a raw disk 512 bytes
+///   longer than it was. A failed step (a full disk) cuts the file back to
+///   its old length (see [`InPlacePlan::run_steps`]).
 /// * fixed → raw: cut the footer off with one truncation (atomic).
 /// * fixed → fixed with `azure`: write a copy of the old footer at the new
 ///   end (the bytes between are padding a reader skips: still the old
@@ -572,8 +600,10 @@ pub fn plan_in_place(
                     path.display()
                 )));
             }
-            steps.push(Step::SetLen(new_size + FOOTER_SIZE as u64));
-            steps.push(Step::Sync);
+            if new_size != img.file_len() {
+                steps.push(Step::SetLen(new_size));
+                steps.push(Step::Sync);
+            }
             steps.push(Step::Write(new_size, fixed_footer(new_size)));
             steps.push(Step::Sync);
             description = if new_size != size {
@@ -649,8 +679,14 @@ pub struct SparsifyReport {
 /// id, so differencing children still match). Differencing disks are refused:
 /// a zero block in a child hides its parent's data.
 ///
+/// The rewrite of a dynamic image follows a symbolic link (the file it
+/// names is replaced, and the link stays a link), gives the new file the old
+/// one's owner, group and mode, and refuses a file with other hard links:
+/// the rename would give the new image to this name only.
+///
 /// # Errors
-/// [`Error::InvalidArgument`] for differencing disks; I/O errors.
+/// [`Error::InvalidArgument`] for differencing disks and, for a dynamic
+/// image, a file with other hard links; I/O errors.
 pub fn sparsify(path: &Path, opts: &OpenOptions) -> Result<SparsifyReport> {
     let img = Image::open_with(path, &opts.clone().writable(true))?;
     let before = crate::io::allocated_bytes(img.file()).map_err(|e| Error::io(path, "stat", e))?;
@@ -733,22 +769,73 @@ pub fn sparsify(path: &Path, opts: &OpenOptions) -> Result<SparsifyReport> {
 
 // ---------------------------------------------------------------- resize
 
+/// The size a resize of `img` to `asked` bytes makes: rounded up to a
+/// sector (and to a whole MiB with `azure`), checked before any rounding
+/// and after it against the largest size the image's format holds.
+fn resize_target(img: &Image, asked: u64, azure: bool) -> Result<u64> {
+    let path = img.path();
+    let (limit, what) = if img.disk_type() == Format::Raw {
+        // A file's length is a signed 64-bit number.
+        (
+            i64::MAX as u64 / crate::write::MIB * crate::write::MIB,
+            "a file",
+        )
+    } else {
+        (crate::write::MAX_VHD_SIZE, "a VHD (2040 GiB)")
+    };
+    let too_large = |n: u64| {
+        Error::InvalidArgument(format!(
+            "{}: {n} bytes is larger than {what} can hold: at most {limit} bytes",
+            path.display()
+        ))
+    };
+    if asked > limit {
+        return Err(too_large(asked));
+    }
+    let mut new_size = asked
+        .checked_next_multiple_of(SECTOR)
+        .ok_or_else(|| too_large(asked))?;
+    if azure {
+        new_size = new_size
+            .checked_next_multiple_of(crate::write::MIB)
+            .ok_or_else(|| too_large(asked))?;
+    }
+    if new_size > limit {
+        return Err(too_large(new_size));
+    }
+    Ok(new_size)
+}
+
 /// Plans a resize of `path` to `new_size` bytes (rounded up to a whole MiB
 /// with `azure`, and to a sector always). Grows raw, fixed and dynamic
-/// images; shrinks only when the region cut away is all zero; refuses
-/// differencing disks (their parents fix the size).
+/// images; shrinks only when `shrink` is set and the region cut away is all
+/// zero; refuses differencing disks (their parents fix the size).
 ///
 /// Fixed images move their footer as in [`plan_in_place`]'s Azure case.
 /// Dynamic images update the BAT, header and both footers in that order,
 /// each a write that leaves a consistent image; when the BAT needs more
 /// entries than fit before the first block, the plan is `None` and
 /// [`resize`] rewrites the image to a new file renamed into place instead.
-pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InPlacePlan>> {
+///
+/// The last two writes of a dynamic plan are the end footer (the one
+/// vhdkit reads) and then its copy at offset 0 (the one qemu reads). In
+/// between, the two differ in their size fields only: the image reads as
+/// the new one, and [`check`](crate::check()) reports that state, an
+/// interrupted resize, as a warning rather than damage; running the same
+/// resize again completes it.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for a size larger than the format holds (2040
+/// GiB for a VHD; [`crate::write::MAX_VHD_SIZE`]), a smaller size without
+/// `shrink` (the message states the current size), a cut region that holds
+/// data, or a differencing disk; I/O errors reading the image.
+pub fn plan_resize(
+    img: &Image,
+    new_size: u64,
+    azure: bool,
+    shrink: bool,
+) -> Result<Option<InPlacePlan>> {
     let path = img.path();
-    let mut new_size = new_size.div_ceil(SECTOR) * SECTOR;
-    if azure {
-        new_size = azure_size(new_size);
-    }
     let size = img.virtual_size();
     if img.disk_type() == Format::Differencing {
         return Err(Error::InvalidArgument(format!(
@@ -756,9 +843,11 @@ pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InP
             path.display()
         )));
     }
-    if img.disk_type() != Format::Raw && new_size > crate::write::MAX_VHD_SIZE {
+    let new_size = resize_target(img, new_size, azure)?;
+    if new_size < size && !shrink {
         return Err(Error::InvalidArgument(format!(
-            "{new_size} bytes is larger than a VHD can hold (2040 GiB)"
+            "{}: the disk is {size} bytes; {new_size} bytes would shrink it, and shrinking was not asked for",
+            path.display()
         )));
     }
     if new_size < size {
@@ -771,6 +860,25 @@ pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InP
     }
     let mut steps = Vec::new();
     let description = format!("{}: {size} -> {new_size} bytes", img.disk_type());
+    if new_size == size && img.disk_type() == Format::Dynamic {
+        // A resize stopped before its last write: the footer copy still
+        // has the old size. Finish it.
+        let mut end = [0u8; FOOTER_SIZE];
+        let mut copy = [0u8; FOOTER_SIZE];
+        let f = img.file();
+        f.read_exact_at(&mut end, img.data_end())
+            .and_then(|()| f.read_exact_at(&mut copy, 0))
+            .map_err(|e| Error::io(path, "read footers", e))?;
+        if end != copy && crate::check::differ_by_resize_only(&end, &copy) {
+            return Ok(Some(InPlacePlan {
+                path: path.to_path_buf(),
+                description: format!(
+                    "dynamic: {size} bytes; the footer copy updated (an earlier resize had stopped before it)"
+                ),
+                steps: vec![Step::Write(0, end.to_vec()), Step::Sync],
+            }));
+        }
+    }
     if new_size == size {
         return Ok(Some(InPlacePlan {
             path: path.to_path_buf(),
@@ -919,13 +1027,21 @@ pub fn plan_resize(img: &Image, new_size: u64, azure: bool) -> Result<Option<InP
 }
 
 /// Resizes the image at `path` in place (see [`plan_resize`]); returns what
-/// was done.
+/// was done. A symbolic link is followed: the image it names is resized.
 ///
 /// # Errors
-/// As [`plan_resize`], and I/O errors.
-pub fn resize(path: &Path, new_size: u64, azure: bool, opts: &OpenOptions) -> Result<String> {
+/// As [`plan_resize`]; for a dynamic image that must be rewritten, as the
+/// rewrite of [`sparsify`] (an image with other hard links is refused); and
+/// I/O errors.
+pub fn resize(
+    path: &Path,
+    new_size: u64,
+    azure: bool,
+    shrink: bool,
+    opts: &OpenOptions,
+) -> Result<String> {
     let img = Image::open_with(path, opts)?;
-    match plan_resize(&img, new_size, azure)? {
+    match plan_resize(&img, new_size, azure, shrink)? {
         Some(plan) => {
             drop(img);
             plan.run()?;
@@ -933,10 +1049,7 @@ pub fn resize(path: &Path, new_size: u64, azure: bool, opts: &OpenOptions) -> Re
         }
         None => {
             // Rewrite with a larger BAT into a temporary file, renamed over the image.
-            let mut target = new_size.div_ceil(SECTOR) * SECTOR;
-            if azure {
-                target = azure_size(target);
-            }
+            let target = resize_target(&img, new_size, azure)?;
             rewrite_dynamic(&img, Some(target))?;
             Ok(format!(
                 "dynamic: rewritten with {target} bytes (the BAT had no room to grow in place)"
@@ -948,9 +1061,34 @@ pub fn resize(path: &Path, new_size: u64, azure: bool, opts: &OpenOptions) -> Re
 /// Rewrites a dynamic image over itself: compactly (no all-zero blocks),
 /// with the same block size and identity (unique id, creator, timestamp),
 /// optionally larger. The new file is written beside the image and renamed
-/// over it when complete, keeping its mode; until then the old image is
-/// untouched.
+/// over it when complete, with the old file's owner, group and mode; until
+/// then the old image is untouched. A symbolic link is resolved first: the
+/// file it names is replaced, and the link stays a link. A file with other
+/// hard links is refused: the rename would give only this name the new
+/// image, leaving the old one under the others.
 fn rewrite_dynamic(img: &Image, size: Option<u64>) -> Result<crate::Report> {
+    use std::os::unix::fs::MetadataExt;
+    let path = img.path();
+    let links = img
+        .file()
+        .metadata()
+        .map_err(|e| Error::io(path, "stat", e))?
+        .nlink();
+    if links > 1 {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the file has {links} hard links, and this operation rewrites a dynamic image \
+             into a new file renamed over it: the other names would keep the old image; \
+             copy the image to a file of its own first",
+            path.display()
+        )));
+    }
+    let real = std::fs::canonicalize(path).map_err(|e| Error::io(path, "resolve", e))?;
+    if !crate::convert::same_file(img.file(), &real) {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the file changed while it was open; nothing was written",
+            path.display()
+        )));
+    }
     let mut o = crate::ConvertOptions::new(crate::Target::Dynamic)
         .block_size(u32::try_from(img.block_size()).unwrap_or(crate::write::DEFAULT_BLOCK_SIZE))
         .overwrite(true)
@@ -959,7 +1097,7 @@ fn rewrite_dynamic(img: &Image, size: Option<u64>) -> Result<crate::Report> {
         o = o.virtual_size(s);
     }
     o.rewrite = true;
-    crate::convert::convert_image(img, img.path(), &o)
+    crate::convert::convert_image(img, &real, &o)
 }
 
 #[cfg(test)]

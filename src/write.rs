@@ -142,70 +142,343 @@ pub fn azure_size(size: u64) -> u64 {
 /// An output written under a temporary name beside its target and renamed
 /// into place by [`AtomicOutput::commit`] only when complete. Dropped
 /// without commit (an error, a panic, a cancellation), it removes itself.
+///
+/// The temporary name is `.NAME.<pid>.<random>.vhdkit-tmp`, and the writer
+/// holds an exclusive `flock` on it: a process killed outright (SIGKILL, a
+/// power cut) cannot remove its temporary file, so [`AtomicOutput::create`]
+/// removes those left for the same target by a process that no longer runs
+/// and whose lock is gone (a writer in another PID namespace still holds
+/// its lock), and leaves the others alone.
+///
+/// A block device named as the output with `overwrite` is written in place
+/// instead: every byte of the output, zeros included (see
+/// [`AtomicOutput::fill_zeros`]), no temporary file, no rename, synced at
+/// the end. Any other non-regular output (a directory, FIFO, character
+/// device, socket) is refused before anything is written.
 pub struct AtomicOutput {
     target: PathBuf,
-    temp: tempfile::NamedTempFile,
+    /// The target's folder (`.` for a bare name): synced after the rename.
+    folder: PathBuf,
+    kind: OutputKind,
     overwrite: bool,
 }
 
+enum OutputKind {
+    Temp(tempfile::NamedTempFile),
+    /// A block device written directly, and its size in bytes.
+    Device(File, u64),
+}
+
+/// The folder an output lands in: its parent, or `.` for a bare name.
+pub(crate) fn output_folder(target: &Path) -> PathBuf {
+    match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Refuses a folder that is missing or not a directory, naming it.
+fn check_folder(dir: &Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::io(
+            dir,
+            "the output's folder",
+            std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        )),
+        Err(e) => Err(Error::io(dir, "the output's folder", e)),
+    }
+}
+
+/// What kind of non-regular file `m` is, in words.
+fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// True when a process with this id runs (or exists under another user).
+fn pid_alive(pid: i32) -> bool {
+    match rustix::process::Pid::from_raw(pid) {
+        Some(p) => !matches!(
+            rustix::process::test_kill_process(p),
+            Err(rustix::io::Errno::SRCH)
+        ),
+        None => true,
+    }
+}
+
+/// Removes `.NAME.<pid>.<random>.vhdkit-tmp` files in `dir` whose writer
+/// (`pid`) no longer runs and holds no lock on them. Best effort: a file
+/// that cannot be removed stays.
+fn remove_stale_temps(dir: &Path, name: &std::ffi::OsStr) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut prefix = b".".to_vec();
+    prefix.extend_from_slice(name.as_bytes());
+    prefix.push(b'.');
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let n = file_name.as_bytes();
+        let Some(rest) = n
+            .strip_prefix(&prefix[..])
+            .and_then(|r| r.strip_suffix(b".vhdkit-tmp"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split(|&c| c == b'.')
+            .next()
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() as i32 || pid_alive(pid) {
+            continue;
+        }
+        let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nofollow_nonblock())
+            .open(e.path())
+        else {
+            continue;
+        };
+        let unlocked =
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok();
+        if unlocked && f.metadata().is_ok_and(|m| m.is_file()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// `O_NOFOLLOW | O_NONBLOCK`: a candidate is never followed out of the
+/// folder, and opening a FIFO of that name does not block.
+fn nofollow_nonblock() -> i32 {
+    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32
+}
+
 impl AtomicOutput {
-    /// Creates the temporary file in `target`'s folder. Fails with
-    /// [`Error::OutputExists`] when the target exists and `overwrite` is off.
+    /// Creates the temporary file in `target`'s folder, after removing the
+    /// stale temporary files of dead vhdkit processes for this target.
+    ///
+    /// # Errors
+    /// [`Error::OutputExists`] when the target exists and `overwrite` is off;
+    /// [`Error::InvalidArgument`] for a target that is a directory, FIFO,
+    /// character device or socket (a block device without `overwrite` is
+    /// [`Error::OutputExists`]); [`Error::Io`] naming the folder when it is
+    /// missing, not a directory, or refuses a new file.
     pub fn create(target: &Path, overwrite: bool) -> Result<AtomicOutput> {
+        Self::open(target, overwrite, false)
+    }
+
+    /// Like [`AtomicOutput::create`] with `overwrite`, for an output that
+    /// replaces an existing regular file with a new version of itself: the
+    /// new file gets the old one's owner, group and mode.
+    pub fn rewrite(target: &Path) -> Result<AtomicOutput> {
+        Self::open(target, true, true)
+    }
+
+    fn open(target: &Path, overwrite: bool, keep_owner: bool) -> Result<AtomicOutput> {
+        let folder = output_folder(target);
+        let existing = std::fs::metadata(target).ok();
+        if let Some(m) = existing.as_ref().filter(|m| !m.is_file()) {
+            use std::os::unix::fs::FileTypeExt;
+            let block = m.file_type().is_block_device();
+            if block && overwrite && !keep_owner {
+                return Self::open_device(target, folder);
+            }
+            if !block || keep_owner {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: is {}; the output must be a regular file (or a block device to overwrite)",
+                    target.display(),
+                    file_kind(m)
+                )));
+            }
+        }
         if !overwrite && std::fs::symlink_metadata(target).is_ok() {
             return Err(Error::OutputExists(target.to_path_buf()));
         }
-        let dir = match target.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        check_folder(&folder)?;
+        let name = target.file_name().unwrap_or_default();
+        remove_stale_temps(&folder, name);
         // An ordinary file's mode (0666 less the umask), not tempfile's 0600;
         // a rewrite in place keeps the replaced file's mode.
-        let mode = match std::fs::metadata(target) {
-            Ok(m) if overwrite => m.permissions(),
+        let mode = match &existing {
+            Some(m) if overwrite => m.permissions(),
             _ => std::os::unix::fs::PermissionsExt::from_mode(0o666),
         };
+        // `.NAME.<pid>.`, byte for byte (a name need not be UTF-8).
+        let mut prefix = std::ffi::OsString::from(".");
+        prefix.push(name);
+        prefix.push(format!(".{}.", std::process::id()));
         let temp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
+            .prefix(&prefix)
             .suffix(".vhdkit-tmp")
-            .permissions(mode)
-            .tempfile_in(&dir)
-            .map_err(|e| Error::io(&dir, "create temporary file in", e))?;
+            .permissions(mode.clone())
+            .tempfile_in(&folder)
+            .map_err(|e| Error::io(&folder, "create a file in the output's folder", e))?;
+        // Held while the file is open: tells a later run that this writer
+        // lives, whatever PID namespace it runs in.
+        let _ = rustix::fs::flock(
+            temp.as_file(),
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        );
+        if keep_owner {
+            if let Some(m) = &existing {
+                use std::os::unix::fs::MetadataExt;
+                // Owner and group first: a change of owner clears set-id bits.
+                std::os::unix::fs::fchown(temp.as_file(), Some(m.uid()), Some(m.gid()))
+                    .map_err(|e| Error::io(temp.path(), "keep the owner and group of", e))?;
+                temp.as_file()
+                    .set_permissions(mode)
+                    .map_err(|e| Error::io(temp.path(), "keep the mode of", e))?;
+            }
+        }
         Ok(AtomicOutput {
             target: target.to_path_buf(),
-            temp,
+            folder,
+            kind: OutputKind::Temp(temp),
             overwrite,
         })
     }
 
-    /// The temporary file.
-    pub fn file(&self) -> &File {
-        self.temp.as_file()
+    fn open_device(target: &Path, folder: PathBuf) -> Result<AtomicOutput> {
+        use std::io::Seek;
+        use std::os::unix::fs::FileTypeExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(target)
+            .map_err(|e| Error::io(target, "open the device for writing", e))?;
+        // What was opened, not what was looked at.
+        let m = f.metadata().map_err(|e| Error::io(target, "stat", e))?;
+        if !m.file_type().is_block_device() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: is {}; the output must be a regular file (or a block device to overwrite)",
+                target.display(),
+                file_kind(&m)
+            )));
+        }
+        let size = f
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(|e| Error::io(target, "find the size of", e))?;
+        Ok(AtomicOutput {
+            target: target.to_path_buf(),
+            folder,
+            kind: OutputKind::Device(f, size),
+            overwrite: true,
+        })
     }
 
-    /// The temporary file's path.
+    /// The file written: the temporary file, or the block device.
+    pub fn file(&self) -> &File {
+        match &self.kind {
+            OutputKind::Temp(t) => t.as_file(),
+            OutputKind::Device(f, _) => f,
+        }
+    }
+
+    /// The path written: the temporary file's, or the device's.
     pub fn temp_path(&self) -> &Path {
-        self.temp.path()
+        match &self.kind {
+            OutputKind::Temp(t) => t.path(),
+            OutputKind::Device(..) => &self.target,
+        }
+    }
+
+    /// True when the output is a block device written in place: holes are
+    /// not zeros there, so every byte must be written ([`Self::fill_zeros`]).
+    pub fn is_device(&self) -> bool {
+        matches!(self.kind, OutputKind::Device(..))
+    }
+
+    fn fits(&self, end: u64) -> Result<()> {
+        match &self.kind {
+            OutputKind::Device(_, size) if end > *size => Err(Error::InvalidArgument(format!(
+                "{}: the device holds {size} bytes; the output needs {end}",
+                self.target.display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes the output `len` bytes long: the file's length, or (a device)
+    /// a check that the device holds that many bytes.
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        match &self.kind {
+            OutputKind::Temp(t) => t
+                .as_file()
+                .set_len(len)
+                .map_err(|e| Error::io(t.path(), "set length", e)),
+            OutputKind::Device(..) => self.fits(len),
+        }
+    }
+
+    /// Writes zeros over `at..at + len` of a device output (nothing for a
+    /// file, whose unwritten bytes read as zeros).
+    pub fn fill_zeros(&self, at: u64, len: u64) -> Result<()> {
+        let OutputKind::Device(f, _) = &self.kind else {
+            return Ok(());
+        };
+        let end = at
+            .checked_add(len)
+            .ok_or_else(|| Error::InvalidArgument(format!("{at} + {len} overflows")))?;
+        self.fits(end)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // The device zeroes the range itself where it can (WRITE ZEROES, or
+        // the kernel writing zero pages); otherwise zeros are written here.
+        let flags = rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        if rustix::fs::fallocate(f, flags, at, len).is_ok() {
+            return Ok(());
+        }
+        let zeros = vec![0u8; (1 << 20).min(len) as usize];
+        let mut pos = at;
+        while pos < end {
+            let n = (end - pos).min(zeros.len() as u64) as usize;
+            f.write_all_at(&zeros[..n], pos)
+                .map_err(|e| Error::io(&self.target, "write zeros", e))?;
+            pos += n as u64;
+        }
+        Ok(())
     }
 
     /// Syncs the data (when `sync`), renames the file into place and syncs
-    /// the folder.
+    /// the folder (when `sync`), whatever the target's name: a bare name's
+    /// folder is `.`. A device is synced (always) and left in place.
     pub fn commit(self, sync: bool) -> Result<()> {
         let target = self.target;
+        let temp = match self.kind {
+            OutputKind::Device(f, _) => {
+                return f.sync_all().map_err(|e| Error::io(&target, "sync", e));
+            }
+            OutputKind::Temp(t) => t,
+        };
         if sync {
-            self.temp
-                .as_file()
+            temp.as_file()
                 .sync_all()
-                .map_err(|e| Error::io(self.temp.path(), "sync", e))?;
+                .map_err(|e| Error::io(temp.path(), "sync", e))?;
         }
         let persisted = if self.overwrite {
-            self.temp.persist(&target).map(|_| ())
+            temp.persist(&target).map(|_| ())
         } else {
-            self.temp.persist_noclobber(&target).map(|_| ())
+            temp.persist_noclobber(&target).map(|_| ())
         };
         persisted.map_err(|e| {
             if e.error.kind() == std::io::ErrorKind::AlreadyExists {
@@ -214,11 +487,8 @@ impl AtomicOutput {
                 Error::io(&target, "rename into place", e.error)
             }
         })?;
-        if let Some(dir) = target
-            .parent()
-            .filter(|d| sync && !d.as_os_str().is_empty())
-        {
-            if let Ok(d) = File::open(dir) {
+        if sync {
+            if let Ok(d) = File::open(&self.folder) {
                 let _ = d.sync_all();
             }
         }
@@ -250,6 +520,14 @@ mod tests {
         assert_eq!(azure_size(1), MIB);
         assert_eq!(azure_size(MIB), MIB);
         assert_eq!(azure_size(MIB + 512), 2 * MIB);
+    }
+
+    #[test]
+    fn every_output_has_a_folder_to_sync() {
+        assert_eq!(output_folder(Path::new("out.vhd")), Path::new("."));
+        assert_eq!(output_folder(Path::new("./out.vhd")), Path::new("."));
+        assert_eq!(output_folder(Path::new("a/out.vhd")), Path::new("a"));
+        assert_eq!(output_folder(Path::new("/out.vhd")), Path::new("/"));
     }
 
     #[test]

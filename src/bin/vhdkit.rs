@@ -206,9 +206,10 @@ enum Cmd {
         #[command(flatten)]
         open: OpenArgs,
     },
-    /// Grow an image (or shrink it when the cut region is all zero), in place
+    /// Grow an image (or, with --shrink, shrink it when the cut region is all zero), in place
     #[command(after_help = "Examples:\n  vhdkit resize disk.vhd --size 20G\n  \
-                            vhdkit resize upload.vhd --size 30G --azure")]
+                            vhdkit resize upload.vhd --size 30G --azure\n  \
+                            vhdkit resize disk.vhd --size 10G --shrink")]
     Resize {
         /// The raw, fixed or dynamic image to resize in place
         image: PathBuf,
@@ -218,6 +219,9 @@ enum Cmd {
         /// Round the size up to a whole MiB
         #[arg(long)]
         azure: bool,
+        /// Allow a size smaller than the current one (the cut must be all zero)
+        #[arg(long)]
+        shrink: bool,
         #[command(flatten)]
         open: OpenArgs,
     },
@@ -341,6 +345,9 @@ fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
             "name the parent with --parent FILE, or allow its folder with --parent-dir DIR".into(),
         ),
         vhdkit::Error::OutputExists(_) if ctx.convert => Some("add --force to replace it".into()),
+        vhdkit::Error::InvalidArgument(m) if m.ends_with("shrinking was not asked for") => {
+            Some("add --shrink to shrink it".into())
+        }
         vhdkit::Error::ForeignFormat { .. } => {
             Some("to read its bytes as a raw disk anyway, add --format raw".into())
         }
@@ -349,6 +356,13 @@ fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
 }
 
 fn run(cli: Cli) -> vhdkit::Result<u8> {
+    WRITES_OUTPUT.store(
+        matches!(
+            cli.cmd,
+            Cmd::Convert { .. } | Cmd::Sparsify { .. } | Cmd::Resize { .. }
+        ),
+        std::sync::atomic::Ordering::SeqCst,
+    );
     install_interrupt_handler();
     match cli.cmd {
         Cmd::Info { image, json, open } => info(&image, json, &open),
@@ -439,9 +453,10 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             image,
             size,
             azure,
+            shrink,
             open,
         } => {
-            let done = vhdkit::ops::resize(&image, size, azure, &open.options())?;
+            let done = vhdkit::ops::resize(&image, size, azure, shrink, &open.options())?;
             outln!("{}: {done}", image.display());
             Ok(OK)
         }
@@ -1028,13 +1043,23 @@ fn progress_bar(quiet: bool) -> Option<Arc<Bar>> {
     Some(Arc::new(bar))
 }
 
-/// Ctrl-C asks long operations to stop cleanly (they remove their partial
-/// output); a second Ctrl-C exits at once.
+/// Set while a command that writes a temporary output runs (convert,
+/// sparsify, resize): a signal then asks it to stop and clean up.
+static WRITES_OUTPUT: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C, SIGTERM and SIGHUP ask long operations that write an output to
+/// stop cleanly (they remove their partial output, and vhdkit exits 2); a
+/// second one exits at once (130). Commands with nothing to clean up exit 2
+/// at once.
 fn install_interrupt_handler() {
     let pressed = AtomicBool::new(false);
     let _ = ctrlc::set_handler(move || {
         if pressed.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::process::exit(130);
+        }
+        if !WRITES_OUTPUT.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("vhdkit: interrupted");
+            std::process::exit(i32::from(CANNOT_RUN));
         }
         vhdkit::cancel_all();
     });

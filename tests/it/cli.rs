@@ -880,13 +880,13 @@ fn in_place_sparsify_and_resize_from_the_command_line() {
     // Resize: grow, refuse to cut data (naming the offset), refuse a child.
     expect(0, &[&"resize", &dynv, &"--size", &"4M"]);
     assert_eq!(Image::open(&dynv).unwrap().virtual_size(), 4 * MIB);
-    let r = expect(2, &[&"resize", &dynv, &"--size", &"2M"]);
+    let r = expect(2, &[&"resize", &dynv, &"--size", &"2M", &"--shrink"]);
     assert!(
         r.stderr.contains(&(3 * MIB - 512).to_string()),
         "{}",
         r.stderr
     );
-    expect(0, &[&"resize", &dynv, &"--size", &"3M"]);
+    expect(0, &[&"resize", &dynv, &"--size", &"3M", &"--shrink"]);
     write_chain(dir.path());
     let child = dir.path().join("hand-chain-grandchild.vhd");
     let r = expect(2, &[&"resize", &child, &"--size", &"8M"]);

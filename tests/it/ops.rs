@@ -1273,8 +1273,9 @@ fn sparsify_keeps_a_chain_readable_and_refuses_differencing_disks() {
 
 // ---------------------------------------------------------------- resize
 
+/// A resize that may shrink (the cut must still be zero).
 fn resize(path: &Path, size: u64, azure: bool) -> vhdkit::Result<String> {
-    ops::resize(path, size, azure, &OpenOptions::new())
+    ops::resize(path, size, azure, true, &OpenOptions::new())
 }
 
 /// Images of one content in each resizable form, made from `raw`.
@@ -1421,7 +1422,7 @@ fn resize_refuses_differencing_disks() {
             other => panic!("{name}: {other:?}"),
         }
         assert!(matches!(
-            ops::plan_resize(&open(&p), 10 * MIB, false),
+            ops::plan_resize(&open(&p), 10 * MIB, false, true),
             Err(Error::InvalidArgument(_))
         ));
         assert!(std::fs::read(&p).unwrap() == before);
@@ -1473,7 +1474,9 @@ fn resize_grows_a_dynamic_disk_past_its_bat_by_rewriting_it() {
     let id = img.footer().unwrap().unique_id;
     let new_size = 10 * GIB;
     // More BAT entries than fit before the first block: no in-place plan.
-    assert!(ops::plan_resize(&img, new_size, false).unwrap().is_none());
+    assert!(ops::plan_resize(&img, new_size, false, true)
+        .unwrap()
+        .is_none());
     drop(img);
     let started = Instant::now();
     resize(&p, new_size, false).unwrap();
@@ -1533,7 +1536,7 @@ fn resize_grows_a_dynamic_disk_past_its_bat_by_rewriting_it() {
 }
 
 fn plan_resize(path: &Path, size: u64) -> InPlacePlan {
-    ops::plan_resize(&open(path), size, false)
+    ops::plan_resize(&open(path), size, false, true)
         .unwrap_or_else(|e| panic!("plan resize {}: {e}", path.display()))
         .unwrap_or_else(|| panic!("{}: no in-place plan", path.display()))
 }
@@ -1598,7 +1601,7 @@ fn resize_grows_a_partial_last_block_with_zeros() {
             format: Format::Dynamic,
             content: resized(&old.content, new_size),
         };
-        if let Some(plan) = ops::plan_resize(&open(&p), new_size, false).unwrap() {
+        if let Some(plan) = ops::plan_resize(&open(&p), new_size, false, true).unwrap() {
             interrupt_each_step(&p, &old, &new, &|q| plan_resize(q, new_size));
             assert!(plan.steps.len() < 40);
         }
