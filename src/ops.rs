@@ -557,18 +557,14 @@ fn grow_fixed(
 /// Plans an in-place conversion of `path` between raw and fixed, in constant
 /// time whatever its size:
 ///
-/// * raw → fixed: when the size is not already a whole number of sectors
-///   (or, with `azure`, of MiB), extend the file with zeros to that size
-///   and sync — still the raw image, with zeros after it, and a size that
-///   rounds to itself, so that a retry plans the same fixed size; then
-///   write the footer past the end with one sector write, which extends the
-///   file by 512 bytes in one call, and sync. The states: the old raw image
-///   (before the footer write, or if the write is lost), the raw image
-///   padded with zeros (after the extension: the same disk), or the new
-///   fixed image (after the footer write). There is no length step between
-///   the data and the footer, so no state leaves a raw disk 512 bytes
-///   longer than it was. A failed step (a full disk) cuts the file back to
-///   its old length (see [`InPlacePlan::run_steps`]).
+/// * raw → fixed: write the footer at the new end (the size rounded up to
+///   a whole number of sectors, or with `azure` of MiB) with one sector
+///   write, which extends the file in the same call (the bytes between read
+///   as zeros), and sync. The states: the old raw image (before the write,
+///   or if it is lost) or the new fixed image (after it); no state leaves a
+///   raw disk padded or 512 bytes longer, so a retry plans the same size. A
+///   failed write (a full disk) cuts the file back to its old length (see
+///   [`InPlacePlan::run_steps`]).
 /// * fixed → raw: cut the footer off with one truncation (atomic).
 /// * fixed → fixed with `azure`: write a copy of the old footer at the new
 ///   end (the bytes between are padding a reader skips: still the old
@@ -600,10 +596,10 @@ pub fn plan_in_place(
                     path.display()
                 )));
             }
-            if new_size != img.file_len() {
-                steps.push(Step::SetLen(new_size));
-                steps.push(Step::Sync);
-            }
+            // One write puts the footer at the new end and extends the file
+            // in the same call (the bytes between read as zeros): a crash or
+            // a kill leaves the raw file as it was or the fixed image whole,
+            // never a raw disk padded to the new size.
             steps.push(Step::Write(new_size, fixed_footer(new_size)));
             steps.push(Step::Sync);
             description = if new_size != size {

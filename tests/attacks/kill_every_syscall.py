@@ -17,9 +17,11 @@ sparsify, resize) on small images, this script
    - a later normal run succeeds and leaves no temporary file behind (stale
      ones from the killed run are cleaned up);
 3. runs it once per invocation of each writing call with strace failing that
-   call with ENOSPC (a full disk), then checks that vhdkit exits 2, that the
-   input (or, in place, the image) is as before, and that no output or
-   temporary file is left.
+   call with ENOSPC (a full disk), then checks that vhdkit exits 2 (or 0
+   with a correct result, when no thread made that many calls), that the
+   input of a conversion is as before and no output or temporary file is
+   left, and that an in-place image is the old one or, when the failure came
+   after the plan's commit point (a footer copy, a final sync), the new one.
 
 Usage: kill_every_syscall.py [VHDKIT_BINARY] (default target/debug/vhdkit).
 Needs strace. Exits non-zero when any check fails; the last line is
@@ -192,9 +194,12 @@ class InPlace:
         self.new_is_raw, self.old_is_raw = new_is_raw, old_is_raw
 
     def state(self, img, raw):
-        # The virtual content and size (a checksum covers both). The file's
-        # length may differ between equal images (padding before a footer).
-        return checksum(img, fmt_raw=raw)
+        # The detected format, and the virtual content and size (a checksum
+        # covers both). The file's length may differ between equal images
+        # (padding before a footer).
+        r = run(["info", "--json", img])
+        fmt = re.search(r'"format": "(\w+)"', r.stdout)
+        return (fmt.group(1) if fmt else None, checksum(img, fmt_raw=raw))
 
     def attack(self, base):
         pristine = os.path.join(base, "pristine")
@@ -205,15 +210,15 @@ class InPlace:
         old = self.state(img, self.old_is_raw)
         counts = syscall_counts(args, base)
         new = self.state(img, self.new_is_raw)
-        if old is None or new is None:
+        if None in old or None in new:
             raise SystemExit(f"{self.name}: vhdkit cannot read the image before or after the operation")
         if old == new and "sparsify" not in self.args:
             raise SystemExit(f"{self.name}: the operation changed nothing; the attack would prove nothing")
 
-        def settle(label, must_be_old=False):
+        def settle(label):
             got_old = self.state(img, self.old_is_raw)
             got_new = self.state(img, self.new_is_raw)
-            ok = got_old == old or (got_new == new and not must_be_old)
+            ok = got_old == old or got_new == new
             verdict(ok, f"{self.name} {label}: image is neither the old nor the new one: "
                         f"{got_old} / {got_new}, want {old} or {new}")
             if not self.new_is_raw and got_new == new:
@@ -248,9 +253,10 @@ class InPlace:
                         shutil.copyfile(pristine, img)
                         continue
                     verdict(r.returncode == 2, f"{self.name}: ENOSPC at {call} #{k} exited {r.returncode}")
-                    # A failed final sync leaves the new image in place, not
-                    # yet durable; any other failure leaves the old one.
-                    settle(f"ENOSPC at {call} #{k}", must_be_old=call not in ("fsync", "fdatasync"))
+                    # A failure before the plan's commit point (the write
+                    # that makes the image the new one) leaves the old image;
+                    # after it (a footer copy, a final sync), the new one.
+                    settle(f"ENOSPC at {call} #{k}")
 
 
 def raw_input(path, base):
