@@ -222,6 +222,9 @@ enum Cmd {
         /// Allow a size smaller than the current one (the cut must be all zero)
         #[arg(long)]
         shrink: bool,
+        /// Print one JSON document (fields in the README)
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         open: OpenArgs,
     },
@@ -454,10 +457,17 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             size,
             azure,
             shrink,
+            json,
             open,
         } => {
             let done = vhdkit::ops::resize(&image, size, azure, shrink, &open.options())?;
-            outln!("{}: {done}", image.display());
+            if json {
+                let mut v = json!({"done": done});
+                put_path(&mut v, "image", &image);
+                print_doc(&v);
+            } else {
+                outln!("{}: {done}", image.display());
+            }
             Ok(OK)
         }
     }

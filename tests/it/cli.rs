@@ -1282,6 +1282,10 @@ fn every_json_document_has_the_schema_and_the_shared_style() {
             expect(0, &[&"sparsify", &"--json", &dynv]),
             vec![("path", s(&dynv))],
         ),
+        (
+            expect(0, &[&"resize", &"--json", &dynv, &"--size", &"4M"]),
+            vec![("image", s(&dynv))],
+        ),
     ];
     for (r, paths) in &runs {
         let v = json(r);
