@@ -500,13 +500,13 @@ fn the_folder_of_a_bare_output_name_is_synced() {
 
 // ---------------------------------------------------------------- interruption
 
-/// SIGTERM and SIGHUP, like Ctrl-C, stop a conversion, exit 2 and leave
+/// Ctrl-C (SIGINT), SIGTERM and SIGHUP stop a conversion, exit 2 and leave
 /// neither output nor temporary file. The process is frozen (SIGSTOP) once
 /// its temporary output exists, so the signal lands mid-conversion however
 /// fast the machine, then let go (SIGCONT) with the signal pending.
 #[cfg(feature = "cli")]
 #[test]
-fn sigterm_and_sighup_mid_conversion_leave_nothing() {
+fn ctrl_c_sigterm_and_sighup_mid_conversion_leave_nothing() {
     use std::process::Stdio;
     use std::time::{Duration, Instant};
     let dir = tempdir();
@@ -526,7 +526,7 @@ fn sigterm_and_sighup_mid_conversion_leave_nothing() {
             .unwrap();
         assert!(s.success(), "kill {sig} {pid}");
     };
-    for sig in ["-TERM", "-HUP"] {
+    for sig in ["-INT", "-TERM", "-HUP"] {
         let out = dir.path().join("out.vhd");
         let mut child = Command::new(env!("CARGO_BIN_EXE_vhdkit"))
             .args(["convert", "--threads", "1", "--no-sync"])
