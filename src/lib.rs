@@ -31,7 +31,9 @@
 // hole punching and the parent-opening rules use Unix calls. Say so at build
 // time rather than with a page of unresolved imports.
 #[cfg(not(unix))]
-compile_error!("vhdkit builds on Unix-like systems only (Linux, the BSDs, macOS); Windows is not supported");
+compile_error!(
+    "vhdkit builds on Unix-like systems only (Linux, the BSDs, macOS); Windows is not supported"
+);
 
 pub mod check;
 pub mod convert;
@@ -41,6 +43,7 @@ pub mod io;
 pub mod ondisk;
 pub mod ops;
 pub mod scan;
+pub mod vhdx;
 pub mod write;
 
 pub use check::{check, CheckOptions, CheckReport, Problem, Severity};

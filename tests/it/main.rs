@@ -15,3 +15,4 @@ mod hostile;
 mod ops;
 mod structures;
 mod testdata;
+mod vhdx;
