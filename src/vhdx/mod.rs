@@ -1308,3 +1308,41 @@ impl ReadAt for Vhdx {
         Ok(self.virtual_size)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vhdx_is_shared_between_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<Vhdx>();
+    }
+
+    #[test]
+    fn guids_print_as_windows_writes_them() {
+        assert_eq!(
+            BAT_REGION.to_string(),
+            "2DC27766-F623-4200-9D64-115E9BFD4A08"
+        );
+        assert_eq!(
+            &BAT_REGION.0[..8],
+            &[0x66, 0x77, 0xC2, 0x2D, 0x23, 0xF6, 0x00, 0x42]
+        );
+    }
+
+    #[test]
+    fn structures_name_themselves() {
+        let e = Error::corrupt(
+            Structure::Vhdx(VhdxStructure::BatEntry(7)),
+            "state",
+            2_097_208,
+            4,
+            "a payload block state",
+        );
+        assert_eq!(
+            e.to_string(),
+            "VHDX BAT entry 7, field state at offset 2097208: found 4, expected a payload block state"
+        );
+    }
+}

@@ -784,10 +784,12 @@ fn log_entry(seq: u64, tail: u32, log_guid: [u8; 16], last: u64, descs: &[Desc])
 /// 4 MiB, in the file) and 1 (at 5 MiB, past the file's end: the log's last
 /// file offset grows the file), writes block 1's first sector and zeroes
 /// 8 KiB of block 0. After them, a stale entry of another sequence that
-/// would allocate block 3 if it were wrongly replayed. `tail_of_head` is the
-/// log offset the head names as its tail. Returns the file and the virtual
-/// disk after replay (when the tail is the first entry).
-fn dirty_log(tail_of_head: u32) -> (Vec<u8>, Vec<u8>, [u64; 3]) {
+/// would allocate block 3 if it were wrongly replayed. The first entry
+/// starts at log offset `start` (entries wrap around the end of the log);
+/// the head names entry `tail` (0, 1 or 2) as its tail. Returns the file,
+/// the virtual disk after replay (when the tail is entry 0) and the log
+/// offsets of the three entries.
+fn dirty_log(start: u64, tail: usize) -> (Vec<u8>, Vec<u8>, [u64; 3]) {
     let lg = guid(LOG_GUID);
     let mut d = Disk::new(4 * MIB, MIB as u32, 512);
     d.log_guid = lg;
@@ -798,16 +800,24 @@ fn dirty_log(tail_of_head: u32) -> (Vec<u8>, Vec<u8>, [u64; 3]) {
     let mut bat = b[BAT_AT as usize..BAT_AT as usize + 4096].to_vec();
     put64(&mut bat, 0, 4 << 20 | 6);
     put64(&mut bat, 8, 5 << 20 | 6);
-    let e1 = log_entry(20, 0, lg, 6 * MIB, &[Desc::Data(BAT_AT, bat)]);
     let mut sector = vec![0x77u8; 4096];
     sector[..8].copy_from_slice(b"leading!");
     sector[4092..].copy_from_slice(b"tail");
-    let e2_at = e1.len() as u32;
-    let e2 = log_entry(21, 0, lg, 6 * MIB, &[Desc::Data(5 * MIB, sector.clone())]);
-    let e3_at = e2_at + e2.len() as u32;
+    // Two data descriptors, one data sector each: 2 sectors per entry but
+    // the third (zero descriptors only: 1 sector).
+    let at = [start, (start + 2 * 4096) % MIB, (start + 4 * 4096) % MIB];
+    let first = at[0] as u32;
+    let e1 = log_entry(20, first, lg, 6 * MIB, &[Desc::Data(BAT_AT, bat)]);
+    let e2 = log_entry(
+        21,
+        first,
+        lg,
+        6 * MIB,
+        &[Desc::Data(5 * MIB, sector.clone())],
+    );
     let e3 = log_entry(
         22,
-        tail_of_head,
+        at[tail] as u32,
         lg,
         6 * MIB,
         &[
@@ -818,21 +828,23 @@ fn dirty_log(tail_of_head: u32) -> (Vec<u8>, Vec<u8>, [u64; 3]) {
     let mut stale_bat = vec![0u8; 4096];
     put64(&mut stale_bat, 24, 4 << 20 | 6);
     let stale = log_entry(5, 0, lg, 5 * MIB, &[Desc::Data(BAT_AT, stale_bat)]);
-    let mut at = LOG_AT;
+    let mut pos = start;
     for e in [&e1, &e2, &e3, &stale] {
-        put(&mut b, at, e);
-        at += e.len() as u64;
+        for s in e.chunks(4096) {
+            put(&mut b, LOG_AT + pos, s);
+            pos = (pos + 4096) % MIB;
+        }
     }
     let mut want = vec![0u8; 4 * MIB as usize];
     want[..MIB as usize].copy_from_slice(&b[4 * MIB as usize..]);
     want[8192..16384].fill(0);
     want[MIB as usize..MIB as usize + 4096].copy_from_slice(&sector);
-    (b, want, [0, u64::from(e2_at), u64::from(e3_at)])
+    (b, want, at)
 }
 
 #[test]
 fn a_dirty_log_is_replayed_in_memory() {
-    let (b, want, _) = dirty_log(0);
+    let (b, want, _) = dirty_log(0, 0);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dirty.vhdx");
     std::fs::write(&path, &b).unwrap();
@@ -868,9 +880,23 @@ fn a_dirty_log_is_replayed_in_memory() {
 }
 
 #[test]
+fn log_entries_wrap_around_the_end_of_the_log() {
+    // The first entry's data sector is the log's first sector; the second
+    // entry starts there too.
+    for start in [MIB - 4096, MIB - 8192] {
+        let (b, want, at) = dirty_log(start, 0);
+        let d = open_mem(&b).unwrap();
+        let r = d.log_replay().expect("replayed");
+        assert_eq!((r.entries, r.tail_offset), (3, start), "start {start}");
+        assert_eq!(at[1], (start + 8192) % MIB);
+        assert_same("wrapped log", &read_all(&d), &want);
+    }
+}
+
+#[test]
 fn only_the_entries_from_the_heads_tail_are_replayed() {
-    let (b, _, [_, e2_at, _]) = dirty_log(0);
-    let (b2, _, _) = dirty_log(e2_at as u32);
+    let (b, _, [_, e2_at, _]) = dirty_log(0, 0);
+    let (b2, _, _) = dirty_log(0, 1);
     assert_ne!(b, b2);
     let d = open_mem(&b2).unwrap();
     let r = d.log_replay().unwrap();
@@ -888,7 +914,7 @@ fn only_the_entries_from_the_heads_tail_are_replayed() {
 
 #[test]
 fn a_log_that_cannot_be_replayed_is_an_error_that_says_why() {
-    let (mut b, _, [_, _, e3_at]) = dirty_log(0);
+    let (mut b, _, [_, _, e3_at]) = dirty_log(0, 0);
     // The head says 6 MiB were flushed to the file, which has 5: it was cut.
     let at = LOG_AT + e3_at;
     put64(&mut b, at + 48, 6 * MIB);
@@ -905,7 +931,7 @@ fn a_log_that_cannot_be_replayed_is_an_error_that_says_why() {
     );
 
     // A log GUID that no entry carries: a warning, nothing replayed.
-    let (mut b, _, _) = dirty_log(0);
+    let (mut b, _, _) = dirty_log(0, 0);
     for at in [64 * KIB, 128 * KIB] {
         let h = &mut b[at as usize..at as usize + 4096];
         h[48] ^= 0xff;
@@ -918,7 +944,7 @@ fn a_log_that_cannot_be_replayed_is_an_error_that_says_why() {
 
 #[test]
 fn a_log_entry_with_a_bad_checksum_ends_the_sequence() {
-    let (mut b, _, [_, e2_at, _]) = dirty_log(0);
+    let (mut b, _, [_, e2_at, _]) = dirty_log(0, 0);
     // Damage entry 21: entry 20 alone names itself as tail and is replayed;
     // entry 22 begins another chain whose tail (entry 20) is not in it.
     b[(LOG_AT + e2_at + 4096 + 100) as usize] ^= 1;
@@ -1200,7 +1226,7 @@ fn exercise(bytes: Vec<u8>) -> (Result<(), String>, usize) {
 }
 
 fn bases() -> [Vec<u8>; 3] {
-    [small_dynamic().1, dirty_log(0).0, differencing(512).0]
+    [small_dynamic().1, dirty_log(0, 0).0, differencing(512).0]
 }
 
 #[test]
