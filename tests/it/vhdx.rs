@@ -789,6 +789,11 @@ fn log_entry(seq: u64, tail: u32, log_guid: [u8; 16], last: u64, descs: &[Desc])
 /// the head names entry `tail` (0, 1 or 2) as its tail. Returns the file,
 /// the virtual disk after replay (when the tail is entry 0) and the log
 /// offsets of the three entries.
+/// The last file offset of the dirty log's entries: past the file's 5 MiB
+/// (block 1 lies beyond the file), and not a whole MiB (qemu grows the file
+/// only then).
+const LAST: u64 = 6 * MIB + 4096;
+
 fn dirty_log(start: u64, tail: usize) -> (Vec<u8>, Vec<u8>, [u64; 3]) {
     let lg = guid(LOG_GUID);
     let mut d = Disk::new(4 * MIB, MIB as u32, 512);
@@ -807,19 +812,13 @@ fn dirty_log(start: u64, tail: usize) -> (Vec<u8>, Vec<u8>, [u64; 3]) {
     // the third (zero descriptors only: 1 sector).
     let at = [start, (start + 2 * 4096) % MIB, (start + 4 * 4096) % MIB];
     let first = at[0] as u32;
-    let e1 = log_entry(20, first, lg, 6 * MIB, &[Desc::Data(BAT_AT, bat)]);
-    let e2 = log_entry(
-        21,
-        first,
-        lg,
-        6 * MIB,
-        &[Desc::Data(5 * MIB, sector.clone())],
-    );
+    let e1 = log_entry(20, first, lg, LAST, &[Desc::Data(BAT_AT, bat)]);
+    let e2 = log_entry(21, first, lg, LAST, &[Desc::Data(5 * MIB, sector.clone())]);
     let e3 = log_entry(
         22,
         at[tail] as u32,
         lg,
-        6 * MIB,
+        LAST,
         &[
             Desc::Zero(4 * MIB + 8192, 8192),
             Desc::Zero(5 * MIB + 8192, 4096),
@@ -855,7 +854,7 @@ fn a_dirty_log_is_replayed_in_memory() {
     assert_eq!(r.data_sectors, 2);
     assert_eq!(r.zeroed_bytes, 12288);
     assert_eq!(r.tail_offset, 0);
-    assert_eq!(r.file_length, 6 * MIB);
+    assert_eq!(r.file_length, LAST);
     assert_eq!(d.payload_state(0), Some(PayloadState::FullyPresent));
     assert_eq!(d.payload_state(1), Some(PayloadState::FullyPresent));
     assert_eq!(
@@ -877,6 +876,42 @@ fn a_dirty_log_is_replayed_in_memory() {
     let d = open_mem(&clean).unwrap();
     assert!(!d.log_replayed());
     assert!(read_all(&d).iter().all(|&x| x == 0));
+}
+
+/// qemu replays a log only when it may write the file: it does so on a
+/// copy (`qemu-img check -r all`), and then reads what vhdkit reads from
+/// the untouched original. (qemu ignores the head's tail field and, for a
+/// sequence that wraps round the end of the log, keeps the part after the
+/// wrap: the other variants of `dirty_log` are where it and the
+/// specification part ways, and are checked against the specification
+/// only, below.)
+#[test]
+fn qemu_replays_the_dirty_logs_as_vhdkit_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for (start, tail) in [(0, 0), (40 * 4096, 0)] {
+        let (b, _, _) = dirty_log(start, tail);
+        let ours = read_all(&open_mem(&b).unwrap());
+        let copy = dir.path().join("copy.vhdx");
+        std::fs::write(&copy, &b).unwrap();
+        let out = Command::new(qemu_img())
+            .args(["check", "-r", "all", "-f", "vhdx"])
+            .arg(&copy)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let raw = dir.path().join("copy.raw");
+        run(Command::new(qemu_img())
+            .args(["convert", "-f", "vhdx", "-O", "raw"])
+            .arg(&copy)
+            .arg(&raw));
+        let theirs = std::fs::read(&raw).unwrap();
+        assert_same(&format!("log from {start}, tail {tail}"), &ours, &theirs);
+        assert!(ours.iter().any(|&x| x != 0));
+    }
 }
 
 #[test]
