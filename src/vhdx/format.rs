@@ -87,6 +87,31 @@ impl Guid {
     pub fn is_zero(&self) -> bool {
         self.0 == [0; 16]
     }
+
+    /// Parses `XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX`, in either case, with
+    /// or without braces (as `parent_linkage` writes it); `None` otherwise.
+    pub fn parse(text: &str) -> Option<Guid> {
+        let t = text.trim();
+        let t = t
+            .strip_prefix('{')
+            .and_then(|x| x.strip_suffix('}'))
+            .unwrap_or(t);
+        let parts: Vec<&str> = t.split('-').collect();
+        if parts.iter().map(|p| p.len()).ne([8, 4, 4, 4, 12])
+            || !t.chars().all(|c| c == '-' || c.is_ascii_hexdigit())
+        {
+            return None;
+        }
+        let d1 = u32::from_str_radix(parts[0], 16).ok()?;
+        let d2 = u16::from_str_radix(parts[1], 16).ok()?;
+        let d3 = u16::from_str_radix(parts[2], 16).ok()?;
+        let rest = format!("{}{}", parts[3], parts[4]);
+        let mut d4 = [0u8; 8];
+        for (i, b) in d4.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&rest[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Guid::from_fields(d1, d2, d3, d4))
+    }
 }
 
 impl fmt::Display for Guid {
@@ -550,6 +575,12 @@ impl ParentLocator {
     /// `parent_linkage`: the parent's data write GUID, as `{GUID}` text.
     pub fn parent_linkage(&self) -> Option<&str> {
         self.get("parent_linkage")
+    }
+
+    /// `parent_linkage` parsed: the data write GUID the parent must have.
+    /// `None` when the key is missing or is not a GUID.
+    pub fn parent_linkage_guid(&self) -> Option<Guid> {
+        self.parent_linkage().and_then(Guid::parse)
     }
 
     /// The parent's paths in the order the specification says to try them:

@@ -242,6 +242,15 @@ impl Vhdx {
     pub fn open(path: impl AsRef<Path>, opts: &VhdxOptions) -> Result<Vhdx> {
         let path = path.as_ref();
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?;
+        Self::from_file(file, path, opts)
+    }
+
+    /// Opens a VHDX file already open as `file` (named `path` in errors),
+    /// for callers that opened it themselves.
+    ///
+    /// # Errors
+    /// As [`Vhdx::open`].
+    pub fn from_file(file: std::fs::File, path: &Path, opts: &VhdxOptions) -> Result<Vhdx> {
         Self::open_source(Box::new(file), path.to_path_buf(), opts).map_err(|e| e.with_path(path))
     }
 
@@ -1329,6 +1338,25 @@ mod tests {
             &BAT_REGION.0[..8],
             &[0x66, 0x77, 0xC2, 0x2D, 0x23, 0xF6, 0x00, 0x42]
         );
+    }
+
+    #[test]
+    fn guids_parse_from_their_text() {
+        let g = Guid::parse("{2dc27766-f623-4200-9d64-115e9bfd4a08}").unwrap();
+        assert_eq!(g, BAT_REGION);
+        assert_eq!(Guid::parse(&BAT_REGION.to_string()), Some(BAT_REGION));
+        for bad in [
+            "",
+            "{}",
+            "2DC27766-F623-4200-9D64-115E9BFD4A0",
+            "2DC27766-F623-4200-9D64-115E9BFD4A08-",
+            "2DC27766F623-4200-9D64-115E9BFD4A08",
+            "2DC27766-F623-4200-9D64-115E9BFD4AG8",
+            "+DC27766-F623-4200-9D64-115E9BFD4A08",
+            "2DC27766-F623-4200-9D6é-115E9BFD4A0",
+        ] {
+            assert_eq!(Guid::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

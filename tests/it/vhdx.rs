@@ -1083,6 +1083,10 @@ fn partially_present_blocks_leave_clear_sectors_to_the_parent() {
             Some("{DEADBEEF-0000-4000-8000-0000000000AA}")
         );
         assert_eq!(
+            pl.parent_linkage_guid().map(|g| g.to_string()).as_deref(),
+            Some("DEADBEEF-0000-4000-8000-0000000000AA")
+        );
+        assert_eq!(
             pl.paths(),
             vec![
                 ("relative_path", "..\\base.vhdx"),
