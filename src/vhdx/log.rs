@@ -67,6 +67,15 @@ impl Overlay {
         self.pieces.insert(start, Piece { end, data });
     }
 
+    /// True when the overlay holds any byte of `start..end`.
+    pub(crate) fn touches(&self, start: u64, end: u64) -> bool {
+        self.pieces
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, p)| p.end > start)
+            || self.pieces.range(start..end).next().is_some()
+    }
+
     /// Lays the overlay over `buf`, which holds the file from `offset`.
     pub(crate) fn apply(&self, buf: &mut [u8], offset: u64) {
         let end = offset.saturating_add(buf.len() as u64);
@@ -427,6 +436,8 @@ mod tests {
         assert!(b[16384..].iter().all(|&x| x == 9));
         // A read in the middle of a piece.
         assert_eq!(read(&o, 5000, 2), vec![1, 1]);
+        assert!(o.touches(100, 101) && o.touches(16383, 20000));
+        assert!(!o.touches(16384, 20000) && !o.touches(0, 0));
         o.write(0, 20480, None);
         assert!(read(&o, 0, 20480).iter().all(|&x| x == 0));
     }

@@ -1309,6 +1309,18 @@ impl Vhdx {
     }
 }
 
+impl Vhdx {
+    /// True when `len` bytes of the file at `file_offset` read as they are
+    /// on disk: no replayed log sector lies over them and they are inside
+    /// the file. Callers that copy data extents with file-to-file calls
+    /// (`copy_file_range`) may do so for such ranges; the others must go
+    /// through [`Vhdx::read_file_at`].
+    pub fn is_plain(&self, file_offset: u64, len: u64) -> bool {
+        within(file_offset, len, self.file_len)
+            && !self.overlay.touches(file_offset, file_offset + len)
+    }
+}
+
 impl ReadAt for Vhdx {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         Vhdx::read_exact_at(self, buf, offset).map_err(Into::into)

@@ -863,6 +863,11 @@ fn a_dirty_log_is_replayed_in_memory() {
         "stale entry replayed"
     );
     assert_same("replayed disk", &read_all(&d), &want);
+    // What reads as on disk, and what the replay changed or added.
+    assert!(d.is_plain(4 * MIB, 8192));
+    assert!(!d.is_plain(4 * MIB + 8192, 1), "zeroed by the log");
+    assert!(!d.is_plain(BAT_AT, 8), "written by the log");
+    assert!(!d.is_plain(5 * MIB - 4096, 8192), "past the file's end");
     // The file was not written.
     assert_eq!(std::fs::read(&path).unwrap(), b);
 
