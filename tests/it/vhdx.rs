@@ -595,6 +595,19 @@ fn rules_broken_are_named_with_structure_field_and_offset() {
     let mut x = b.clone();
     x[3] = b'X';
     assert_corrupt(open_mem(&x), VhdxStructure::FileIdentifier, "signature", 0);
+    // Opened by name, the error names the file.
+    let dir = tempfile::tempdir().unwrap();
+    let named = dir.path().join("x.vhdx");
+    std::fs::write(&named, &x).unwrap();
+    match Vhdx::open(&named, &VhdxOptions::new()) {
+        Err(Error::Corrupt(c)) => assert_eq!(c.path.as_deref(), Some(named.as_path())),
+        other => panic!("expected a corrupt file identifier, got {other:?}"),
+    }
+    let f = std::fs::File::open(&named).unwrap();
+    match Vhdx::from_file(f, &named, &VhdxOptions::new()) {
+        Err(Error::Corrupt(c)) => assert_eq!(c.path.as_deref(), Some(named.as_path())),
+        other => panic!("expected a corrupt file identifier, got {other:?}"),
+    }
     assert_corrupt(
         open_mem(&b[..100]),
         VhdxStructure::Header(1),
@@ -1363,8 +1376,14 @@ fn exercise(bytes: Vec<u8>) -> (Result<(), String>, usize) {
     }
 }
 
-fn bases() -> [Vec<u8>; 3] {
-    [small_dynamic().1, dirty_log(0, 0).0, differencing(512).0]
+fn bases() -> [Vec<u8>; 5] {
+    [
+        small_dynamic().1,
+        dirty_log(0, 0).0,
+        differencing(512).0,
+        differencing(4096).0,
+        dirty_log(MIB - 4096, 0).0,
+    ]
 }
 
 #[test]
@@ -1384,7 +1403,7 @@ proptest! {
 
     #[test]
     fn damaged_vhdx_never_panics_nor_overallocates(
-        which in 0usize..3,
+        which in 0usize..5,
         muts in prop::collection::vec(arb_mutation(), 1..5),
         reseal in any::<bool>(),
     ) {
