@@ -392,7 +392,7 @@ pub(crate) fn replay(
             match desc {
                 Descriptor::Zero { offset, length } => {
                     overlay.write(*offset, offset + length, None);
-                    zeroed_bytes += length;
+                    zeroed_bytes = zeroed_bytes.saturating_add(*length);
                 }
                 Descriptor::Data { offset, sector } => {
                     overlay.write(*offset, offset + LOG_SECTOR, Some(sector.clone()));

@@ -997,6 +997,41 @@ fn a_log_that_cannot_be_replayed_is_an_error_that_says_why() {
     assert!(d.warnings().iter().any(|w| w.contains("no valid sequence")));
 }
 
+/// Zero descriptors may name ranges far past the file (the entry's last
+/// file offset allows it): they cost nothing, and their sum saturates.
+#[test]
+fn huge_zero_descriptors_cost_nothing() {
+    let lg = guid(LOG_GUID);
+    let (mut d, _) = small_dynamic();
+    d.log_guid = lg;
+    let mut b = d.build();
+    fill_pattern(&mut b, 4 * MIB, MIB, 0x40);
+    let last = u64::MAX - 4095;
+    let e = log_entry(
+        7,
+        0,
+        lg,
+        last,
+        &[
+            Desc::Zero(8 * MIB, 1 << 63),
+            Desc::Zero(8 * MIB, 1 << 63),
+            Desc::Zero(4 * MIB + 4096, 4096),
+        ],
+    );
+    put(&mut b, LOG_AT, &e);
+    let (r, largest) =
+        largest_allocation(|| open_mem(&b).map(|v| (v.log_replay().cloned(), read_all(&v))));
+    let (replay, disk) = r.unwrap();
+    let replay = replay.expect("replayed");
+    assert_eq!(replay.zeroed_bytes, u64::MAX);
+    assert_eq!(replay.file_length, last);
+    assert!(largest <= 4 * b.len(), "{largest}");
+    // Block 1 (file offset 4 MiB) with its second 4 KiB zeroed.
+    let mut want = b[4 * MIB as usize..].to_vec();
+    want[4096..8192].fill(0);
+    assert_same("block 1", &disk[MIB as usize..2 * MIB as usize], &want);
+}
+
 #[test]
 fn a_log_entry_with_a_bad_checksum_ends_the_sequence() {
     let (mut b, _, [_, e2_at, _]) = dirty_log(0, 0);
