@@ -31,6 +31,9 @@ pub enum Structure {
     ParentChain,
     /// The file as a whole (its length, its layout).
     File,
+    /// A VHDX structure (file identifier, header 1 or 2, region table 1 or
+    /// 2, metadata, BAT entry N, log, log entry at a log offset).
+    Vhdx(crate::vhdx::VhdxStructure),
 }
 
 impl fmt::Display for Structure {
@@ -45,6 +48,7 @@ impl fmt::Display for Structure {
             Structure::ParentLocator(n) => write!(f, "parent locator {n}"),
             Structure::ParentChain => f.write_str("parent chain"),
             Structure::File => f.write_str("file"),
+            Structure::Vhdx(v) => write!(f, "{v}"),
         }
     }
 }

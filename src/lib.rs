@@ -44,6 +44,7 @@ pub mod io;
 pub mod ondisk;
 pub mod ops;
 pub mod scan;
+pub mod vhdx;
 pub mod write;
 
 pub use check::{check, CheckOptions, CheckReport, Problem, Severity};

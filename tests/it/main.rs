@@ -20,3 +20,4 @@ mod ops;
 mod security;
 mod structures;
 mod testdata;
+mod vhdx;
