@@ -1,0 +1,217 @@
+//! Creating disks (fixed, dynamic, differencing), writing into them through
+//! the library, and merging children: checked against vhdkit's reader and
+//! qemu-img.
+
+use crate::common::{assert_same, qemu_img};
+use std::path::Path;
+use std::process::Command;
+use vhdkit::create::{create, create_child, ChildOptions, CreateOptions, DiskKind};
+use vhdkit::ondisk::{PlatformCode, SECTOR};
+use vhdkit::{Format, Image, OpenOptions};
+
+const MIB: u64 = 1 << 20;
+
+/// Runs qemu-img with `args`, panicking with its output when it fails.
+fn qemu(args: &[&str]) -> String {
+    let o = Command::new(qemu_img()).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The whole virtual disk as vhdkit reads it.
+fn content(path: &Path) -> Vec<u8> {
+    let img = Image::open(path).unwrap();
+    let mut v = vec![0u8; img.virtual_size() as usize];
+    img.read_exact_at(&mut v, 0).unwrap();
+    v
+}
+
+/// `qemu-img compare` of a VHD with a raw file holding `want`.
+fn qemu_compare(vhd: &Path, want: &[u8]) {
+    let raw = vhd.with_extension("want.raw");
+    std::fs::write(&raw, want).unwrap();
+    qemu(&[
+        "compare",
+        "-f",
+        "vpc",
+        "-F",
+        "raw",
+        vhd.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(raw).unwrap();
+}
+
+#[test]
+fn create_fixed_is_sparse_at_any_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.vhd");
+    let size = 2040 * 1024 * MIB;
+    let t = std::time::Instant::now();
+    let made = create(&big, &CreateOptions::new(DiskKind::Fixed, size)).unwrap();
+    assert!(t.elapsed().as_secs() < 5, "took {:?}", t.elapsed());
+    assert_eq!(made.virtual_size, size);
+    assert_eq!(made.file_len, size + 512);
+    let img = Image::open(&big).unwrap();
+    assert_eq!(img.disk_type(), Format::Fixed);
+    assert_eq!(img.virtual_size(), size);
+    assert_eq!(&img.footer().unwrap().creator_app, b"vhdk");
+    let allocated = vhdkit::io::allocated_bytes(img.file()).unwrap();
+    assert!(allocated < MIB, "{allocated} bytes allocated");
+    // A small one, read by qemu-img as zeros of the same size.
+    let small = dir.path().join("small.vhd");
+    create(&small, &CreateOptions::new(DiskKind::Fixed, 3 * MIB + 512)).unwrap();
+    qemu_compare(&small, &vec![0u8; (3 * MIB + 512) as usize]);
+    assert!(qemu(&["info", "-f", "vpc", small.to_str().unwrap()]).contains("3146240 bytes"));
+}
+
+#[test]
+fn create_dynamic_every_block_size_opens_in_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bs = 512 * 1024u32;
+    while bs <= 256 << 20 {
+        let p = dir.path().join(format!("d{bs}.vhd"));
+        let size = 6 * MIB + 3 * 512;
+        let made = create(
+            &p,
+            &CreateOptions::new(DiskKind::Dynamic, size).block_size(bs),
+        )
+        .unwrap();
+        assert_eq!(made.block_size, u64::from(bs));
+        let img = Image::open(&p).unwrap();
+        assert_eq!(img.disk_type(), Format::Dynamic);
+        assert_eq!(img.block_size(), u64::from(bs));
+        assert_eq!(img.allocated_blocks(), 0);
+        assert_eq!(img.block_count(), size.div_ceil(u64::from(bs)));
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(&bytes[..512], &bytes[bytes.len() - 512..], "footer copy");
+        qemu_compare(&p, &vec![0u8; size as usize]);
+        bs *= 2;
+    }
+}
+
+#[test]
+fn create_azure_rounds_up_and_bad_sizes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.vhd");
+    let made = create(
+        &p,
+        &CreateOptions::new(DiskKind::Fixed, 10 * MIB + 512).azure(true),
+    )
+    .unwrap();
+    assert_eq!(made.virtual_size, 11 * MIB);
+    assert_eq!(made.rounded_from, Some(10 * MIB + 512));
+    for (size, bs) in [
+        (0, 2 << 20),
+        (MIB + 1, 2 << 20),
+        (2041 * 1024 * MIB, 2 << 20),
+        (MIB, 3 << 20),
+        (MIB, 4096),
+    ] {
+        let q = dir.path().join("bad.vhd");
+        let e = create(
+            &q,
+            &CreateOptions::new(DiskKind::Dynamic, size).block_size(bs),
+        )
+        .unwrap_err();
+        assert!(matches!(e, vhdkit::Error::InvalidArgument(_)), "{e}");
+        assert!(!q.exists());
+    }
+    let e = create(&p, &CreateOptions::new(DiskKind::Dynamic, MIB)).unwrap_err();
+    assert!(matches!(e, vhdkit::Error::OutputExists(_)), "{e}");
+    create(
+        &p,
+        &CreateOptions::new(DiskKind::Dynamic, MIB).overwrite(true),
+    )
+    .unwrap();
+    assert_eq!(Image::open(&p).unwrap().disk_type(), Format::Dynamic);
+    // Nothing but the outputs is left in the folder.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+/// The data of locator `i` of `img`, decoded from UTF-16 LE.
+fn locator_text(img: &Image, i: usize) -> (PlatformCode, String, u64, u32) {
+    let l = img.header().unwrap().parent_locators[i];
+    let mut b = vec![0u8; l.data_length as usize];
+    vhdkit::io::ReadAt::read_exact_at(img.file(), &mut b, l.data_offset).unwrap();
+    let u: Vec<u16> = b
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    (
+        l.platform_code,
+        String::from_utf16(&u).unwrap(),
+        l.data_offset,
+        l.data_space,
+    )
+}
+
+#[test]
+fn create_child_names_its_parent_as_windows_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    create(
+        &base,
+        &CreateOptions::new(DiskKind::Dynamic, 4 * MIB).block_size(1 << 20),
+    )
+    .unwrap();
+    let child = dir.path().join("child.vhd");
+    let made = create_child(&child, &base, &ChildOptions::default()).unwrap();
+    let img = Image::open(&child).unwrap();
+    let pimg = Image::open(&base).unwrap();
+    assert_eq!(img.disk_type(), Format::Differencing);
+    assert_eq!(img.virtual_size(), 4 * MIB);
+    assert_eq!(img.block_size(), 1 << 20, "the parent's block size");
+    assert_eq!(
+        made.parent.as_ref().unwrap().1,
+        pimg.footer().unwrap().unique_id
+    );
+    let h = img.header().unwrap();
+    assert_eq!(h.parent_unique_id, pimg.footer().unwrap().unique_id);
+    assert_eq!(h.parent_timestamp, pimg.footer().unwrap().timestamp);
+    assert_eq!(h.parent_name(), "base.vhd");
+    assert_eq!(img.parent().unwrap().path(), base.as_path());
+    let abs = std::fs::canonicalize(&base).unwrap();
+    let (code, text, off, space) = locator_text(&img, 0);
+    assert_eq!(code, PlatformCode::W2ku);
+    assert_eq!(text, abs.to_str().unwrap().replace('/', "\\"));
+    assert_eq!(off % 4096, 0);
+    assert!(space >= 4096 && space % 4096 == 0);
+    let (code, text, off, _) = locator_text(&img, 1);
+    assert_eq!(code, PlatformCode::W2ru);
+    assert_eq!(text, ".\\base.vhd");
+    assert_eq!(off % 4096, 0);
+    assert!(img.header().unwrap().parent_locators[2..]
+        .iter()
+        .all(|l| l.is_empty()));
+
+    // A child of a child, in another folder: a relative path upward, and
+    // the chain opens when that folder is allowed.
+    let sub = dir.path().join("snaps");
+    std::fs::create_dir(&sub).unwrap();
+    let grandchild = sub.join("gc.vhd");
+    create_child(&grandchild, &child, &ChildOptions::default()).unwrap();
+    let g = Image::open_with(&grandchild, &OpenOptions::new().parent_dir(dir.path())).unwrap();
+    assert_eq!(g.chain().len(), 3);
+    assert_eq!(locator_text(&g, 1).1, "..\\child.vhd");
+
+    // A fixed parent: 2 MiB blocks.
+    let fixed = dir.path().join("fixed.vhd");
+    create(&fixed, &CreateOptions::new(DiskKind::Fixed, 3 * MIB)).unwrap();
+    let fc = dir.path().join("fc.vhd");
+    create_child(&fc, &fixed, &ChildOptions::default()).unwrap();
+    let fci = Image::open(&fc).unwrap();
+    assert_eq!(fci.block_size(), 2 << 20);
+    assert_eq!(fci.virtual_size(), 3 * MIB);
+
+    // A raw file is no parent.
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; MIB as usize]).unwrap();
+    let e = create_child(dir.path().join("r.vhd"), &raw, &ChildOptions::default()).unwrap_err();
+    assert!(matches!(e, vhdkit::Error::InvalidArgument(_)), "{e}");
+}
