@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use vhdkit::create::{create, create_child, ChildOptions, CreateOptions, DiskKind};
 use vhdkit::ondisk::{PlatformCode, SECTOR};
+use vhdkit::writer::VhdWriter;
 use vhdkit::{Format, Image, OpenOptions};
 
 const MIB: u64 = 1 << 20;
@@ -214,4 +215,254 @@ fn create_child_names_its_parent_as_windows_does() {
     std::fs::write(&raw, vec![0u8; MIB as usize]).unwrap();
     let e = create_child(dir.path().join("r.vhd"), &raw, &ChildOptions::default()).unwrap_err();
     assert!(matches!(e, vhdkit::Error::InvalidArgument(_)), "{e}");
+}
+
+/// Bytes that differ from write to write and from place to place.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(31) ^ seed.wrapping_mul(0x9e37_79b9) ^ (i >> 9)) as u8 | 1)
+        .collect()
+}
+
+/// Writes through the writer and into the model.
+fn put(w: &VhdWriter, model: &mut [u8], data: &[u8], off: u64) {
+    w.write_all_at(data, off).unwrap();
+    model[off as usize..off as usize + data.len()].copy_from_slice(data);
+}
+
+/// Reads the whole disk through the writer.
+fn writer_content(w: &VhdWriter) -> Vec<u8> {
+    let mut v = vec![0u8; w.virtual_size() as usize];
+    w.read_exact_at(&mut v, 0).unwrap();
+    v
+}
+
+/// Writes of every shape: aligned, unaligned, one byte, across blocks.
+fn shapes(size: u64, bs: u64) -> Vec<(u64, usize)> {
+    let mut v = vec![
+        (0, 512),
+        (1000, 1),
+        (bs - 700, 1500),
+        (bs + 4096, 65536),
+        (size - 513, 513),
+        (3 * 512 + 17, 10_000),
+        (bs / 2 + 3, 2 * bs as usize),
+    ];
+    v.retain(|&(o, l)| o + l as u64 <= size);
+    v
+}
+
+#[test]
+fn writes_into_dynamic_disks_of_every_block_size_read_the_same_in_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bs = 512 * 1024u32;
+    while bs <= 256 << 20 {
+        let p = dir.path().join(format!("w{bs}.vhd"));
+        let size = 6 * MIB + 3 * 512;
+        create(
+            &p,
+            &CreateOptions::new(DiskKind::Dynamic, size).block_size(bs),
+        )
+        .unwrap();
+        let mut model = vec![0u8; size as usize];
+        let w = VhdWriter::open(&p, &OpenOptions::new()).unwrap();
+        for (i, (off, len)) in shapes(size, u64::from(bs)).into_iter().enumerate() {
+            put(&w, &mut model, &pattern(i as u64, len), off);
+        }
+        assert_same("through the writer", &writer_content(&w), &model);
+        w.close().unwrap();
+        assert_same(&format!("block size {bs}"), &content(&p), &model);
+        qemu_compare(&p, &model);
+        // Every block of the file starts its data on 4 KiB.
+        let img = Image::open(&p).unwrap();
+        for e in img
+            .bat()
+            .unwrap()
+            .entries
+            .iter()
+            .filter(|&&e| e != u32::MAX)
+        {
+            assert_eq!((u64::from(*e) * SECTOR + img.bitmap_size()) % 4096, 0);
+        }
+        bs *= 2;
+    }
+}
+
+#[test]
+fn zeros_into_unallocated_blocks_allocate_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("z.vhd");
+    create(&p, &CreateOptions::new(DiskKind::Dynamic, 8 * MIB)).unwrap();
+    let len0 = std::fs::metadata(&p).unwrap().len();
+    {
+        let w = VhdWriter::open(&p, &OpenOptions::new()).unwrap();
+        w.write_all_at(&vec![0u8; 3 * MIB as usize], 100).unwrap();
+        w.close().unwrap();
+    }
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), len0);
+    assert_eq!(Image::open(&p).unwrap().allocated_blocks(), 0);
+
+    // In a child, zeros over the parent's zeros allocate nothing; zeros
+    // over the parent's data do, and read as zeros.
+    let mut model = vec![0u8; 8 * MIB as usize];
+    {
+        let w = VhdWriter::open(&p, &OpenOptions::new()).unwrap();
+        put(&w, &mut model, &pattern(1, 4096), 2 * MIB);
+        w.close().unwrap();
+    }
+    let c = dir.path().join("c.vhd");
+    create_child(&c, &p, &ChildOptions::default()).unwrap();
+    let w = VhdWriter::open(&c, &OpenOptions::new()).unwrap();
+    put(&w, &mut model, &[0u8; 4096], 0);
+    w.flush().unwrap();
+    assert_eq!(Image::open(&c).unwrap().allocated_blocks(), 0);
+    put(&w, &mut model, &[0u8; 1000], 2 * MIB + 10);
+    w.close().unwrap();
+    assert_eq!(Image::open(&c).unwrap().allocated_blocks(), 1);
+    assert_same("child", &content(&c), &model);
+}
+
+#[test]
+fn writes_into_fixed_disks_read_the_same_in_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("f.vhd");
+    let size = 5 * MIB;
+    create(&p, &CreateOptions::new(DiskKind::Fixed, size)).unwrap();
+    let mut model = vec![0u8; size as usize];
+    let w = VhdWriter::open(&p, &OpenOptions::new()).unwrap();
+    for (i, (off, len)) in shapes(size, 2 * MIB).into_iter().enumerate() {
+        put(&w, &mut model, &pattern(i as u64 + 50, len), off);
+    }
+    let e = w.write_all_at(&[1], size).unwrap_err();
+    assert!(matches!(e, vhdkit::Error::InvalidArgument(_)), "{e}");
+    w.close().unwrap();
+    assert_same("fixed", &content(&p), &model);
+    qemu_compare(&p, &model);
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), size + 512);
+}
+
+#[test]
+fn writes_into_differencing_disks_keep_the_parent_and_read_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let size = 5 * MIB + 512;
+    create(
+        &base,
+        &CreateOptions::new(DiskKind::Dynamic, size).block_size(1 << 20),
+    )
+    .unwrap();
+    let mut model = vec![0u8; size as usize];
+    {
+        let w = VhdWriter::open(&base, &OpenOptions::new()).unwrap();
+        for b in 0..5u64 {
+            put(&w, &mut model, &pattern(b + 100, 600_000), b * MIB + 7);
+        }
+        w.close().unwrap();
+    }
+    let base_bytes = std::fs::read(&base).unwrap();
+    let parent_model = model.clone();
+    let child = dir.path().join("child.vhd");
+    create_child(&child, &base, &ChildOptions::default()).unwrap();
+    let w = VhdWriter::open(&child, &OpenOptions::new()).unwrap();
+    assert_same("child before writes", &writer_content(&w), &model);
+    for (i, (off, len)) in shapes(size, 1 << 20).into_iter().enumerate() {
+        put(&w, &mut model, &pattern(i as u64 + 7, len), off);
+    }
+    assert_same("through the writer", &writer_content(&w), &model);
+    w.close().unwrap();
+    assert_same("child", &content(&child), &model);
+    assert_same("parent", &content(&base), &parent_model);
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        base_bytes,
+        "parent file untouched"
+    );
+    // Sectors written in part hold the parent's bytes around the write.
+    let img = Image::open(&child).unwrap();
+    let mut sector = [0u8; 512];
+    img.read_exact_at(&mut sector, 1000 / 512 * 512).unwrap();
+    assert_eq!(sector, model[512..1024]);
+}
+
+#[test]
+fn concurrent_writers_on_different_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.vhd");
+    let size = 16 * MIB;
+    create(
+        &p,
+        &CreateOptions::new(DiskKind::Dynamic, size).block_size(512 << 10),
+    )
+    .unwrap();
+    let w = VhdWriter::open(&p, &OpenOptions::new()).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let w = &w;
+            s.spawn(move || {
+                // Thread t writes blocks t, t+4, t+8... in 4 KiB pieces.
+                for b in (t..32).step_by(4) {
+                    for k in 0..128u64 {
+                        let off = b * (512 << 10) + k * 4096;
+                        w.write_all_at(&pattern(off, 4096), off).unwrap();
+                    }
+                    if b % 8 == t {
+                        w.flush().unwrap();
+                    }
+                }
+            });
+        }
+    });
+    w.close().unwrap();
+    let got = content(&p);
+    for off in (0..size).step_by(4096) {
+        assert_eq!(
+            &got[off as usize..off as usize + 4096],
+            &pattern(off, 4096)[..],
+            "at {off}"
+        );
+    }
+    assert_eq!(Image::open(&p).unwrap().allocated_blocks(), 32);
+}
+
+#[test]
+fn the_cursor_writes_reads_and_seeks() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.vhd");
+    create(&p, &CreateOptions::new(DiskKind::Dynamic, 3 * MIB)).unwrap();
+    let w = VhdWriter::open(&p, &OpenOptions::new()).unwrap();
+    let data = pattern(9, 2 * MIB as usize + 333);
+    let mut c = w.cursor();
+    c.seek(SeekFrom::Start(MIB - 100)).unwrap();
+    let e = c.write_all(&data).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::WriteZero, "past the end");
+    c.seek(SeekFrom::Start(100)).unwrap();
+    c.write_all(&data).unwrap();
+    c.flush().unwrap();
+    assert_eq!(
+        c.seek(SeekFrom::Current(0)).unwrap(),
+        100 + data.len() as u64
+    );
+    let mut back = vec![0u8; data.len()];
+    c.seek(SeekFrom::End(-(3 * MIB as i64) + 100)).unwrap();
+    c.read_exact(&mut back).unwrap();
+    assert_same("cursor", &back, &data);
+    drop(w);
+    let got = content(&p);
+    assert_same("after drop", &got[100..100 + data.len()], &data);
+}
+
+#[test]
+fn a_second_writer_is_refused_and_raw_files_are_not_vhds() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("l.vhd");
+    create(&p, &CreateOptions::new(DiskKind::Dynamic, MIB)).unwrap();
+    let w = VhdWriter::open(&p, &OpenOptions::new()).unwrap();
+    let e = VhdWriter::open(&p, &OpenOptions::new()).unwrap_err();
+    assert!(e.to_string().contains("lock"), "{e}");
+    drop(w);
+    VhdWriter::open(&p, &OpenOptions::new()).unwrap();
+    let raw = dir.path().join("r.raw");
+    std::fs::write(&raw, [0u8; 4096]).unwrap();
+    assert!(VhdWriter::open(&raw, &OpenOptions::new()).is_err());
 }
