@@ -158,12 +158,19 @@ impl VhdWriter {
                 path.display()
             )));
         }
-        if rustix::fs::flock(
-            img.file(),
-            rustix::fs::FlockOperation::NonBlockingLockExclusive,
-        )
-        .is_err()
-        {
+        // A lock still held after a short wait: another writer. (A writer
+        // that just closed the file may hold it for an instant longer
+        // through a process forked meanwhile, until that one execs.)
+        let mut locked = false;
+        for _ in 0..50 {
+            let op = rustix::fs::FlockOperation::NonBlockingLockExclusive;
+            if rustix::fs::flock(img.file(), op).is_ok() {
+                locked = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if !locked {
             return Err(Error::InvalidArgument(format!(
                 "{}: another program holds a lock on it (open for writing elsewhere)",
                 path.display()

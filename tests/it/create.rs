@@ -466,3 +466,219 @@ fn a_second_writer_is_refused_and_raw_files_are_not_vhds() {
     std::fs::write(&raw, [0u8; 4096]).unwrap();
     assert!(VhdWriter::open(&raw, &OpenOptions::new()).is_err());
 }
+
+// ------------------------------------------------------------ crash safety
+
+use vhdkit::writer::{FileOp, OpLog};
+
+/// Epochs of writes, each followed by a flush: no two writes of one epoch
+/// touch the same sector, so that after any prefix of the file operations
+/// every sector holds one of the disk's states at a flush.
+fn epochs(size: u64) -> Vec<Vec<(u64, usize)>> {
+    (0..4u64)
+        .map(|e| {
+            (0..4u64)
+                .map(|k| {
+                    let off = (k * size / 4 + e * 70_001 + 13) % (size - 200_000);
+                    let len = 1 + ((e * 7 + k * 13) * 9_973 % 150_000) as usize;
+                    (off, len)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Writes `epochs` into `target` through a recording writer; returns the
+/// file operations, the op count at which each flush returned, and the
+/// disk's content at each flush (index 0: before any write).
+fn record(target: &Path, start: Vec<u8>) -> (Vec<FileOp>, Vec<usize>, Vec<Vec<u8>>) {
+    let log: OpLog = Default::default();
+    let w = VhdWriter::open_recording(target, &OpenOptions::new(), log.clone()).unwrap();
+    let size = w.virtual_size();
+    let mut model = start;
+    let mut states = vec![model.clone()];
+    let mut flushed = vec![0usize];
+    for (e, writes) in epochs(size).into_iter().enumerate() {
+        for (k, (off, len)) in writes.into_iter().enumerate() {
+            put(&w, &mut model, &pattern((e * 10 + k) as u64, len), off);
+        }
+        w.flush().unwrap();
+        flushed.push(log.lock().unwrap().len());
+        states.push(model.clone());
+    }
+    drop(w);
+    let ops = log.lock().unwrap().clone();
+    (ops, flushed, states)
+}
+
+/// Replays every prefix of `ops` onto `initial` (the file's bytes before
+/// the writer opened it), opens the result with `Image::open` beside the
+/// original (so that a child finds its parent) and checks: it opens; each
+/// sector holds its content at the last flush that completed within the
+/// prefix, or at a later one.
+fn replay_every_prefix(
+    dir: &Path,
+    initial: &[u8],
+    ops: &[FileOp],
+    flushed: &[usize],
+    states: &[Vec<u8>],
+) {
+    let replay = dir.join("replay.vhd");
+    for k in 0..=ops.len() {
+        let mut file = initial.to_vec();
+        for op in &ops[..k] {
+            if let FileOp::Write(off, data) = op {
+                let end = *off as usize + data.len();
+                if file.len() < end {
+                    file.resize(end, 0);
+                }
+                file[*off as usize..end].copy_from_slice(data);
+            }
+        }
+        std::fs::write(&replay, &file).unwrap();
+        let img = Image::open(&replay)
+            .unwrap_or_else(|e| panic!("after {k} of {} operations: {e}", ops.len()));
+        let mut got = vec![0u8; img.virtual_size() as usize];
+        img.read_exact_at(&mut got, 0).unwrap();
+        let last = flushed.iter().rposition(|&f| f <= k).unwrap();
+        for (s, sector) in got.chunks(SECTOR as usize).enumerate() {
+            let at = s * SECTOR as usize;
+            let ok = states[last..]
+                .iter()
+                .any(|st| &st[at..at + sector.len()] == sector);
+            assert!(
+                ok,
+                "after {k} of {} operations (flush {last} done): sector {s} holds neither its \
+                 flushed content nor a later one",
+                ops.len()
+            );
+        }
+        if k == ops.len() {
+            assert_same("all operations", &got, states.last().unwrap());
+        }
+    }
+    std::fs::remove_file(replay).unwrap();
+}
+
+#[test]
+fn a_crash_at_any_point_of_dynamic_writes_loses_nothing_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.vhd");
+    let size = 3 * MIB + 1024;
+    create(
+        &p,
+        &CreateOptions::new(DiskKind::Dynamic, size).block_size(512 << 10),
+    )
+    .unwrap();
+    let initial = std::fs::read(&p).unwrap();
+    let (ops, flushed, states) = record(&p, vec![0u8; size as usize]);
+    assert!(ops.len() > 20, "{} operations", ops.len());
+    replay_every_prefix(dir.path(), &initial, &ops, &flushed, &states);
+}
+
+#[test]
+fn a_crash_at_any_point_of_differencing_writes_loses_nothing_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let size = 3 * MIB + 1024;
+    create(
+        &base,
+        &CreateOptions::new(DiskKind::Dynamic, size).block_size(512 << 10),
+    )
+    .unwrap();
+    let mut parent = vec![0u8; size as usize];
+    {
+        let w = VhdWriter::open(&base, &OpenOptions::new()).unwrap();
+        put(&w, &mut parent, &pattern(77, 2 * MIB as usize), 300_000);
+        w.close().unwrap();
+    }
+    let child = dir.path().join("child.vhd");
+    create_child(&child, &base, &ChildOptions::default()).unwrap();
+    let initial = std::fs::read(&child).unwrap();
+    let (ops, flushed, states) = record(&child, parent);
+    assert!(ops.len() > 20, "{} operations", ops.len());
+    replay_every_prefix(dir.path(), &initial, &ops, &flushed, &states);
+}
+
+// ------------------------------------------------------------ properties
+
+use proptest::prelude::*;
+
+/// 16 cases each, or `PROPTEST_CASES`.
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+const PROP_SIZE: u64 = 3 * MIB + 1536;
+
+fn writes_strategy() -> impl Strategy<Value = Vec<(u64, usize, u8)>> {
+    prop::collection::vec(
+        (0..PROP_SIZE, 0usize..300_000, any::<u8>()).prop_map(|(off, len, b)| {
+            let len = len.min((PROP_SIZE - off) as usize);
+            (off, len, b)
+        }),
+        1..24,
+    )
+}
+
+/// Applies `writes` (half, close and reopen, the other half) and checks
+/// the writer and a fresh `Image::open` against the model.
+fn check_writes(path: &Path, model: &mut [u8], writes: &[(u64, usize, u8)]) {
+    let (a, b) = writes.split_at(writes.len() / 2);
+    for half in [a, b] {
+        let w = VhdWriter::open(path, &OpenOptions::new()).unwrap();
+        for &(off, len, byte) in half {
+            // Zeros now and then: they must overwrite, and allocate nothing
+            // where nothing is.
+            let data = if byte % 5 == 0 {
+                vec![0u8; len]
+            } else {
+                pattern(u64::from(byte), len)
+            };
+            put(&w, model, &data, off);
+        }
+        assert_same("through the writer", &writer_content(&w), model);
+        w.close().unwrap();
+        assert_same("after reopening", &content(path), model);
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Random writes into a dynamic disk read back as the same writes into
+    /// a byte vector, through the writer and after close and reopen.
+    #[test]
+    fn random_writes_into_a_dynamic_disk(writes in writes_strategy(), bs_pick in 0usize..3) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.vhd");
+        let bs = [512u32 << 10, 1 << 20, 2 << 20][bs_pick];
+        create(&p, &CreateOptions::new(DiskKind::Dynamic, PROP_SIZE).block_size(bs)).unwrap();
+        let mut model = vec![0u8; PROP_SIZE as usize];
+        check_writes(&p, &mut model, &writes);
+    }
+
+    /// The same into a differencing disk over a parent with data: the
+    /// parent is unchanged.
+    #[test]
+    fn random_writes_into_a_differencing_disk(writes in writes_strategy(), parent_writes in writes_strategy()) {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.vhd");
+        create(&base, &CreateOptions::new(DiskKind::Dynamic, PROP_SIZE).block_size(512 << 10)).unwrap();
+        let mut model = vec![0u8; PROP_SIZE as usize];
+        check_writes(&base, &mut model, &parent_writes);
+        let parent_model = model.clone();
+        let child = dir.path().join("child.vhd");
+        create_child(&child, &base, &ChildOptions::default()).unwrap();
+        check_writes(&child, &mut model, &writes);
+        assert_same("parent", &content(&base), &parent_model);
+    }
+}
