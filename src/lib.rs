@@ -42,6 +42,7 @@ pub mod detect;
 pub mod error;
 pub mod image;
 pub mod io;
+pub mod merge;
 pub mod ondisk;
 pub mod ops;
 pub mod scan;

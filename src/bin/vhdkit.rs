@@ -198,6 +198,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Fold a differencing disk into its parent (or an ancestor), in place
+    #[command(after_help = "Examples:\n  vhdkit merge snapshot.vhd\n  \
+                            vhdkit merge snap2.vhd --into base.vhd\n  \
+                            vhdkit merge --json snapshot.vhd")]
+    Merge {
+        /// The differencing disk whose content goes into its parent (left as it is)
+        child: PathBuf,
+        /// The ancestor to merge into, further down the chain (default: the parent); every layer between is folded in too
+        #[arg(long, value_name = "ANCESTOR")]
+        into: Option<PathBuf>,
+        /// Merge even when other differencing disks depend on the disk merged into (their content changes)
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON document (fields in the README)
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
     /// List the virtual disk as extents of data and zero
     #[command(after_help = "Examples:\n  vhdkit map disk.vhd\n  \
                             vhdkit map --json --no-scan disk.vhd > extents.json")]
@@ -382,7 +401,8 @@ impl Context {
             | Cmd::Compare { open, .. }
             | Cmd::Checksum { open, .. }
             | Cmd::Sparsify { open, .. }
-            | Cmd::Resize { open, .. } => open,
+            | Cmd::Resize { open, .. }
+            | Cmd::Merge { open, .. } => open,
             Cmd::Create { .. } => &NO_OPEN_ARGS,
         };
         Context {
@@ -407,6 +427,11 @@ fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
         vhdkit::Error::OutputExists(_) if ctx.convert => Some("add --force to replace it".into()),
         vhdkit::Error::InvalidArgument(m) if m.ends_with("shrinking was not asked for") => {
             Some("add --shrink to shrink it".into())
+        }
+        vhdkit::Error::InvalidArgument(m)
+            if m.contains("other differencing disks depend on it") =>
+        {
+            Some("add --force to merge anyway".into())
         }
         vhdkit::Error::ForeignFormat { .. } => {
             Some("to read its bytes as a raw disk anyway, add --format raw".into())
@@ -524,6 +549,62 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                 print_doc(&v);
             } else {
                 outln!("{}: {done}", image.display());
+            }
+            Ok(OK)
+        }
+        Cmd::Merge {
+            child,
+            into,
+            force,
+            json,
+            open,
+        } => {
+            let opts = vhdkit::merge::MergeOptions {
+                into,
+                force,
+                open: open.options(),
+            };
+            let r = vhdkit::merge::merge(&child, &opts)?;
+            if json {
+                let mut v = json!({"bytes_copied": r.bytes_copied});
+                put_path(&mut v, "child", &child);
+                put_path(&mut v, "target", &r.target);
+                v["merged"] = Value::Array(
+                    r.merged
+                        .iter()
+                        .map(|p| {
+                            let mut o = json!({});
+                            put_path(&mut o, "path", p);
+                            o
+                        })
+                        .collect(),
+                );
+                v["other_children"] = Value::Array(
+                    r.other_children
+                        .iter()
+                        .map(|p| {
+                            let mut o = json!({});
+                            put_path(&mut o, "path", p);
+                            o
+                        })
+                        .collect(),
+                );
+                print_doc(&v);
+            } else {
+                outln!(
+                    "{}: merged into {} ({} copied); {} is no longer needed",
+                    child.display(),
+                    r.target.display(),
+                    human(r.bytes_copied),
+                    child.display()
+                );
+                for o in &r.other_children {
+                    eprintln!(
+                        "vhdkit: warning: {} depends on {} and its content changed",
+                        o.display(),
+                        r.target.display()
+                    );
+                }
             }
             Ok(OK)
         }

@@ -667,7 +667,7 @@ proptest! {
     }
 
     /// The same into a differencing disk over a parent with data: the
-    /// parent is unchanged.
+    /// parent is unchanged, and after a merge holds the child's content.
     #[test]
     fn random_writes_into_a_differencing_disk(writes in writes_strategy(), parent_writes in writes_strategy()) {
         let dir = tempfile::tempdir().unwrap();
@@ -680,5 +680,213 @@ proptest! {
         create_child(&child, &base, &ChildOptions::default()).unwrap();
         check_writes(&child, &mut model, &writes);
         assert_same("parent", &content(&base), &parent_model);
+        // Merged, the parent holds what the child showed.
+        merge(&child, &MergeOptions::default()).unwrap();
+        assert_same("parent after the merge", &content(&base), &model);
     }
+}
+
+// ------------------------------------------------------------ merge
+
+use vhdkit::merge::{merge, merge_recording, MergeOptions};
+
+/// A base with data and a child with other data, in `dir`; returns their
+/// paths and the child's content.
+fn base_and_child(
+    dir: &Path,
+    size: u64,
+    bs: u32,
+) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    let base = dir.join("base.vhd");
+    create(
+        &base,
+        &CreateOptions::new(DiskKind::Dynamic, size).block_size(bs),
+    )
+    .unwrap();
+    let mut model = vec![0u8; size as usize];
+    {
+        let w = VhdWriter::open(&base, &OpenOptions::new()).unwrap();
+        put(&w, &mut model, &pattern(1, (size / 2) as usize), size / 8);
+        w.close().unwrap();
+    }
+    let child = dir.join("child.vhd");
+    create_child(&child, &base, &ChildOptions::default()).unwrap();
+    let w = VhdWriter::open(&child, &OpenOptions::new()).unwrap();
+    for (i, (off, len)) in shapes(size, u64::from(bs)).into_iter().enumerate() {
+        put(&w, &mut model, &pattern(i as u64 + 3, len), off);
+    }
+    put(&w, &mut model, &vec![0u8; 70_000], size / 4);
+    w.close().unwrap();
+    (base, child, model)
+}
+
+/// Bytes of the sectors `path` itself holds.
+fn held_bytes(path: &Path) -> u64 {
+    let img = Image::open(path).unwrap();
+    img.map_shallow(0, img.virtual_size())
+        .unwrap()
+        .iter()
+        .filter(|e| e.is_data())
+        .map(|e| e.length)
+        .sum()
+}
+
+#[test]
+fn merge_folds_the_child_into_its_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 5 * MIB;
+    let (base, child, model) = base_and_child(dir.path(), size, 1 << 20);
+    let child_bytes = std::fs::read(&child).unwrap();
+    let held = held_bytes(&child);
+    let r = merge(&child, &MergeOptions::default()).unwrap();
+    assert_eq!(r.target, base);
+    assert_eq!(r.merged, vec![child.clone()]);
+    assert_eq!(r.bytes_copied, held, "only the child's sectors");
+    assert!(r.bytes_copied < size / 2);
+    assert_same("the parent after the merge", &content(&base), &model);
+    qemu_compare(&base, &model);
+    assert_same("the child, still", &content(&child), &model);
+    assert_eq!(
+        std::fs::read(&child).unwrap(),
+        child_bytes,
+        "child untouched"
+    );
+}
+
+#[test]
+fn merge_into_an_ancestor_folds_every_layer_between() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let (base, mid, mut model) = base_and_child(dir.path(), size, 512 << 10);
+    let top = dir.path().join("top.vhd");
+    create_child(&top, &mid, &ChildOptions::default()).unwrap();
+    {
+        let w = VhdWriter::open(&top, &OpenOptions::new()).unwrap();
+        put(&w, &mut model, &pattern(99, 300_000), MIB + 5);
+        w.close().unwrap();
+    }
+    let mid_bytes = std::fs::read(&mid).unwrap();
+    let e = merge(
+        &top,
+        &MergeOptions {
+            into: Some(top.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("is not an ancestor"), "{e}");
+    let r = merge(
+        &top,
+        &MergeOptions {
+            into: Some(base.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.merged, vec![top.clone(), mid.clone()]);
+    assert_same("base", &content(&base), &model);
+    qemu_compare(&base, &model);
+    assert_same("top", &content(&top), &model);
+    assert_eq!(std::fs::read(&mid).unwrap(), mid_bytes);
+}
+
+#[test]
+fn merge_refuses_a_read_only_parent_a_shared_parent_and_a_changed_parent() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let size = 2 * MIB;
+    let (base, child, model) = base_and_child(dir.path(), size, 512 << 10);
+    let base_bytes = std::fs::read(&base).unwrap();
+
+    // Read-only.
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let e = merge(&child, &MergeOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("read-only"), "{e}");
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    // Shared: a sibling names the same parent.
+    let sibling = dir.path().join("sibling.vhd");
+    create_child(&sibling, &base, &ChildOptions::default()).unwrap();
+    let e = merge(&child, &MergeOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("sibling.vhd"), "{e}");
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        base_bytes,
+        "refused: nothing written"
+    );
+
+    // The parent's time stamp changed since the child was made.
+    let img = Image::open(&child).unwrap();
+    let mut h = img.header().unwrap().clone();
+    h.parent_timestamp.0 += 1;
+    let other = dir.path().join("stale.vhd");
+    std::fs::copy(&child, &other).unwrap();
+    vhdkit::io::WriteAt::write_all_at(
+        &std::fs::OpenOptions::new()
+            .write(true)
+            .open(&other)
+            .unwrap(),
+        &h.to_bytes(),
+        img.header_offset(),
+    )
+    .unwrap();
+    let e = merge(
+        &other,
+        &MergeOptions {
+            force: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("time stamp"), "{e}");
+    std::fs::remove_file(&other).unwrap();
+
+    // A disk that is not differencing is not merged.
+    let e = merge(&base, &MergeOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("only a differencing disk"), "{e}");
+    assert_eq!(std::fs::read(&base).unwrap(), base_bytes);
+
+    // With force, the sibling is reported.
+    let r = merge(
+        &child,
+        &MergeOptions {
+            force: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.other_children, vec![sibling]);
+    assert_same("base", &content(&base), &model);
+}
+
+#[test]
+fn a_merge_cut_at_any_point_leaves_the_parent_valid_and_the_chain_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 3 * MIB;
+    let (base, child, model) = base_and_child(dir.path(), size, 512 << 10);
+    let initial = std::fs::read(&base).unwrap();
+    let log: OpLog = Default::default();
+    merge_recording(&child, &MergeOptions::default(), log.clone()).unwrap();
+    let ops = log.lock().unwrap().clone();
+    assert!(ops.len() > 10, "{} operations", ops.len());
+    for k in 0..=ops.len() {
+        let mut file = initial.clone();
+        for op in &ops[..k] {
+            if let FileOp::Write(off, data) = op {
+                let end = *off as usize + data.len();
+                if file.len() < end {
+                    file.resize(end, 0);
+                }
+                file[*off as usize..end].copy_from_slice(data);
+            }
+        }
+        std::fs::write(&base, &file).unwrap();
+        Image::open(&base).unwrap_or_else(|e| panic!("after {k} of {} operations: {e}", ops.len()));
+        assert_same(
+            &format!("the chain after {k} operations"),
+            &content(&child),
+            &model,
+        );
+    }
+    assert_same("the parent after all", &content(&base), &model);
 }
