@@ -289,17 +289,29 @@ impl VhdWriter {
     fn backing_is_zero(&self, offset: u64, len: u64) -> Result<bool> {
         match self.img.parent() {
             None => Ok(true),
-            Some(p) => Ok(p
-                .map(offset, len)?
-                .iter()
-                .all(|e| e.kind == ExtentKind::Zero)),
+            Some(p) => {
+                // A parent smaller than the child reads as zeros past its end.
+                let n = p.virtual_size().saturating_sub(offset).min(len);
+                Ok(n == 0 || p.map(offset, n)?.iter().all(|e| e.kind == ExtentKind::Zero))
+            }
         }
     }
 
     /// Reads what lies beneath this file: the parent, or zeros.
     fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match self.img.parent() {
-            Some(p) => p.read_exact_at(buf, offset),
+            Some(p) => {
+                // A parent smaller than the child reads as zeros past its end.
+                let n = p
+                    .virtual_size()
+                    .saturating_sub(offset)
+                    .min(buf.len() as u64) as usize;
+                buf[n..].fill(0);
+                if n > 0 {
+                    p.read_exact_at(&mut buf[..n], offset)?;
+                }
+                Ok(())
+            }
             None => {
                 buf.fill(0);
                 Ok(())

@@ -890,3 +890,157 @@ fn a_merge_cut_at_any_point_leaves_the_parent_valid_and_the_chain_unchanged() {
     }
     assert_same("the parent after all", &content(&base), &model);
 }
+
+// ------------------------------------------------------------ the CLI
+
+/// Runs the vhdkit binary; returns exit status, stdout, stderr.
+#[cfg(feature = "cli")]
+fn cli(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_vhdkit"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    (
+        o.status.code().unwrap(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        err,
+    )
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn cli_create_and_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    let (code, out, err) = cli(&[
+        os("create"),
+        p("d.vhd").as_os_str(),
+        os("--size"),
+        os("6M"),
+        os("--block-size"),
+        os("1M"),
+        os("--json"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["schema"], 1);
+    assert_eq!(v["type"], "dynamic");
+    assert_eq!(v["virtual_size"], 6 * MIB);
+    assert_eq!(v["block_size"], MIB);
+    let img = Image::open(p("d.vhd")).unwrap();
+    assert_eq!(v["unique_id"], img.footer().unwrap().unique_id.to_string());
+
+    let (code, _, err) = cli(&[os("create"), p("d.vhd").as_os_str(), os("--size"), os("1M")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--force"), "{err}");
+    let (code, _, err) = cli(&[
+        os("create"),
+        p("f.vhd").as_os_str(),
+        os("--size"),
+        os("1000"),
+        os("--type"),
+        os("fixed"),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("multiple of 512"), "{err}");
+    let (code, out, err) = cli(&[
+        os("create"),
+        p("a.vhd").as_os_str(),
+        os("--size"),
+        os("1000K"),
+        os("--type"),
+        os("fixed"),
+        os("--azure"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("fixed VHD"), "{out}");
+    assert_eq!(Image::open(p("a.vhd")).unwrap().virtual_size(), MIB);
+
+    let (code, out, err) = cli(&[
+        os("create"),
+        p("c.vhd").as_os_str(),
+        os("--parent"),
+        p("d.vhd").as_os_str(),
+        os("--json"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["type"], "differencing");
+    assert_eq!(
+        v["parent_unique_id"],
+        img.footer().unwrap().unique_id.to_string()
+    );
+    let mut model = vec![0u8; 6 * MIB as usize];
+    {
+        let w = VhdWriter::open(p("c.vhd"), &OpenOptions::new()).unwrap();
+        put(&w, &mut model, &pattern(5, 100_000), 12_345);
+        w.close().unwrap();
+    }
+    // A second child shares the parent: refused without --force.
+    cli(&[
+        os("create"),
+        p("c2.vhd").as_os_str(),
+        os("--parent"),
+        p("d.vhd").as_os_str(),
+    ]);
+    let (code, _, err) = cli(&[os("merge"), p("c.vhd").as_os_str()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("c2.vhd") && err.contains("--force"), "{err}");
+    let (code, out, err) = cli(&[
+        os("merge"),
+        p("c.vhd").as_os_str(),
+        os("--force"),
+        os("--json"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["target"], p("d.vhd").to_str().unwrap());
+    assert_eq!(v["merged"][0]["path"], p("c.vhd").to_str().unwrap());
+    assert_eq!(
+        v["other_children"][0]["path"],
+        p("c2.vhd").to_str().unwrap()
+    );
+    assert!(v["bytes_copied"].as_u64().unwrap() >= 100_000);
+    assert_same("merged", &content(&p("d.vhd")), &model);
+}
+
+#[test]
+fn a_child_larger_than_its_parent_reads_zeros_past_the_parent() {
+    // Both 2 MiB blocks cover the child too.
+    const PSIZE: u64 = 2 * MIB + 512 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    create(&base, &CreateOptions::new(DiskKind::Dynamic, PSIZE)).unwrap();
+    let mut model = vec![0u8; 3 * MIB as usize];
+    {
+        let w = VhdWriter::open(&base, &OpenOptions::new()).unwrap();
+        put(&w, &mut model, &pattern(3, PSIZE as usize), 0);
+        w.close().unwrap();
+    }
+    let child = dir.path().join("child.vhd");
+    create_child(&child, &base, &ChildOptions::default()).unwrap();
+    // Grow the child's footer (both copies) to 3 MiB: a parent smaller
+    // than its child, as resizing a child makes.
+    let img = Image::open(&child).unwrap();
+    let f = img.footer().unwrap().resized(3 * MIB).to_bytes();
+    let len = img.file_len();
+    drop(img);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&child)
+        .unwrap();
+    vhdkit::io::WriteAt::write_all_at(&file, &f, 0).unwrap();
+    vhdkit::io::WriteAt::write_all_at(&file, &f, len - 512).unwrap();
+    drop(file);
+    let w = VhdWriter::open(&child, &OpenOptions::new()).unwrap();
+    assert_eq!(w.virtual_size(), 3 * MIB);
+    // Partial sectors past the parent's end are completed with zeros.
+    put(&w, &mut model, &[7u8; 100], PSIZE - 50);
+    put(&w, &mut model, &[0u8; 10], PSIZE + 600);
+    assert_same("through the writer", &writer_content(&w), &model);
+    w.close().unwrap();
+    assert_same("reopened", &content(&child), &model);
+}
