@@ -185,6 +185,9 @@ impl VhdWriter {
             }
             _ => (Vec::new(), 0),
         };
+        if let Some(h) = img.header() {
+            check_blocks(&img, h, &bat)?;
+        }
         let footer_bytes = footer.to_bytes();
         Ok(VhdWriter {
             path: path.to_path_buf(),
@@ -518,6 +521,47 @@ impl Drop for VhdWriter {
     fn drop(&mut self) {
         let _ = self.flush();
     }
+}
+
+/// Refuses an image whose blocks overlap its metadata (footer copy,
+/// header, BAT, parent locator data) or each other: a write into such a
+/// block would overwrite what it overlaps. (`Image::open` refuses such
+/// images today; this check keeps the writer safe whatever the reader
+/// comes to tolerate.)
+fn check_blocks(img: &Image, h: &crate::ondisk::DynamicHeader, bat: &[u32]) -> Result<()> {
+    use crate::ondisk::Bat;
+    let mut meta_end = (img.header_offset() + crate::ondisk::HEADER_SIZE as u64)
+        .max(h.table_offset + Bat::disk_size(u64::from(h.max_table_entries)));
+    for l in h.parent_locators.iter().filter(|l| !l.is_empty()) {
+        meta_end = meta_end.max(l.data_offset.saturating_add(u64::from(l.data_length)));
+    }
+    let span = img.bitmap_size() + img.block_size();
+    let mut blocks: Vec<(u64, usize)> = bat
+        .iter()
+        .enumerate()
+        .filter(|(_, &e)| e != UNALLOCATED)
+        .map(|(i, &e)| (u64::from(e) * SECTOR, i))
+        .collect();
+    blocks.sort_unstable();
+    let refuse = |i: usize, at: u64, what: String| {
+        Err(Error::InvalidArgument(format!(
+            "{}: BAT entry {i} (block at offset {at}) overlaps {what}; it cannot be written",
+            img.path().display()
+        )))
+    };
+    let mut prev: Option<(u64, usize)> = None;
+    for &(at, i) in &blocks {
+        if at < meta_end {
+            return refuse(i, at, format!("the metadata, which ends at {meta_end}"));
+        }
+        if let Some((p, j)) = prev {
+            if at < p + span {
+                return refuse(i, at, format!("the block of BAT entry {j} at {p}"));
+            }
+        }
+        prev = Some((at, i));
+    }
+    Ok(())
 }
 
 trait AllSetIn {

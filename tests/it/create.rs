@@ -377,6 +377,18 @@ fn writes_into_differencing_disks_keep_the_parent_and_read_through_it() {
         base_bytes,
         "parent file untouched"
     );
+    // qemu-img has no VHD differencing support: it reads a child without
+    // its parent, ignoring the bitmaps. It must still read every sector
+    // the child holds as vhdkit does, and zeros elsewhere (the child's data
+    // areas are zero wherever it holds nothing).
+    let mut own = vec![0u8; size as usize];
+    for e in Image::open(&child).unwrap().map_shallow(0, size).unwrap() {
+        if e.is_data() {
+            let r = e.offset as usize..e.end() as usize;
+            own[r.clone()].copy_from_slice(&model[r]);
+        }
+    }
+    qemu_compare(&child, &own);
     // Sectors written in part hold the parent's bytes around the write.
     let img = Image::open(&child).unwrap();
     let mut sector = [0u8; 512];
@@ -1040,4 +1052,35 @@ fn a_child_larger_than_its_parent_reads_zeros_past_the_parent() {
     assert_same("through the writer", &writer_content(&w), &model);
     w.close().unwrap();
     assert_same("reopened", &content(&child), &model);
+}
+
+#[test]
+fn a_writer_refuses_blocks_that_overlap_metadata_or_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.vhd");
+    create(
+        &p,
+        &CreateOptions::new(DiskKind::Dynamic, 4 * MIB).block_size(512 << 10),
+    )
+    .unwrap();
+    {
+        let w = VhdWriter::open(&p, &OpenOptions::new()).unwrap();
+        w.write_all_at(&[1u8; 512], 0).unwrap();
+        w.write_all_at(&[2u8; 512], 512 << 10).unwrap();
+        w.close().unwrap();
+    }
+    let img = Image::open(&p).unwrap();
+    let table = img.header().unwrap().table_offset;
+    let first = img.bat().unwrap().entries[0];
+    drop(img);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    // Entry 1 names entry 0's block: two blocks in the same bytes.
+    vhdkit::io::WriteAt::write_all_at(&f, &first.to_be_bytes(), table + 4).unwrap();
+    drop(f);
+    let before = std::fs::read(&p).unwrap();
+    match VhdWriter::open(&p, &OpenOptions::new()) {
+        Ok(_) => panic!("a writer opened an image whose blocks overlap"),
+        Err(e) => assert!(e.to_string().contains("BAT entry"), "{e}"),
+    }
+    assert_eq!(std::fs::read(&p).unwrap(), before);
 }
