@@ -53,7 +53,7 @@ use crate::error::{Error, Result};
 use crate::image::{ExtentKind, Format, Image, OpenOptions};
 use crate::io::{ReadAt, WriteAt};
 use crate::ondisk::{SectorBitmap, FOOTER_SIZE, SECTOR, UNALLOCATED};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -82,8 +82,10 @@ struct Meta {
     end: u64,
     dirty_bat: BTreeSet<u64>,
     dirty_bitmaps: BTreeSet<u64>,
-    /// Bitmaps read or changed, by block.
+    /// Partial bitmaps read or changed since the last flush, by block.
     bitmaps: HashMap<u64, Vec<u8>>,
+    /// Blocks whose bitmap is all set (no bitmap kept for them).
+    full: HashSet<u64>,
 }
 
 /// A VHD open for writing. See the [module documentation](self).
@@ -203,6 +205,7 @@ impl VhdWriter {
                 dirty_bat: BTreeSet::new(),
                 dirty_bitmaps: BTreeSet::new(),
                 bitmaps: HashMap::new(),
+                full: HashSet::new(),
             }),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             gate: RwLock::new(()),
@@ -322,20 +325,27 @@ impl VhdWriter {
         }
     }
 
-    /// The bitmap of block `b`, stored at `base`: cached, or read.
-    fn bitmap(&self, b: u64, base: u64) -> Result<Vec<u8>> {
-        if let Some(bm) = self.meta.lock().expect("meta").bitmaps.get(&b) {
-            return Ok(bm.clone());
+    /// The bitmap of block `b`, stored at `base`: `None` when all its bits
+    /// are set, else the bitmap (cached until the next flush, or read).
+    fn bitmap(&self, b: u64, base: u64) -> Result<Option<Vec<u8>>> {
+        {
+            let m = self.meta.lock().expect("meta");
+            if m.full.contains(&b) {
+                return Ok(None);
+            }
+            if let Some(bm) = m.bitmaps.get(&b) {
+                return Ok(Some(bm.clone()));
+            }
         }
         let mut bm = vec![0u8; self.bitmap_size as usize];
         self.file_read(&mut bm, base)?;
-        self.meta
-            .lock()
-            .expect("meta")
-            .bitmaps
-            .entry(b)
-            .or_insert(bm.clone());
-        Ok(bm)
+        let mut m = self.meta.lock().expect("meta");
+        if SectorBitmap(&bm).all_set(self.block_size / SECTOR) {
+            m.full.insert(b);
+            return Ok(None);
+        }
+        m.bitmaps.entry(b).or_insert(bm.clone());
+        Ok(Some(bm))
     }
 
     /// Gives block `b` a slot at the end of the file; returns its BAT entry.
@@ -361,7 +371,11 @@ impl VhdWriter {
         m.end = new_end;
         m.bat[b as usize] = entry;
         m.dirty_bat.insert(b * 4 / SECTOR);
-        m.bitmaps.insert(b, bitmap);
+        if self.format == Format::Dynamic {
+            m.full.insert(b);
+        } else {
+            m.bitmaps.insert(b, bitmap);
+        }
         Ok(entry)
     }
 
@@ -378,7 +392,10 @@ impl VhdWriter {
         }
         let base = u64::from(entry) * SECTOR;
         let data_at = base + self.bitmap_size;
-        let mut bitmap = self.bitmap(b, base)?;
+        let Some(mut bitmap) = self.bitmap(b, base)? else {
+            // Every sector is the block's own: the bytes go in place.
+            return self.file_write(data, data_at + in_block);
+        };
         let bits = SectorBitmap(&bitmap);
         let s0 = in_block / SECTOR;
         let s1 = (in_block + len).div_ceil(SECTOR);
@@ -447,7 +464,9 @@ impl VhdWriter {
             return self.read_backing(out, vbase + in_block);
         }
         let base = u64::from(entry) * SECTOR;
-        let bitmap = self.bitmap(b, base)?;
+        let Some(bitmap) = self.bitmap(b, base)? else {
+            return self.file_read(out, base + self.bitmap_size + in_block);
+        };
         let end = in_block + out.len() as u64;
         for (s, n, set) in SectorBitmap(&bitmap).runs(in_block / SECTOR, end.div_ceil(SECTOR)) {
             let from = (s * SECTOR).max(in_block);
@@ -478,11 +497,25 @@ impl VhdWriter {
         if m.dirty_bat.is_empty() && m.dirty_bitmaps.is_empty() {
             return Ok(());
         }
-        for b in std::mem::take(&mut m.dirty_bitmaps) {
+        // The dirty sets are cleared only once written: a flush that fails
+        // leaves them for the next one.
+        let dirty: Vec<u64> = m.dirty_bitmaps.iter().copied().collect();
+        for b in dirty {
             let at = u64::from(m.bat[b as usize]) * SECTOR;
             self.file_write(&m.bitmaps[&b], at)?;
+            m.dirty_bitmaps.remove(&b);
         }
-        for sec in std::mem::take(&mut m.dirty_bat) {
+        // What is on disk need not be kept: the cache stays as small as
+        // the writes between two flushes (full blocks cost a set entry).
+        let sectors = self.block_size / SECTOR;
+        let m = &mut *m;
+        for (b, bm) in m.bitmaps.drain() {
+            if SectorBitmap(&bm).all_set(sectors) {
+                m.full.insert(b);
+            }
+        }
+        let dirty: Vec<u64> = m.dirty_bat.iter().copied().collect();
+        for sec in dirty {
             let mut bytes = vec![0xffu8; SECTOR as usize];
             let first = (sec * SECTOR / 4) as usize;
             for (i, e) in m.bat.iter().skip(first).take(128).enumerate() {
@@ -496,6 +529,7 @@ impl VhdWriter {
                 bytes[(i - first) * 4..(i - first) * 4 + 4].copy_from_slice(&e.to_be_bytes());
             }
             self.file_write(&bytes, self.table_offset + sec * SECTOR)?;
+            m.dirty_bat.remove(&sec);
         }
         self.sync()
     }

@@ -273,6 +273,8 @@ fn writes_into_dynamic_disks_of_every_block_size_read_the_same_in_qemu() {
         w.close().unwrap();
         assert_same(&format!("block size {bs}"), &content(&p), &model);
         qemu_compare(&p, &model);
+        let report = vhdkit::check(&p, &vhdkit::CheckOptions::default()).unwrap();
+        assert!(report.is_clean(), "{:?}", report.problems);
         // Every block of the file starts its data on 4 KiB.
         let img = Image::open(&p).unwrap();
         for e in img
@@ -1083,4 +1085,75 @@ fn a_writer_refuses_blocks_that_overlap_metadata_or_each_other() {
         Err(e) => assert!(e.to_string().contains("BAT entry"), "{e}"),
     }
     assert_eq!(std::fs::read(&p).unwrap(), before);
+}
+
+#[test]
+fn writes_into_a_real_dynamic_disk_with_partial_bitmaps() {
+    // hst-imager__1gb.vhd (corpus): made by another tool ('dutl'), two
+    // blocks allocated with partial sector bitmaps, whose clear sectors
+    // read as zeros whatever the file holds there.
+    let gz = crate::common::corpus().join("hst-imager__1gb.vhd.gz");
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap()),
+        &mut bytes,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("hst.vhd");
+    std::fs::write(&p, &bytes).unwrap();
+    let img = Image::open(&p).unwrap();
+    let bs = img.block_size();
+    let allocated: Vec<u64> = img
+        .bat()
+        .unwrap()
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, &e)| e != u32::MAX)
+        .map(|(i, _)| i as u64)
+        .collect();
+    assert_eq!(allocated.len(), 2);
+    // The model: the allocated blocks and the block after each.
+    let ranges: Vec<(u64, u64)> = allocated.iter().map(|&b| (b * bs, 2 * bs)).collect();
+    let mut models: Vec<Vec<u8>> = ranges
+        .iter()
+        .map(|&(o, l)| {
+            let mut v = vec![0u8; l as usize];
+            img.read_exact_at(&mut v, o).unwrap();
+            v
+        })
+        .collect();
+    drop(img);
+    let w = VhdWriter::open(&p, &OpenOptions::new()).unwrap();
+    for (k, &(o, _)) in ranges.iter().enumerate() {
+        // Unaligned writes over set and clear sectors alike, and one into
+        // the next (unallocated) block.
+        for (i, (at, len)) in [
+            (100u64, 3000usize),
+            (70_001, 1),
+            (bs - 300, 900),
+            (bs / 2, 4096),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data = pattern((k * 10 + i) as u64, len);
+            w.write_all_at(&data, o + at).unwrap();
+            models[k][at as usize..at as usize + len].copy_from_slice(&data);
+        }
+    }
+    let check = |what: &str, read: &dyn Fn(&mut [u8], u64)| {
+        for (k, &(o, l)) in ranges.iter().enumerate() {
+            let mut v = vec![0u8; l as usize];
+            read(&mut v, o);
+            assert_same(what, &v, &models[k]);
+        }
+    };
+    check("through the writer", &|b, o| w.read_exact_at(b, o).unwrap());
+    w.close().unwrap();
+    let img = Image::open(&p).unwrap();
+    check("reopened", &|b, o| img.read_exact_at(b, o).unwrap());
+    let report = vhdkit::check(&p, &vhdkit::CheckOptions::default()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
 }
