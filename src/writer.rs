@@ -124,9 +124,10 @@ impl VhdWriter {
     /// read), and takes an exclusive lock on it.
     ///
     /// # Errors
-    /// The open errors of [`Image::open_with`]; [`Error::Unsupported`]-like
-    /// [`Error::InvalidArgument`] for a raw image, a file whose end footer
-    /// is missing or damaged, or a file locked by another writer.
+    /// The open errors of [`Image::open_with`]; [`Error::InvalidArgument`]
+    /// for a raw image, a missing parent, a file whose end footer is
+    /// missing, damaged or 511 bytes long, blocks that overlap metadata or
+    /// each other, or a file locked by another writer.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<VhdWriter> {
         Self::open_inner(path.as_ref(), opts, None)
     }
