@@ -37,17 +37,22 @@ compile_error!(
 
 pub mod check;
 pub mod convert;
+pub mod create;
 pub mod detect;
 pub mod error;
 pub mod image;
 pub mod io;
+pub mod merge;
 pub mod ondisk;
 pub mod ops;
 pub mod scan;
 pub mod vhdx;
 pub mod write;
+pub mod writer;
 
 pub use check::{check, CheckOptions, CheckReport, Problem, Severity};
 pub use convert::{cancel_all, clear_cancel, convert, ConvertOptions, Progress, Report, Target};
+pub use create::{create, create_child, ChildOptions, CreateOptions, Created, DiskKind};
 pub use error::{Error, Result};
 pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, Reader};
+pub use writer::VhdWriter;

@@ -70,6 +70,12 @@ enum To {
     Dynamic,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum NewType {
+    Fixed,
+    Dynamic,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Describe an image: type, sizes, geometry, creator, blocks, parents
@@ -145,6 +151,67 @@ enum Cmd {
         #[arg(long, short)]
         quiet: bool,
         /// Print the summary as one JSON document (fields in the README)
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
+    /// Create a new empty disk: fixed, dynamic, or a differencing child of a parent
+    #[command(after_help = "Examples:\n  vhdkit create disk.vhd --size 20G\n  \
+                            vhdkit create disk.vhd --size 20G --type fixed\n  \
+                            vhdkit create upload.vhd --size 30000M --type fixed --azure\n  \
+                            vhdkit create disk.vhd --size 1T --block-size 512K\n  \
+                            vhdkit create snapshot.vhd --parent base.vhd")]
+    Create {
+        /// The new file (refused if it exists, unless --force)
+        output: PathBuf,
+        /// The virtual size: bytes, or with K/M/G/T (binary); a multiple of 512. Not with --parent (a child has its parent's size)
+        #[arg(long, value_parser = parse_size, required_unless_present = "parent")]
+        size: Option<u64>,
+        /// The disk type (not with --parent, whose child is differencing)
+        #[arg(
+            long = "type",
+            value_enum,
+            default_value = "dynamic",
+            value_name = "TYPE"
+        )]
+        kind: NewType,
+        /// Block size of a dynamic or differencing disk (power of two, 512K to 256M; default 2M, or the parent's)
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
+        /// Round the size up to a whole MiB (Azure's rule)
+        #[arg(long)]
+        azure: bool,
+        /// Make a differencing disk whose parent is this VHD (fixed, dynamic or differencing)
+        #[arg(long, value_name = "BASE", conflicts_with_all = ["size", "azure"])]
+        parent: Option<PathBuf>,
+        /// A folder the parent's own parents may be opened from (repeatable)
+        #[arg(long = "parent-dir", value_name = "DIR", requires = "parent")]
+        parent_dirs: Vec<PathBuf>,
+        /// Replace an existing file
+        #[arg(long)]
+        force: bool,
+        /// Do not sync the new file to disk before renaming it into place
+        #[arg(long)]
+        no_sync: bool,
+        /// Print one JSON document (fields in the README)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fold a differencing disk into its parent (or an ancestor), in place
+    #[command(after_help = "Examples:\n  vhdkit merge snapshot.vhd\n  \
+                            vhdkit merge snap2.vhd --into base.vhd\n  \
+                            vhdkit merge --json snapshot.vhd")]
+    Merge {
+        /// The differencing disk whose content goes into its parent (left as it is)
+        child: PathBuf,
+        /// The ancestor to merge into, further down the chain (default: the parent); every layer between is folded in too
+        #[arg(long, value_name = "ANCESTOR")]
+        into: Option<PathBuf>,
+        /// Merge even when other differencing disks depend on the disk merged into (their content changes)
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON document (fields in the README)
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -310,6 +377,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The open flags of a command that has none of its own.
+static NO_OPEN_ARGS: OpenArgs = OpenArgs {
+    parents: Vec::new(),
+    parent_dirs: Vec::new(),
+    ignore_checksums: false,
+    format: None,
+};
+
 /// What ran, as far as the advice after an error depends on it.
 struct Context {
     convert: bool,
@@ -326,10 +401,12 @@ impl Context {
             | Cmd::Compare { open, .. }
             | Cmd::Checksum { open, .. }
             | Cmd::Sparsify { open, .. }
-            | Cmd::Resize { open, .. } => open,
+            | Cmd::Resize { open, .. }
+            | Cmd::Merge { open, .. } => open,
+            Cmd::Create { .. } => &NO_OPEN_ARGS,
         };
         Context {
-            convert: matches!(cli.cmd, Cmd::Convert { .. }),
+            convert: matches!(cli.cmd, Cmd::Convert { .. } | Cmd::Create { .. }),
             ignore_checksums: open.ignore_checksums,
         }
     }
@@ -350,6 +427,11 @@ fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
         vhdkit::Error::OutputExists(_) if ctx.convert => Some("add --force to replace it".into()),
         vhdkit::Error::InvalidArgument(m) if m.ends_with("shrinking was not asked for") => {
             Some("add --shrink to shrink it".into())
+        }
+        vhdkit::Error::InvalidArgument(m)
+            if m.contains("other differencing disks depend on it") =>
+        {
+            Some("add --force to merge anyway".into())
         }
         vhdkit::Error::ForeignFormat { .. } => {
             Some("to read its bytes as a raw disk anyway, add --format raw".into())
@@ -470,6 +552,85 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             }
             Ok(OK)
         }
+        Cmd::Merge {
+            child,
+            into,
+            force,
+            json,
+            open,
+        } => {
+            let opts = vhdkit::merge::MergeOptions {
+                into,
+                force,
+                open: open.options(),
+            };
+            let r = vhdkit::merge::merge(&child, &opts)?;
+            if json {
+                let mut v = json!({"bytes_copied": r.bytes_copied});
+                put_path(&mut v, "child", &child);
+                put_path(&mut v, "target", &r.target);
+                v["merged"] = Value::Array(
+                    r.merged
+                        .iter()
+                        .map(|p| {
+                            let mut o = json!({});
+                            put_path(&mut o, "path", p);
+                            o
+                        })
+                        .collect(),
+                );
+                v["other_children"] = Value::Array(
+                    r.other_children
+                        .iter()
+                        .map(|p| {
+                            let mut o = json!({});
+                            put_path(&mut o, "path", p);
+                            o
+                        })
+                        .collect(),
+                );
+                print_doc(&v);
+            } else {
+                outln!(
+                    "{}: merged into {} ({} copied); {} is no longer needed",
+                    child.display(),
+                    r.target.display(),
+                    human(r.bytes_copied),
+                    child.display()
+                );
+                for o in &r.other_children {
+                    eprintln!(
+                        "vhdkit: warning: {} depends on {} and its content changed",
+                        o.display(),
+                        r.target.display()
+                    );
+                }
+            }
+            Ok(OK)
+        }
+        Cmd::Create {
+            output,
+            size,
+            kind,
+            block_size,
+            azure,
+            parent,
+            parent_dirs,
+            force,
+            no_sync,
+            json,
+        } => create_cmd(
+            &output,
+            size,
+            kind,
+            block_size,
+            azure,
+            parent.as_deref(),
+            &parent_dirs,
+            force,
+            !no_sync,
+            json,
+        ),
     }
 }
 
@@ -719,6 +880,92 @@ fn checksum_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u
         print_doc(&v);
     } else {
         outln!("{crc:08x} {size} {}", path.display());
+    }
+    Ok(OK)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn create_cmd(
+    output: &Path,
+    size: Option<u64>,
+    kind: NewType,
+    block_size: Option<u64>,
+    azure: bool,
+    parent: Option<&Path>,
+    parent_dirs: &[PathBuf],
+    force: bool,
+    sync: bool,
+    as_json: bool,
+) -> vhdkit::Result<u8> {
+    let block_size = match block_size {
+        Some(b) => Some(u32::try_from(b).map_err(|_| {
+            vhdkit::Error::InvalidArgument(format!("--block-size {b}: at most 256M"))
+        })?),
+        None => None,
+    };
+    let made = match parent {
+        Some(base) => {
+            if kind == NewType::Fixed {
+                return Err(vhdkit::Error::InvalidArgument(
+                    "--type fixed does not go with --parent (a child is a differencing disk)"
+                        .into(),
+                ));
+            }
+            let mut open = OpenOptions::new();
+            for d in parent_dirs {
+                open = open.parent_dir(d);
+            }
+            let opts = vhdkit::ChildOptions {
+                block_size,
+                overwrite: force,
+                sync,
+                open,
+            };
+            vhdkit::create_child(output, base, &opts)?
+        }
+        None => {
+            let k = match kind {
+                NewType::Fixed => vhdkit::DiskKind::Fixed,
+                NewType::Dynamic => vhdkit::DiskKind::Dynamic,
+            };
+            if k == vhdkit::DiskKind::Fixed && block_size.is_some() {
+                return Err(vhdkit::Error::InvalidArgument(
+                    "--block-size goes with a dynamic or differencing disk".into(),
+                ));
+            }
+            let mut opts = vhdkit::CreateOptions::new(k, size.unwrap_or(0))
+                .azure(azure)
+                .overwrite(force)
+                .sync(sync);
+            if let Some(b) = block_size {
+                opts = opts.block_size(b);
+            }
+            vhdkit::create(output, &opts)?
+        }
+    };
+    if as_json {
+        let mut v = json!({"type": made.disk_type.name(), "virtual_size": made.virtual_size,
+                   "rounded_from": made.rounded_from, "file_len": made.file_len,
+                   "block_size": made.block_size, "unique_id": made.unique_id.to_string()});
+        put_path(&mut v, "path", output);
+        if let Some((p, id)) = &made.parent {
+            put_path(&mut v, "parent", p);
+            v["parent_unique_id"] = json!(id.to_string());
+        }
+        print_doc(&v);
+    } else {
+        let parent = match &made.parent {
+            Some((p, _)) => format!(", child of {}", p.display()),
+            None => String::new(),
+        };
+        outln!(
+            "{}: {} VHD of {} ({} bytes){parent}, unique id {}",
+            output.display(),
+            made.disk_type,
+            human(made.virtual_size),
+            made.virtual_size,
+            made.unique_id
+        );
     }
     Ok(OK)
 }

@@ -11,6 +11,7 @@ mod make_testdata;
 mod cli;
 mod convert;
 mod corpus;
+mod create;
 mod durability;
 mod formats;
 mod hostile;
