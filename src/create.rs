@@ -382,6 +382,29 @@ pub fn create_child(
     })
 }
 
+impl Image {
+    /// Creates a new empty fixed or dynamic disk at `path` (see [`create`])
+    /// and opens it.
+    ///
+    /// # Errors
+    /// As [`create`], and as [`Image::open`].
+    pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Image> {
+        let c = create(path.as_ref(), opts)?;
+        Image::open(&c.path)
+    }
+
+    /// Creates a differencing disk at `path` whose parent is the VHD at
+    /// `parent` (see [`create_child`]), and opens it with its chain.
+    ///
+    /// # Errors
+    /// As [`create_child`], and as [`Image::open_with`].
+    pub fn create_child(path: impl AsRef<Path>, parent: impl AsRef<Path>) -> Result<Image> {
+        let opts = ChildOptions::default();
+        let c = create_child(path.as_ref(), parent.as_ref(), &opts)?;
+        Image::open_with(&c.path, &opts.open.clone().parent(parent.as_ref()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

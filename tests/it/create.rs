@@ -135,6 +135,35 @@ fn create_azure_rounds_up_and_bad_sizes_are_refused() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
+/// `Image::create` and `Image::create_child` create and open in one call:
+/// the new disk is empty, of the kind and size asked for, and the child
+/// reads through its parent.
+#[test]
+fn image_create_and_create_child_open_what_they_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = Image::create(
+        dir.path().join("f.vhd"),
+        &CreateOptions::new(DiskKind::Fixed, 3 << 20),
+    )
+    .unwrap();
+    assert_eq!(fixed.disk_type(), Format::Fixed);
+    assert_eq!(fixed.virtual_size(), 3 << 20);
+    let base = dir.path().join("base.vhd");
+    let dynamic = Image::create(&base, &CreateOptions::new(DiskKind::Dynamic, 4 << 20)).unwrap();
+    assert_eq!(dynamic.disk_type(), Format::Dynamic);
+    assert_eq!(dynamic.allocated_blocks(), 0);
+    drop(dynamic);
+    let w = VhdWriter::open(&base, &OpenOptions::new()).unwrap();
+    w.write_all_at(&[0x5a; 4096], 1 << 20).unwrap();
+    w.close().unwrap();
+    let child = Image::create_child(dir.path().join("child.vhd"), &base).unwrap();
+    assert_eq!(child.disk_type(), Format::Differencing);
+    assert_eq!(child.chain().len(), 2);
+    let mut b = vec![0u8; 4096];
+    child.read_exact_at(&mut b, 1 << 20).unwrap();
+    assert_eq!(b, vec![0x5a; 4096], "the child reads its parent's data");
+}
+
 /// The data of locator `i` of `img`, decoded from UTF-16 LE.
 fn locator_text(img: &Image, i: usize) -> (PlatformCode, String, u64, u32) {
     let l = img.header().unwrap().parent_locators[i];
