@@ -46,6 +46,8 @@ pub enum AzureErrorKind {
     },
     /// The blob's contents after the upload are not what was sent.
     Verify,
+    /// The upload was cancelled; the blob is left without a footer.
+    Interrupted,
     /// Any other answer of the service, or a transport error that retries
     /// did not overcome.
     Service,

@@ -338,7 +338,13 @@ impl Uploader {
             .is_some_and(|c| c.load(Ordering::SeqCst))
             || crate::convert::CANCEL_ALL.load(Ordering::SeqCst)
         {
-            return Err(Error::Interrupted);
+            return Err(AzureError::error(
+                AzureErrorKind::Interrupted,
+                self.shared.blob.url.to_string(),
+                "interrupted: the blob holds part of the image and no footer, so it is not a \
+                 valid VHD; a resumed upload continues it"
+                    .into(),
+            ));
         }
         if self.shared.failed.load(Ordering::SeqCst) {
             return Err(self.take_error());

@@ -385,8 +385,11 @@ fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
             vhdkit::azure::AzureErrorKind::WrongSize { .. } => {
                 Some("`vhdkit info --azure IMAGE` prints the size a blob must have for it".into())
             }
-            vhdkit::azure::AzureErrorKind::InvalidUrl => {
+            vhdkit::azure::AzureErrorKind::InvalidUrl if a.message.contains("plain HTTP") => {
                 Some("--allow-http permits plain HTTP to other hosts".into())
+            }
+            vhdkit::azure::AzureErrorKind::Interrupted => {
+                Some("run the same command with --resume to continue".into())
             }
             _ => None,
         },

@@ -937,3 +937,103 @@ fn a_pipe_input_skips_zeros_and_learns_its_size() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     check_blob(&az.blob("sized.vhd"), &data, "piped into an empty blob");
 }
+
+#[test]
+fn a_terminated_upload_stops_cleanly_and_says_how_to_resume() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let data = scattered_raw(16 << 20, 29);
+    std::fs::write(&raw, &data).unwrap();
+    let proxy = Proxy::start(
+        az.port,
+        Faults {
+            every_503: 0,
+            every_drop: 0,
+            delay: Duration::from_millis(100),
+        },
+    );
+    let url = proxy.url(&az, "stopped.vhd");
+    let sig = sig_of(&az.sas());
+    let child = Command::new(env!("CARGO_BIN_EXE_vhdkit"))
+        .args(["convert", raw.to_str().unwrap(), &url, "--parallel", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.requests.load(Ordering::SeqCst) < 6 {
+        assert!(Instant::now() < deadline, "the upload made no requests");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("interrupted") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&sig), "{stderr}");
+    // No footer: not a valid VHD; --resume then finishes it.
+    std::thread::sleep(Duration::from_millis(300));
+    let src = BlobSource::open(&az.blob("stopped.vhd")).unwrap();
+    let mut tail = vec![0u8; 512];
+    src.read_exact_at(&mut tail, src.len() - 512).unwrap();
+    assert!(tail.iter().all(|&b| b == 0));
+    let r = vhdkit(
+        &[
+            "convert",
+            raw.to_str().unwrap(),
+            &az.url("stopped.vhd"),
+            "--resume",
+            "-q",
+        ],
+        None,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    check_blob(&az.blob("stopped.vhd"), &data, "resumed after SIGTERM");
+}
+
+#[test]
+fn blob_sources_read_by_ranges_and_name_what_is_missing() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let data = scattered_raw(6 << 20, 31);
+    std::fs::write(&raw, &data).unwrap();
+    vhdkit::azure::upload(&raw, &az.blob("src.vhd"), &UploadOptions::new()).unwrap();
+    let src = BlobSource::open(&az.blob("src.vhd")).unwrap();
+    assert!(src.is_page_blob() && src.len() == (6 << 20) + 512);
+    // Reads at odd offsets and lengths, across ranges and holes.
+    for (off, len) in [
+        (0u64, 1usize),
+        (4095, 3),
+        (1 << 20, 5 << 20),
+        (123_457, 777_777),
+    ] {
+        let mut b = vec![0xAAu8; len];
+        src.read_exact_at(&mut b, off).unwrap();
+        vhdkit_common::assert_same(
+            &format!("{len} bytes at {off}"),
+            &b,
+            &data[off as usize..off as usize + len],
+        );
+    }
+    // Past the end: an error, not a short read.
+    let mut b = vec![0u8; 1024];
+    let e = src.read_exact_at(&mut b, src.len() - 512).unwrap_err();
+    assert!(e.to_string().contains("past the end"), "{e}");
+    let (requests, _) = src.requests();
+    assert!(requests > 0);
+    // A block blob is one range, read by ranged GETs too.
+    az.create_block_blob("block.bin");
+    let b = BlobSource::open(&az.blob("block.bin")).unwrap();
+    assert!(!b.is_page_blob() && b.is_empty());
+    assert!(b.data_ranges().unwrap().is_empty());
+    // A missing blob is named.
+    let e = BlobSource::open(&az.blob("nosuch.vhd")).unwrap_err();
+    assert!(e.to_string().contains("\"nosuch.vhd\" not found"), "{e}");
+    assert!(!e.to_string().contains(&sig_of(&az.sas())));
+}
