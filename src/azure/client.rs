@@ -22,9 +22,29 @@ use std::sync::Arc;
 /// backoff from 200 ms up to 10 s between tries and 2 minutes in all.
 pub(crate) const MAX_RETRIES: u32 = 8;
 
-/// Counts every try that reaches the transport (first tries and retries).
+/// How long one try may wait for its answer, by default.
+pub(crate) const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Retry and timeout settings of a blob's requests.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tuning {
+    pub timeout: std::time::Duration,
+    pub retries: u32,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            timeout: DEFAULT_TIMEOUT,
+            retries: MAX_RETRIES,
+        }
+    }
+}
+
+/// Counts every try that reaches the transport (first tries and retries),
+/// and gives each a time limit.
 #[derive(Debug)]
-struct CountTries(Arc<AtomicU64>);
+struct CountTries(Arc<AtomicU64>, std::time::Duration);
 
 #[async_trait::async_trait]
 impl Policy for CountTries {
@@ -35,7 +55,17 @@ impl Policy for CountTries {
         next: &[Arc<dyn Policy>],
     ) -> PolicyResult {
         self.0.fetch_add(1, Ordering::Relaxed);
-        match next[0].send(ctx, request, &next[1..]).await {
+        let limit = self.1;
+        let answer = match tokio::time::timeout(limit, next[0].send(ctx, request, &next[1..])).await
+        {
+            Ok(a) => a,
+            // An I/O error: the retry policy tries again.
+            Err(_) => Err(azure_core::Error::with_message(
+                ErrorKind::Io,
+                format!("timed out: no answer within {:.1} s", limit.as_secs_f64()),
+            )),
+        };
+        match answer {
             // A refused connection, a name that does not resolve and a
             // failed TLS handshake do not pass with retries: they are made
             // final here (the retry policy retries transport errors).
@@ -65,12 +95,12 @@ pub(crate) struct Properties {
     pub len: u64,
 }
 
-fn client_options(tries: &Arc<AtomicU64>) -> ClientOptions {
+fn client_options(tries: &Arc<AtomicU64>, t: Tuning) -> ClientOptions {
     ClientOptions {
-        per_try_policies: vec![Arc::new(CountTries(tries.clone()))],
+        per_try_policies: vec![Arc::new(CountTries(tries.clone(), t.timeout))],
         retry: RetryOptions::exponential(ExponentialRetryOptions {
             initial_delay: azure_core::time::Duration::milliseconds(200),
-            max_retries: MAX_RETRIES,
+            max_retries: t.retries,
             max_total_elapsed: azure_core::time::Duration::seconds(120),
             max_delay: azure_core::time::Duration::seconds(10),
         }),
@@ -79,7 +109,7 @@ fn client_options(tries: &Arc<AtomicU64>) -> ClientOptions {
 }
 
 impl Blob {
-    pub fn new(url: &BlobUrl) -> Result<Blob> {
+    pub fn new(url: &BlobUrl, t: Tuning) -> Result<Blob> {
         let tries = Arc::new(AtomicU64::new(0));
         let bad = |e: azure_core::Error| {
             AzureError::error(AzureErrorKind::InvalidUrl, url.to_string(), e.to_string())
@@ -88,7 +118,7 @@ impl Blob {
             url.secret_url().clone(),
             None,
             Some(BlobClientOptions {
-                client_options: client_options(&tries),
+                client_options: client_options(&tries, t),
                 ..Default::default()
             }),
         )
@@ -97,7 +127,7 @@ impl Blob {
             url.secret_url().clone(),
             None,
             Some(PageBlobClientOptions {
-                client_options: client_options(&tries),
+                client_options: client_options(&tries, t),
                 ..Default::default()
             }),
         )

@@ -47,7 +47,7 @@ impl BlobSource {
                     format!("starting the I/O runtime: {e}"),
                 )
             })?;
-        let blob = Blob::new(url)?;
+        let blob = Blob::new(url, Default::default())?;
         let Some(p) = rt.block_on(blob.properties())? else {
             return Err(AzureError::error(
                 AzureErrorKind::NotFound,
@@ -149,5 +149,15 @@ impl BlobSource {
     /// Requests made so far, and retries among them.
     pub fn requests(&self) -> (u64, u64) {
         (self.blob.calls(), self.blob.retries())
+    }
+}
+
+/// The storage trait of today's readers: positional reads and a length.
+impl crate::io::ReadAt for BlobSource {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        BlobSource::read_exact_at(self, buf, offset).map_err(Into::into)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.len)
     }
 }

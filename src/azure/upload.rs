@@ -42,6 +42,8 @@ pub struct UploadOptions {
     pub(crate) resume: bool,
     pub(crate) parallel: usize,
     pub(crate) size: Option<u64>,
+    pub(crate) timeout: Duration,
+    pub(crate) retries: u32,
     pub(crate) open: OpenOptions,
     pub(crate) progress: Option<Arc<dyn Progress>>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
@@ -55,6 +57,8 @@ impl Default for UploadOptions {
             resume: false,
             parallel: DEFAULT_PARALLEL,
             size: None,
+            timeout: super::client::DEFAULT_TIMEOUT,
+            retries: super::client::MAX_RETRIES,
             open: OpenOptions::default(),
             progress: None,
             cancel: None,
@@ -107,6 +111,25 @@ impl UploadOptions {
     pub fn virtual_size(mut self, bytes: u64) -> Self {
         self.size = Some(bytes);
         self
+    }
+    /// How long one try of a request may wait for its answer (default 60 s);
+    /// a try that times out is retried.
+    pub fn request_timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+    /// Retries of a request after throttling, server errors, timeouts and
+    /// dropped connections (default 8, with exponential backoff from 200 ms
+    /// to 10 s between tries, at most 2 minutes in all).
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.retries = n;
+        self
+    }
+    fn tuning(&self) -> super::client::Tuning {
+        super::client::Tuning {
+            timeout: self.timeout,
+            retries: self.retries,
+        }
     }
     /// How to open the input.
     pub fn open_options(mut self, o: OpenOptions) -> Self {
@@ -499,7 +522,7 @@ fn start(url: &BlobUrl, len: u64, opts: &UploadOptions) -> Result<Uploader> {
         ));
     }
     let rt = new_runtime(url)?;
-    let blob = Blob::new(url)?;
+    let blob = Blob::new(url, opts.tuning())?;
     let existing = rt.block_on(prepare(&blob, len, opts))?;
     let shared = Arc::new(Shared {
         blob,
@@ -701,7 +724,7 @@ pub fn upload_stream(
         Some(s) => Some(vhd_size(s, opts.exact_size)),
         None if !opts.overwrite && !opts.resume => {
             let rt = new_runtime(url)?;
-            let blob = Blob::new(url)?;
+            let blob = Blob::new(url, opts.tuning())?;
             rt.block_on(blob.properties())?
                 .filter(|p| p.page_blob && p.len > FOOTER_SIZE as u64 && p.len % SECTOR == 0)
                 .map(|p| p.len - FOOTER_SIZE as u64)

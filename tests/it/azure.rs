@@ -896,6 +896,40 @@ fn the_sas_signature_appears_in_no_error() {
             assert!(!format!("{e} {e:?}").contains(sig.as_str()), "{e:?}");
         }
     }
+    // A server that takes the request and never answers: a timeout, said so
+    // (with a short limit and one retry, to keep the test fast).
+    let hole = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hole.incoming().take(4).flatten() {
+            held.push(c); // kept open, never answered
+        }
+        std::thread::sleep(Duration::from_secs(20));
+    });
+    let u = BlobUrl::parse(
+        &format!("http://127.0.0.1:{hole_port}/{ACCOUNT}/vhds/a.vhd?{good}"),
+        false,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let e = vhdkit::azure::upload(
+        &raw,
+        &u,
+        &UploadOptions::new()
+            .request_timeout(Duration::from_millis(500))
+            .max_retries(1),
+    )
+    .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    match &e {
+        vhdkit::Error::Azure(a) => {
+            assert_eq!(a.kind, vhdkit::azure::AzureErrorKind::Timeout, "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert!(!format!("{e} {e:?}").contains(&sig_of(&good)));
     // The input is untouched.
     assert_eq!(std::fs::read(&raw).unwrap(), scattered_raw(1 << 20, 19));
 }
@@ -1021,6 +1055,12 @@ fn blob_sources_read_by_ranges_and_name_what_is_missing() {
             &data[off as usize..off as usize + len],
         );
     }
+    // Through the crate's positional-read trait too.
+    let as_trait: &dyn vhdkit::io::ReadAt = &src;
+    assert_eq!(as_trait.len().unwrap(), (6 << 20) + 512);
+    let mut b = vec![0u8; 8192];
+    as_trait.read_exact_at(&mut b, 4 << 20).unwrap();
+    vhdkit_common::assert_same("trait read", &b, &data[4 << 20..(4 << 20) + 8192]);
     // Past the end: an error, not a short read.
     let mut b = vec![0u8; 1024];
     let e = src.read_exact_at(&mut b, src.len() - 512).unwrap_err();
