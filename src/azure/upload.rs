@@ -722,7 +722,9 @@ pub fn upload_stream(
     // Learn a fixed size: given, or the size of an empty page blob there.
     let known = match opts.size {
         Some(s) => Some(vhd_size(s, opts.exact_size)),
-        None if !opts.overwrite && !opts.resume => {
+        // Resuming, the blob's size is the upload's; otherwise an empty
+        // page blob's size is taken (a managed disk cannot be resized).
+        None if !opts.overwrite => {
             let rt = new_runtime(url)?;
             let blob = Blob::new(url, opts.tuning())?;
             rt.block_on(blob.properties())?

@@ -462,6 +462,11 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                             .into(),
                     ));
                 }
+                if size.is_some() && input != Path::new("-") {
+                    return Err(vhdkit::Error::InvalidArgument(
+                        "--size goes with the input - (a stream); a file's size is known".into(),
+                    ));
+                }
                 let url = vhdkit::azure::BlobUrl::parse(url, allow_http)?;
                 let mut o = vhdkit::azure::UploadOptions::new()
                     .exact_size(exact_size)

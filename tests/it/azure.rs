@@ -970,6 +970,35 @@ fn a_pipe_input_skips_zeros_and_learns_its_size() {
     let r = vhdkit(&["convert", "-", &az.url("sized.vhd"), "-q"], Some(&data));
     assert_eq!(r.code, 0, "{}", r.stderr);
     check_blob(&az.blob("sized.vhd"), &data, "piped into an empty blob");
+    // --size given for a new blob.
+    let size = data.len().to_string();
+    let r = vhdkit(
+        &["convert", "-", &az.url("given.vhd"), "--size", &size, "-q"],
+        Some(&data),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    check_blob(&az.blob("given.vhd"), &data, "piped with --size");
+    // A stream longer than --size: refused.
+    let r = vhdkit(
+        &["convert", "-", &az.url("short.vhd"), "--size", "1M"],
+        Some(&data),
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("longer than"), "{}", r.stderr);
+    // Resumed from a pipe: the blob's size is the upload's; what is there is kept.
+    let r = vhdkit(
+        &["convert", "-", &az.url("piped.vhd"), "--resume", "--json"],
+        Some(&data),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = json(&r.stdout);
+    assert!(j["bytes_kept"].as_u64().unwrap() >= pages / 2, "{j}");
+    assert_eq!(
+        j["bytes_sent"].as_u64(),
+        Some(512),
+        "{j}: only the footer is sent"
+    );
+    check_blob(&az.blob("piped.vhd"), &data, "piped and resumed");
 }
 
 #[test]
