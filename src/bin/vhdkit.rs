@@ -319,6 +319,12 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { CANNOT_RUN } else { OK };
+            #[cfg(feature = "azure")]
+            if e.use_stderr() {
+                // An argument quoted back may be a SAS URL: its signature is redacted.
+                eprint!("{}", vhdkit::azure::redact(&e.render().to_string()));
+                return ExitCode::from(code);
+            }
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -400,7 +406,36 @@ fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
     }
 }
 
+/// Refuses a blob URL where an image is read: reading blobs is not done yet
+/// (only convert's output may be one). The URL is named with its SAS
+/// signature redacted, as everywhere.
+#[cfg(feature = "azure")]
+fn refuse_url_inputs(cmd: &Cmd) -> vhdkit::Result<()> {
+    let inputs: Vec<&PathBuf> = match cmd {
+        Cmd::Info { image, .. }
+        | Cmd::Check { image, .. }
+        | Cmd::Map { image, .. }
+        | Cmd::Checksum { image, .. }
+        | Cmd::Sparsify { image, .. }
+        | Cmd::Resize { image, .. } => vec![image],
+        Cmd::Compare { a, b, .. } => vec![a, b],
+        Cmd::Convert { input, .. } => vec![input],
+    };
+    for p in inputs {
+        if let Some(s) = p.to_str().filter(|s| vhdkit::azure::is_url(s)) {
+            return Err(vhdkit::Error::InvalidArgument(format!(
+                "{}: reading an image from a blob URL is not supported yet (a blob URL can be \
+                 convert's output)",
+                vhdkit::azure::redact(s)
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> vhdkit::Result<u8> {
+    #[cfg(feature = "azure")]
+    refuse_url_inputs(&cli.cmd)?;
     WRITES_OUTPUT.store(
         matches!(
             cli.cmd,

@@ -930,6 +930,26 @@ fn the_sas_signature_appears_in_no_error() {
     }
     assert!(e.to_string().contains("timed out"), "{e}");
     assert!(!format!("{e} {e:?}").contains(&sig_of(&good)));
+    // A blob URL as an input (not read yet): refused, the signature redacted.
+    let url = az.url("a.vhd");
+    for args in [
+        vec!["info", url.as_str()],
+        vec!["check", url.as_str()],
+        vec!["map", url.as_str()],
+        vec!["checksum", url.as_str()],
+        vec!["compare", raw_s, url.as_str()],
+        vec!["convert", url.as_str(), "out.raw", "--to", "raw"],
+    ] {
+        let r = vhdkit(&args, None);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("sig=REDACTED"), "{args:?}: {}", r.stderr);
+        assert!(!r.stderr.contains(&sig_of(&good)), "{args:?}: {}", r.stderr);
+    }
+    // A URL quoted back by the argument parser.
+    let r = vhdkit(&["convert", raw_s, url.as_str(), url.as_str()], None);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("sig=REDACTED"), "{}", r.stderr);
+    assert!(!r.stderr.contains(&sig_of(&good)), "{}", r.stderr);
     // The input is untouched.
     assert_eq!(std::fs::read(&raw).unwrap(), scattered_raw(1 << 20, 19));
 }
