@@ -22,8 +22,11 @@ use std::sync::Arc;
 /// backoff from 200 ms up to 10 s between tries and 2 minutes in all.
 pub(crate) const MAX_RETRIES: u32 = 8;
 
-/// How long one try may wait for its answer, by default.
-pub(crate) const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long one try may take in all, by default: a ceiling, not the
+/// usual limit (the HTTP client gives up after 20 s without a connection
+/// and 60 s without an answer's bytes), high enough for a 4 MiB request on
+/// a slow uplink shared by all the requests in flight.
+pub(crate) const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Retry and timeout settings of a blob's requests.
 #[derive(Clone, Copy, Debug)]

@@ -112,8 +112,9 @@ impl UploadOptions {
         self.size = Some(bytes);
         self
     }
-    /// How long one try of a request may wait for its answer (default 60 s);
-    /// a try that times out is retried.
+    /// How long one try of a request may take in all (default 10 minutes;
+    /// besides, the HTTP client gives up after 20 s without a connection and
+    /// 60 s without an answer's bytes); a try that times out is retried.
     pub fn request_timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
         self
