@@ -3,7 +3,9 @@
 //! The input's map (at 4 KiB, zero extents skipped without being read) is
 //! walked in order and its data runs are coalesced into Put Page requests
 //! of at most 4 MiB. A zero gap between two runs is sent only when merging
-//! it saves a request, and only while it is cheap: the gap is at most
+//! it saves a request (the next run, or what is left of it after the part
+//! that fits, then needs fewer requests of its own), and only while it is
+//! cheap: the gap is at most
 //! 64 KiB, the request stays within 4 MiB, and the zero bytes of a request
 //! stay within 1/16 of its data bytes — so at worst 6.25 % more bytes are
 //! sent than the image holds data, and in practice (filesystem layouts)
@@ -293,10 +295,15 @@ impl Coalescer {
             if let Some(mut c) = self.cur {
                 let gap = s - c.end;
                 let room = MAX_REQUEST - (c.end - c.start);
-                let join = (e - s).min(room.saturating_sub(gap));
+                let rest = e - s;
+                let join = rest.min(room.saturating_sub(gap));
+                // Merging saves a request only when the rest of the run then
+                // needs fewer requests of its own.
+                let saves = rest.div_ceil(MAX_REQUEST) > (rest - join).div_ceil(MAX_REQUEST);
                 if gap <= MAX_GAP
                     && gap < room
                     && join > 0
+                    && saves
                     && (c.zeros + gap) * GAP_RATIO <= c.data + join
                 {
                     c.end = s + join;
@@ -908,6 +915,11 @@ mod tests {
         assert_eq!(plan(&[(0, 64 * K), (68 * K, 132 * K)]), vec![(0, 132 * K)]);
         // A 4 KiB gap between 4 KiB runs: too many zeros for the data.
         assert_eq!(plan(&[(0, 4 * K), (8 * K, 12 * K)]).len(), 2);
+        // Merging would not save a request: the gap stays unsent.
+        assert_eq!(
+            plan(&[(0, 1 << 20), ((1 << 20) + 4 * K, (5 << 20) + 4 * K)]),
+            vec![(0, 1 << 20), ((1 << 20) + 4 * K, (5 << 20) + 4 * K)]
+        );
         // A gap over 64 KiB is never merged.
         assert_eq!(
             plan(&[(0, 3 << 20), ((3 << 20) + 68 * K, 4 << 20)]).len(),
