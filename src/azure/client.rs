@@ -11,6 +11,7 @@ use azure_core::http::{
 };
 use azure_storage_blob::models::{
     BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders, BlobType, HttpRange,
+    PageBlobClientListPageRangesOptions,
 };
 use azure_storage_blob::{BlobClient, BlobClientOptions, PageBlobClient, PageBlobClientOptions};
 use futures::StreamExt;
@@ -21,6 +22,10 @@ use std::sync::Arc;
 /// 502, 504), 408, timeouts and dropped connections, with exponential
 /// backoff from 200 ms up to 10 s between tries and 2 minutes in all.
 pub(crate) const MAX_RETRIES: u32 = 8;
+
+/// Bytes of the blob whose page ranges are listed by one request (and its
+/// continuation pages).
+const SEGMENT: u64 = 32 << 30;
 
 /// How long one try may take in all, by default: a ceiling, not the
 /// usual limit (the HTTP client gives up after 20 s without a connection
@@ -239,14 +244,35 @@ impl Blob {
         Ok(())
     }
 
-    /// The page ranges holding data, merged, in order, listed in segments.
-    pub async fn page_ranges(&self) -> Result<Vec<(u64, u64)>> {
+    /// The page ranges holding data in a blob of `len` bytes, merged, in
+    /// order. Listed a segment of the blob at a time (32 GiB), each in
+    /// pages of results: a fragmented multi-TiB blob is listed in requests
+    /// the service answers in time.
+    pub async fn page_ranges(&self, len: u64) -> Result<Vec<(u64, u64)>> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut start = 0;
+        while start < len {
+            let n = SEGMENT.min(len - start);
+            self.page_ranges_in(start, n, &mut out).await?;
+            start += n;
+        }
+        out.sort_unstable();
+        let mut merged = Vec::with_capacity(out.len());
+        for (s, e) in out {
+            push_range(&mut merged, s, e);
+        }
+        Ok(merged)
+    }
+
+    async fn page_ranges_in(&self, start: u64, n: u64, out: &mut Vec<(u64, u64)>) -> Result<()> {
         let what = "listing the page ranges";
         let mut pages = self
             .page
-            .list_page_ranges(None)
+            .list_page_ranges(Some(PageBlobClientListPageRangesOptions {
+                range: Some(HttpRange::new(start, n)),
+                ..Default::default()
+            }))
             .map_err(|e| self.error(what, e))?;
-        let mut out: Vec<(u64, u64)> = Vec::new();
         loop {
             self.call();
             let Some(page) = pages.next().await else {
@@ -265,15 +291,11 @@ impl Blob {
                 let (Ok(s), Ok(e)) = (u64::try_from(s), u64::try_from(e)) else {
                     continue;
                 };
-                push_range(&mut out, s, e + 1);
+                // Clipped to the segment asked for.
+                push_range(out, s.max(start), (e + 1).min(start + n));
             }
         }
-        out.sort_unstable();
-        let mut merged = Vec::with_capacity(out.len());
-        for (s, e) in out {
-            push_range(&mut merged, s, e);
-        }
-        Ok(merged)
+        Ok(())
     }
 
     /// `len` bytes at `offset`, read with one ranged GET.

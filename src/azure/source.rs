@@ -94,7 +94,7 @@ impl BlobSource {
             return Ok(r);
         }
         let r = if self.page_blob {
-            self.rt.block_on(self.blob.page_ranges())?
+            self.rt.block_on(self.blob.page_ranges(self.len))?
         } else if self.len > 0 {
             vec![(0, self.len)]
         } else {

@@ -481,7 +481,13 @@ async fn prepare(blob: &Blob, len: u64, opts: &UploadOptions) -> Result<Vec<(u64
             ));
         }
     }
-    let ranges = blob.page_ranges().await?;
+    // Resized above when it had another size and may be rewritten.
+    let now = if opts.resume || opts.overwrite {
+        len
+    } else {
+        p.len
+    };
+    let ranges = blob.page_ranges(now).await?;
     if opts.resume || opts.overwrite {
         return Ok(ranges);
     }
@@ -610,7 +616,7 @@ fn finish(
     })?;
     shared.sent.fetch_add(FOOTER_SIZE as u64, Ordering::Relaxed);
     push_range(&mut up.planned, size, len);
-    let ranges = up.rt.block_on(shared.blob.page_ranges())?;
+    let ranges = up.rt.block_on(shared.blob.page_ranges(len))?;
     if ranges != up.planned {
         let first = ranges
             .iter()
