@@ -491,7 +491,7 @@ enum Dest<'a> {
 }
 
 /// Set by [`cancel_all`].
-static CANCEL_ALL: AtomicBool = AtomicBool::new(false);
+pub(crate) static CANCEL_ALL: AtomicBool = AtomicBool::new(false);
 
 /// Asks every long operation of this process (conversions and the rewrites
 /// of sparsify and resize) to stop at its next chunk, removing its partial

@@ -199,6 +199,10 @@ pub enum Error {
     /// The operation was cancelled (Ctrl-C); no output was left behind.
     #[error("interrupted; no output was written")]
     Interrupted,
+    /// A blob could not be read or written (the SAS signature redacted).
+    #[cfg(feature = "azure")]
+    #[error("{0}")]
+    Azure(Box<crate::azure::AzureError>),
 }
 
 impl Error {

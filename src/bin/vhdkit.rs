@@ -80,13 +80,18 @@ enum NewType {
 enum Cmd {
     /// Describe an image: type, sizes, geometry, creator, blocks, parents
     #[command(after_help = "Examples:\n  vhdkit info disk.vhd\n  \
-                            vhdkit info --json child.vhd --parent-dir /images/bases")]
+                            vhdkit info --json child.vhd --parent-dir /images/bases\n  \
+                            vhdkit info --azure --json disk.vhd")]
     Info {
         /// The image: a raw disk or a fixed, dynamic or differencing VHD
         image: PathBuf,
         /// Print one JSON document (fields in the README)
         #[arg(long)]
         json: bool,
+        /// Also print the size of the page blob an upload of it makes (the
+        /// value for `az disk create --upload-size-bytes`)
+        #[arg(long)]
+        azure: bool,
         #[command(flatten)]
         open: OpenArgs,
     },
@@ -109,16 +114,22 @@ enum Cmd {
     #[command(
         after_help = "Examples:\n  vhdkit convert disk.raw disk.vhd --to dynamic\n  \
                             vhdkit convert disk.vhd azure.vhd --to fixed --azure\n  \
-                            vhdkit convert --in-place disk.raw --to fixed"
+                            vhdkit convert --in-place disk.raw --to fixed\n  \
+                            vhdkit convert disk.vhd \"https://ACCOUNT.blob.core.windows.net/vhds/disk.vhd?$SAS\"\n  \
+                            zstdcat disk.raw.zst | vhdkit convert - \"$SAS_URL\" --parallel 16"
     )]
     Convert {
-        /// The image to read (any type vhdkit opens; never modified, except with --in-place)
+        /// The image to read (any type vhdkit opens; never modified, except with --in-place);
+        /// `-` reads a raw disk or fixed VHD from standard input (for a blob URL output)
         input: PathBuf,
-        /// The output (omit with --in-place)
+        /// The output (omit with --in-place): a file, or a blob URL
+        /// (https://ACCOUNT.blob.core.windows.net/CONTAINER/BLOB?SAS, a managed
+        /// disk's upload SAS URL, or http:// to a loopback address for the emulator)
+        /// that becomes a page blob holding a fixed VHD
         output: Option<PathBuf>,
-        /// The output type
+        /// The output type (fixed, and the default, for a blob URL output)
         #[arg(long, value_enum)]
-        to: To,
+        to: Option<To>,
         /// Block size of a dynamic output (power of two, 512K to 256M; default 2M); only with --to dynamic
         #[arg(long, value_parser = parse_size)]
         block_size: Option<u64>,
@@ -147,6 +158,24 @@ enum Cmd {
         /// Convert raw <-> fixed in place, in constant time
         #[arg(long)]
         in_place: bool,
+        /// Blob URL output: keep the virtual size instead of rounding it up to a whole MiB
+        #[arg(long)]
+        exact_size: bool,
+        /// Blob URL output: requests in flight (default 8)
+        #[arg(long, value_name = "N")]
+        parallel: Option<usize>,
+        /// Blob URL output: continue an interrupted upload into the same blob, sending
+        /// only what is missing or differs
+        #[arg(long)]
+        resume: bool,
+        /// Blob URL output: allow plain http:// to a host that is not a loopback
+        /// address (the SAS then travels unencrypted)
+        #[arg(long)]
+        allow_http: bool,
+        /// Input `-`: the virtual size of the streamed disk, when known (else it is
+        /// learnt at the end of the stream); bytes, or with K/M/G/T
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
         /// No progress bar and no summary line
         #[arg(long, short)]
         quiet: bool,
@@ -360,6 +389,12 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { CANNOT_RUN } else { OK };
+            #[cfg(feature = "azure")]
+            if e.use_stderr() {
+                // An argument quoted back may be a SAS URL: its signature is redacted.
+                eprint!("{}", vhdkit::azure::redact(&e.render().to_string()));
+                return ExitCode::from(code);
+            }
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -433,6 +468,22 @@ fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
         {
             Some("add --force to merge anyway".into())
         }
+        #[cfg(feature = "azure")]
+        vhdkit::Error::Azure(a) if ctx.convert => match a.kind {
+            vhdkit::azure::AzureErrorKind::Exists => Some(
+                "add --force to replace it, or --resume to continue an interrupted upload".into(),
+            ),
+            vhdkit::azure::AzureErrorKind::WrongSize { .. } => {
+                Some("`vhdkit info --azure IMAGE` prints the size a blob must have for it".into())
+            }
+            vhdkit::azure::AzureErrorKind::InvalidUrl if a.message.contains("plain HTTP") => {
+                Some("--allow-http permits plain HTTP to other hosts".into())
+            }
+            vhdkit::azure::AzureErrorKind::Interrupted => {
+                Some("run the same command with --resume to continue".into())
+            }
+            _ => None,
+        },
         vhdkit::Error::ForeignFormat { .. } => {
             Some("to read its bytes as a raw disk anyway, add --format raw".into())
         }
@@ -440,7 +491,38 @@ fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
     }
 }
 
+/// Refuses a blob URL where an image is read: reading blobs is not done yet
+/// (only convert's output may be one). The URL is named with its SAS
+/// signature redacted, as everywhere.
+#[cfg(feature = "azure")]
+fn refuse_url_inputs(cmd: &Cmd) -> vhdkit::Result<()> {
+    let inputs: Vec<&PathBuf> = match cmd {
+        Cmd::Info { image, .. }
+        | Cmd::Check { image, .. }
+        | Cmd::Map { image, .. }
+        | Cmd::Checksum { image, .. }
+        | Cmd::Sparsify { image, .. }
+        | Cmd::Resize { image, .. } => vec![image],
+        Cmd::Compare { a, b, .. } => vec![a, b],
+        Cmd::Convert { input, .. } => vec![input],
+        Cmd::Create { output, parent, .. } => std::iter::once(output).chain(parent).collect(),
+        Cmd::Merge { child, into, .. } => std::iter::once(child).chain(into).collect(),
+    };
+    for p in inputs {
+        if let Some(s) = p.to_str().filter(|s| vhdkit::azure::is_url(s)) {
+            return Err(vhdkit::Error::InvalidArgument(format!(
+                "{}: reading an image from a blob URL is not supported yet (a blob URL can be \
+                 convert's output)",
+                vhdkit::azure::redact(s)
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> vhdkit::Result<u8> {
+    #[cfg(feature = "azure")]
+    refuse_url_inputs(&cli.cmd)?;
     WRITES_OUTPUT.store(
         matches!(
             cli.cmd,
@@ -450,7 +532,12 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
     );
     install_interrupt_handler();
     match cli.cmd {
-        Cmd::Info { image, json, open } => info(&image, json, &open),
+        Cmd::Info {
+            image,
+            json,
+            azure,
+            open,
+        } => info(&image, json, azure, &open),
         Cmd::Check {
             image,
             json,
@@ -468,10 +555,66 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             force,
             no_sync,
             in_place,
+            exact_size,
+            parallel,
+            resume,
+            allow_http,
+            size,
             quiet,
             json,
             open,
         } => {
+            #[cfg(feature = "azure")]
+            if let Some(url) = output
+                .as_ref()
+                .and_then(|o| o.to_str())
+                .filter(|o| vhdkit::azure::is_url(o))
+            {
+                if to.is_some_and(|t| t != To::Fixed) {
+                    return Err(vhdkit::Error::InvalidArgument(
+                        "a blob URL output is a fixed VHD: --to raw and --to dynamic do not go \
+                         with it (omit --to, or give --to fixed)"
+                            .into(),
+                    ));
+                }
+                if block_size.is_some() || in_place || no_sparse || azure || threads.is_some() {
+                    return Err(vhdkit::Error::InvalidArgument(
+                        "--block-size, --in-place, --no-sparse, --azure and --threads do not go \
+                         with a blob URL output (the blob is always a fixed VHD sized for Azure)"
+                            .into(),
+                    ));
+                }
+                if size.is_some() && input != Path::new("-") {
+                    return Err(vhdkit::Error::InvalidArgument(
+                        "--size goes with the input - (a stream); a file's size is known".into(),
+                    ));
+                }
+                let url = vhdkit::azure::BlobUrl::parse(url, allow_http)?;
+                let mut o = vhdkit::azure::UploadOptions::new()
+                    .exact_size(exact_size)
+                    .overwrite(force)
+                    .resume(resume)
+                    .open_options(open.options());
+                if let Some(n) = parallel {
+                    o = o.parallel(n);
+                }
+                if let Some(s) = size {
+                    o = o.virtual_size(s);
+                }
+                return upload_cmd(&input, &url, o, quiet, json);
+            }
+            if exact_size || parallel.is_some() || resume || allow_http || size.is_some() {
+                return Err(vhdkit::Error::InvalidArgument(
+                    "--exact-size, --parallel, --resume, --allow-http and --size go with a blob \
+                     URL output"
+                        .into(),
+                ));
+            }
+            let Some(to) = to else {
+                return Err(vhdkit::Error::InvalidArgument(
+                    "convert needs --to raw, fixed or dynamic (or a blob URL output)".into(),
+                ));
+            };
             let target = match to {
                 To::Raw => Target::Raw,
                 To::Fixed => Target::Fixed,
@@ -1080,9 +1223,13 @@ fn info_json(img: &Image) -> Value {
     v
 }
 
-fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
+fn info(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     let (img, advise_parent) = open_for_info(path, open)?;
-    let v = info_json(&img);
+    let mut v = info_json(&img);
+    let upload_size = azure_upload_size(&img, azure)?;
+    if let Some(n) = upload_size {
+        v["azure_upload_size"] = json!(n);
+    }
     if as_json {
         print_doc(&v);
         return Ok(OK);
@@ -1161,10 +1308,31 @@ fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
             );
         }
     }
+    if let Some(n) = upload_size {
+        outln!("azure upload:   {n} bytes (a page blob holding it as a fixed VHD)");
+    }
     for w in img.warnings() {
         outln!("warning:        {w}");
     }
     Ok(OK)
+}
+
+/// With `--azure`: the size of the page blob an upload of `img` makes.
+fn azure_upload_size(img: &Image, azure: bool) -> vhdkit::Result<Option<u64>> {
+    if !azure {
+        return Ok(None);
+    }
+    #[cfg(feature = "azure")]
+    {
+        Ok(Some(vhdkit::azure::blob_size(img.virtual_size(), false)))
+    }
+    #[cfg(not(feature = "azure"))]
+    {
+        let _ = img;
+        Err(vhdkit::Error::InvalidArgument(
+            "this vhdkit was built without Azure support".into(),
+        ))
+    }
 }
 
 fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
@@ -1250,11 +1418,23 @@ struct Bar {
     pb: indicatif::ProgressBar,
     written: AtomicU64,
     started: Instant,
+    /// Shows bytes sent and skipped (an upload) instead of bytes written.
+    upload: AtomicBool,
 }
 
 impl Bar {
     fn show_written(&self, total: u64) {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        if self.upload.load(Ordering::Relaxed) {
+            // Virtual bytes done are data sent (or found in place) and zeros skipped.
+            self.pb.set_message(format!(
+                "sent {} ({}/s), skipped {}",
+                human(total),
+                human((total as f64 / secs) as u64),
+                human(self.pb.position().saturating_sub(total))
+            ));
+            return;
+        }
         self.pb.set_message(format!(
             "wrote {} ({}/s)",
             human(total),
@@ -1269,6 +1449,9 @@ impl vhdkit::Progress for Bar {
     }
     fn advance(&self, bytes: u64) {
         self.pb.inc(bytes);
+        if self.upload.load(Ordering::Relaxed) {
+            self.show_written(self.written.load(Ordering::Relaxed));
+        }
     }
     fn written(&self, bytes: u64) {
         let total = self.written.fetch_add(bytes, Ordering::Relaxed) + bytes;
@@ -1295,6 +1478,7 @@ fn progress_bar(quiet: bool) -> Option<Arc<Bar>> {
         pb,
         written: AtomicU64::new(0),
         started: Instant::now(),
+        upload: AtomicBool::new(false),
     };
     bar.show_written(0);
     Some(Arc::new(bar))
@@ -1371,6 +1555,71 @@ fn convert(
             human(r.bytes_read),
             human(r.bytes_written),
             human(r.bytes_skipped),
+            r.elapsed.as_secs_f64()
+        );
+    }
+    Ok(OK)
+}
+
+/// `convert INPUT URL`: an upload into a page blob.
+#[cfg(feature = "azure")]
+fn upload_cmd(
+    input: &Path,
+    url: &vhdkit::azure::BlobUrl,
+    mut opts: vhdkit::azure::UploadOptions,
+    quiet: bool,
+    as_json: bool,
+) -> vhdkit::Result<u8> {
+    let bar = progress_bar(quiet || as_json);
+    if let Some(b) = &bar {
+        b.upload.store(true, Ordering::Relaxed);
+        opts = opts.progress(b.clone());
+    }
+    let result = if input == Path::new("-") {
+        vhdkit::azure::upload_stream(std::io::stdin().lock(), url, &opts)
+    } else {
+        vhdkit::azure::upload(input, url, &opts)
+    };
+    if let Some(b) = &bar {
+        if result.is_ok() {
+            b.pb.abandon();
+        } else {
+            b.pb.finish_and_clear();
+        }
+    }
+    let r = result?;
+    if as_json {
+        let mut v = json!({
+            "output": url.to_string(),
+            "virtual_size": r.virtual_size,
+            "blob_size": r.blob_size,
+            "rounded_from": r.rounded_from,
+            "bytes_sent": r.bytes_sent,
+            "bytes_skipped": r.bytes_skipped,
+            "bytes_kept": r.bytes_kept,
+            "requests": r.requests,
+            "retries": r.retries,
+            "ranges_cleared": r.ranges_cleared,
+            "page_ranges": r.page_ranges,
+            "seconds": r.elapsed.as_secs_f64(),
+        });
+        put_path(&mut v, "input", input);
+        print_doc(&v);
+    } else if !quiet {
+        outln!(
+            "{} -> {}: {} virtual, sent {}, skipped {} as zero{}, {} requests, {} retries, {:.3} s",
+            input.display(),
+            url,
+            human(r.virtual_size),
+            human(r.bytes_sent),
+            human(r.bytes_skipped),
+            if r.bytes_kept > 0 {
+                format!(", kept {} already there", human(r.bytes_kept))
+            } else {
+                String::new()
+            },
+            r.requests,
+            r.retries,
             r.elapsed.as_secs_f64()
         );
     }

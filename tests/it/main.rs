@@ -2,11 +2,16 @@
 //! build of the helpers and one link step (seven binaries took most of the
 //! test build's time). Run a part with `cargo test --test it MODULE::`.
 
+// The declared MSRV (1.88) has `is_multiple_of`; older tests use `%`.
+#![allow(clippy::manual_is_multiple_of)]
+
 mod common;
 #[path = "../../examples/make_testdata.rs"]
 #[allow(dead_code)]
 mod make_testdata;
 
+#[cfg(all(feature = "azure", feature = "cli"))]
+mod azure;
 #[cfg(feature = "cli")]
 mod cli;
 mod convert;

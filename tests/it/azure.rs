@@ -1,0 +1,1129 @@
+//! Uploads to Azure page blobs, against a real Azure Storage emulator
+//! (Azurite) that each test starts on a free loopback port, in memory, and
+//! stops at its end. Azurite is found in `target/azurite` (where `.ci/run`
+//! installs it with npm), through `VHDKIT_AZURITE`, or on the PATH; a test
+//! that cannot start it fails saying why.
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vhdkit::azure::{BlobSource, BlobUrl, UploadOptions};
+use vhdkit::{ConvertOptions, Image, Target};
+
+/// The emulator's documented development account and key.
+const ACCOUNT: &str = "devstoreaccount1";
+const KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+fn azurite_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("VHDKIT_AZURITE") {
+        return p.into();
+    }
+    let local =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/azurite/node_modules/.bin/azurite-blob");
+    if local.exists() {
+        return local;
+    }
+    "azurite-blob".into()
+}
+
+/// One Azurite blob service, stopped when dropped.
+pub struct Azurite {
+    child: Child,
+    pub port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a loopback port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Azurite {
+    pub fn start() -> Azurite {
+        let bin = azurite_binary();
+        for _ in 0..3 {
+            let port = free_port();
+            let child = Command::new(&bin)
+                .args([
+                    "--skipApiVersionCheck",
+                    "--inMemoryPersistence",
+                    "--disableTelemetry",
+                    "--silent",
+                    "--blobHost",
+                    "127.0.0.1",
+                    "--blobPort",
+                    &port.to_string(),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "AZURITE CANNOT BE STARTED: {} ({e}). These tests need the Azure Storage \
+                         emulator: `npm install --prefix target/azurite azurite` (as .ci/run \
+                         does), or name azurite-blob with VHDKIT_AZURITE",
+                        bin.display()
+                    )
+                });
+            let mut a = Azurite { child, port };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    a.create_container("vhds");
+                    return a;
+                }
+                if let Ok(Some(status)) = a.child.try_wait() {
+                    let mut err = String::new();
+                    if let Some(mut e) = a.child.stderr.take() {
+                        let _ = e.read_to_string(&mut err);
+                    }
+                    if err.contains("EADDRINUSE") {
+                        break; // another port
+                    }
+                    panic!("AZURITE EXITED at start ({status}): {err}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!(
+            "AZURITE DID NOT START listening within 30 s ({})",
+            azurite_binary().display()
+        );
+    }
+
+    /// A SAS for the container `vhds`, all permissions.
+    pub fn sas(&self) -> String {
+        container_sas("vhds", "racwdl", KEY)
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}/{ACCOUNT}", self.port)
+    }
+
+    pub fn url(&self, blob: &str) -> String {
+        format!("{}/vhds/{blob}?{}", self.base(), self.sas())
+    }
+
+    pub fn blob(&self, blob: &str) -> BlobUrl {
+        BlobUrl::parse(&self.url(blob), false).unwrap()
+    }
+
+    /// A raw HTTP request to the emulator (container creation, blob setup).
+    pub fn request(&self, method: &str, path_query: &str, headers: &[(&str, String)]) -> u16 {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut req = format!(
+            "{method} /{ACCOUNT}/{path_query} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nx-ms-version: \
+             2021-08-06\r\nContent-Length: 0\r\nConnection: close\r\n",
+            self.port
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    pub fn create_container(&self, name: &str) {
+        let code = self.request(
+            "PUT",
+            &format!("{name}?restype=container&{}", account_sas("rwdlac", KEY)),
+            &[],
+        );
+        assert_eq!(code, 201, "creating container {name}");
+    }
+
+    /// Creates an empty page blob of `len` bytes.
+    pub fn create_page_blob(&self, name: &str, len: u64) {
+        let code = self.request(
+            "PUT",
+            &format!("vhds/{name}?{}", self.sas()),
+            &[
+                ("x-ms-blob-type", "PageBlob".into()),
+                ("x-ms-blob-content-length", len.to_string()),
+            ],
+        );
+        assert_eq!(code, 201, "creating page blob {name}");
+    }
+
+    /// Creates an empty block blob.
+    pub fn create_block_blob(&self, name: &str) {
+        let code = self.request(
+            "PUT",
+            &format!("vhds/{name}?{}", self.sas()),
+            &[("x-ms-blob-type", "BlockBlob".into())],
+        );
+        assert_eq!(code, 201, "creating block blob {name}");
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An account SAS for the blob service: HMAC-SHA256 of the string-to-sign
+/// (version 2020-12-06 and later) with the account key.
+fn account_sas(perms: &str, key: &str) -> String {
+    let (sv, ss, srt, se, spr) = (
+        "2021-08-06",
+        "b",
+        "sco",
+        "2099-01-01T00:00:00Z",
+        "https,http",
+    );
+    let to_sign = format!("{ACCOUNT}\n{perms}\n{ss}\n{srt}\n\n{se}\n\n{spr}\n{sv}\n\n");
+    let sig = sign(&to_sign, key);
+    format!("sv={sv}&ss={ss}&srt={srt}&sp={perms}&se={se}&spr={spr}&sig={sig}")
+}
+
+/// A service SAS for one container (the emulator takes page blob resizes
+/// only with a service SAS).
+fn container_sas(container: &str, perms: &str, key: &str) -> String {
+    let (sv, se, spr) = ("2021-08-06", "2099-01-01T00:00:00Z", "https,http");
+    let to_sign =
+        format!("{perms}\n\n{se}\n/blob/{ACCOUNT}/{container}\n\n\n{spr}\n{sv}\nc\n\n\n\n\n\n\n");
+    let sig = sign(&to_sign, key);
+    format!("sv={sv}&sr=c&sp={perms}&se={se}&spr={spr}&sig={sig}")
+}
+
+/// HMAC-SHA256 with the (base64) key, base64 and percent-encoded.
+fn sign(to_sign: &str, key: &str) -> String {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(to_sign.as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    sig.chars()
+        .map(|c| match c {
+            '+' => "%2B".to_string(),
+            '/' => "%2F".to_string(),
+            '=' => "%3D".to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// The signature of a SAS (to check it appears nowhere).
+fn sig_of(sas: &str) -> String {
+    sas.split('&')
+        .find_map(|p| p.strip_prefix("sig="))
+        .unwrap()
+        .to_string()
+}
+
+// ------------------------------------------------------------ inputs
+
+/// A raw disk of `len` bytes with data runs of 4 KiB to 300 KiB scattered
+/// over it (deterministic), the rest zero.
+fn scattered_raw(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    let mut x = seed | 1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut pos = (next() % 65536) as usize & !4095;
+    while pos < len {
+        let run = ((next() % 75 + 1) * 4096) as usize;
+        let end = (pos + run).min(len);
+        for (i, b) in v[pos..end].iter_mut().enumerate() {
+            *b = ((i as u64).wrapping_mul(31) ^ seed) as u8 | 1;
+        }
+        pos = end + ((next() % 200) * 4096) as usize;
+    }
+    v
+}
+
+/// The virtual content of an image.
+fn content(path: &Path) -> Vec<u8> {
+    let img = Image::open(path).unwrap();
+    let mut v = vec![0u8; img.virtual_size() as usize];
+    img.read_exact_at(&mut v, 0).unwrap();
+    v
+}
+
+fn unpack(stored: &str, dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(stored);
+    let name = stored.strip_suffix(".gz").unwrap_or(stored);
+    let out = dir.join(name);
+    let mut data = Vec::new();
+    let f = std::fs::File::open(&src).unwrap();
+    if stored.ends_with(".gz") {
+        flate2::read::GzDecoder::new(f)
+            .read_to_end(&mut data)
+            .unwrap();
+    } else {
+        BufReader::new(f).read_to_end(&mut data).unwrap();
+    }
+    std::fs::write(&out, data).unwrap();
+    out
+}
+
+/// Reads the whole blob back, and checks that it is a fixed VHD of `want`
+/// (rounded up to a whole MiB) whose page ranges cover every data page
+/// and only merged gaps and the footer besides.
+fn check_blob(url: &BlobUrl, want: &[u8], what: &str) {
+    let src = BlobSource::open(url).unwrap();
+    let size = (want.len() as u64).div_ceil(1 << 20) << 20;
+    assert_eq!(src.len(), size + 512, "{what}: blob length");
+    assert!(src.is_page_blob(), "{what}: a page blob");
+    let mut got = vec![0u8; src.len() as usize];
+    src.read_exact_at(&mut got, 0).unwrap();
+    let mut padded = want.to_vec();
+    padded.resize(size as usize, 0);
+    vhdkit_common::assert_same(what, &got[..size as usize], &padded);
+    // The footer: a valid fixed VHD of that size.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("back.vhd");
+    std::fs::write(&f, &got).unwrap();
+    let img = Image::open(&f).unwrap();
+    assert_eq!(img.disk_type(), vhdkit::Format::Fixed, "{what}");
+    assert_eq!(img.virtual_size(), size, "{what}");
+    // Page ranges against the data map.
+    let ranges = src.data_ranges().unwrap().to_vec();
+    assert_eq!(ranges.last().unwrap().1, size + 512, "{what}: footer page");
+    for (i, page) in padded.chunks(4096).enumerate() {
+        let at = i as u64 * 4096;
+        // Up to the sector of its last non-zero byte (a disk may end inside a page).
+        if let Some(last) = page.iter().rposition(|&b| b != 0) {
+            let end = at + (last as u64 + 1).div_ceil(512) * 512;
+            let inside = ranges.iter().any(|r| r.0 <= at && r.1 >= end);
+            assert!(
+                inside,
+                "{what}: data page at {at} is not in the page ranges {ranges:?}"
+            );
+        }
+    }
+    let in_ranges: u64 = ranges.iter().map(|r| r.1 - r.0).sum();
+    let data_pages = padded
+        .chunks(4096)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .count() as u64;
+    let data = data_pages * 4096;
+    assert!(
+        in_ranges <= data + data / 16 + 512,
+        "{what}: {in_ranges} bytes in page ranges for {data} bytes of data pages"
+    );
+}
+
+mod vhdkit_common {
+    pub use crate::common::assert_same;
+}
+
+// ------------------------------------------------------------ the CLI
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn vhdkit(args: &[&str], stdin: Option<&[u8]>) -> Run {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vhdkit"));
+    c.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    if let Some(data) = stdin {
+        let mut w = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&data);
+        });
+    }
+    let out = child.wait_with_output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+// ------------------------------------------------------------ a faulty proxy
+
+/// What the proxy does to the n-th request (counted from 1).
+#[derive(Clone, Copy)]
+struct Faults {
+    /// Every n-th request is answered 503 (0: never).
+    every_503: u64,
+    /// Every n-th request has its connection dropped in the middle of its
+    /// body (0: never).
+    every_drop: u64,
+    /// Each forwarded request waits this long first.
+    delay: Duration,
+}
+
+/// A loopback HTTP proxy in front of the emulator that injects faults.
+struct Proxy {
+    port: u16,
+    requests: Arc<AtomicU64>,
+    faults_done: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn start(upstream: u16, faults: Faults) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        l.set_nonblocking(true).unwrap();
+        let requests = Arc::new(AtomicU64::new(0));
+        let faults_done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, fd, st) = (requests.clone(), faults_done.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        let (r, fd) = (r.clone(), fd.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve(c, upstream, faults, &r, &fd);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Proxy {
+            port,
+            requests,
+            faults_done,
+            stop,
+        }
+    }
+
+    fn url(&self, az: &Azurite, blob: &str) -> String {
+        format!(
+            "http://127.0.0.1:{}/{ACCOUNT}/vhds/{blob}?{}",
+            self.port,
+            az.sas()
+        )
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Serves one client connection: one request at a time, each forwarded on
+/// a connection of its own (closed after the answer), or faulted.
+fn serve(
+    c: TcpStream,
+    upstream: u16,
+    f: Faults,
+    requests: &AtomicU64,
+    faults_done: &AtomicU64,
+) -> std::io::Result<()> {
+    c.set_nonblocking(false)?;
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut r = BufReader::new(c.try_clone()?);
+    let mut w = c;
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let end = line == "\r\n";
+            head.push(line);
+            if end {
+                break;
+            }
+        }
+        let len: usize = head
+            .iter()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
+        if f.every_drop > 0 && n.is_multiple_of(f.every_drop) && len > 1024 {
+            // Half of the body, then the connection goes.
+            let mut part = vec![0u8; len / 2];
+            r.read_exact(&mut part)?;
+            faults_done.fetch_add(1, Ordering::SeqCst);
+            let _ = w.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        if f.every_503 > 0 && n.is_multiple_of(f.every_503) {
+            faults_done.fetch_add(1, Ordering::SeqCst);
+            w.write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nx-ms-error-code: \
+                  ServerBusy\r\n\r\n",
+            )?;
+            continue;
+        }
+        std::thread::sleep(f.delay);
+        let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+        for l in &head {
+            let name = l
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if name == "connection" || name == "keep-alive" {
+                continue;
+            }
+            if l == "\r\n" {
+                up.write_all(b"Connection: close\r\n")?;
+            }
+            up.write_all(l.as_bytes())?;
+        }
+        up.write_all(&body)?;
+        let mut answer = Vec::new();
+        up.read_to_end(&mut answer)?;
+        w.write_all(&answer)?;
+        // The answer says the connection closes: the client opens another.
+        let _ = w.shutdown(Shutdown::Both);
+        return Ok(());
+    }
+}
+
+// ------------------------------------------------------------ tests
+
+#[test]
+fn every_testdata_form_uploads_and_reads_back_equal() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    // Raw (made here), fixed and dynamic (testdata), a differencing chain.
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, scattered_raw(7 << 20, 7)).unwrap();
+    let fixed = unpack("qemu-fixed-3M.vhd.gz", dir.path());
+    let dynamic = unpack("qemu-dynamic-5M.vhd.gz", dir.path());
+    let chaindir = tempfile::tempdir().unwrap();
+    for f in ["hand-chain-base.vhd.gz", "hand-chain-child.vhd.gz"] {
+        unpack(f, chaindir.path());
+    }
+    let chain = unpack("hand-chain-grandchild.vhd.gz", chaindir.path());
+    assert_eq!(
+        Image::open(&chain).unwrap().chain().len(),
+        3,
+        "the chain opens with its parents"
+    );
+    // And a dynamic VHD of the scattered raw disk, of an odd size.
+    let odd = dir.path().join("odd.raw");
+    std::fs::write(&odd, scattered_raw((3 << 20) + 4096 * 3, 11)).unwrap();
+    let odd_dyn = dir.path().join("odd.vhd");
+    vhdkit::convert(&odd, &odd_dyn, &ConvertOptions::new(Target::Dynamic)).unwrap();
+    for (name, path) in [
+        ("raw", &raw),
+        ("fixed", &fixed),
+        ("dynamic", &dynamic),
+        ("chain", &chain),
+        ("odd-dynamic", &odd_dyn),
+    ] {
+        let url = az.blob(&format!("{name}.vhd"));
+        let want = content(path);
+        let r = vhdkit::azure::upload(path, &url, &UploadOptions::new()).unwrap();
+        let data: u64 = want
+            .chunks(4096)
+            .filter(|p| p.iter().any(|&b| b != 0))
+            .map(|p| p.len() as u64)
+            .sum();
+        assert!(
+            r.bytes_sent >= data && r.bytes_sent <= data + data / 16 + 512,
+            "{name}: sent {} for {data} bytes of data pages",
+            r.bytes_sent
+        );
+        assert_eq!(r.blob_size, r.virtual_size + 512, "{name}");
+        assert!(r.requests > 0 && r.page_ranges > 0, "{name}: {r:?}");
+        check_blob(&url, &want, name);
+    }
+}
+
+#[test]
+fn a_sparse_large_disk_sends_only_its_data() {
+    // A 64 GiB dynamic disk with three data blocks: a few requests.
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let vhd = dir.path().join("big.vhd");
+    {
+        // A sparse raw file; the last run crosses 32 GiB, where the page
+        // ranges are listed in two segments.
+        use std::os::unix::fs::FileExt;
+        let raw = dir.path().join("seed.raw");
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(64 << 30).unwrap();
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        f.write_all_at(&[2u8; 8192], 3 << 20).unwrap();
+        f.write_all_at(&[3u8; 512], (6 << 20) - 512).unwrap();
+        f.write_all_at(&[4u8; 8192], (32 << 30) - 4096).unwrap();
+        drop(f);
+        vhdkit::convert(&raw, &vhd, &ConvertOptions::new(Target::Dynamic)).unwrap();
+    }
+    let url = az.blob("big.vhd");
+    let started = Instant::now();
+    let r = vhdkit::azure::upload(&vhd, &url, &UploadOptions::new()).unwrap();
+    assert_eq!(r.virtual_size, 64 << 30);
+    assert_eq!(r.bytes_sent, 4096 + 8192 + 4096 + 8192 + 512, "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{r:?}");
+    let src = BlobSource::open(&url).unwrap();
+    let ranges = src.data_ranges().unwrap();
+    assert_eq!(
+        ranges,
+        &[
+            (0, 4096),
+            (3 << 20, (3 << 20) + 8192),
+            ((6 << 20) - 4096, 6 << 20),
+            ((32 << 30) - 4096, (32 << 30) + 4096),
+            (64 << 30, (64 << 30) + 512)
+        ]
+    );
+    let mut b = vec![0u8; 8192];
+    src.read_exact_at(&mut b, 3 << 20).unwrap();
+    assert!(b.iter().all(|&x| x == 2));
+}
+
+#[test]
+fn existing_blobs_are_refused_resized_or_written_into_by_the_rules() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.raw");
+    std::fs::write(&big, scattered_raw(5 << 20, 3)).unwrap();
+    let small = dir.path().join("small.raw");
+    std::fs::write(&small, scattered_raw(2 << 20, 5)).unwrap();
+    let big_s = big.to_str().unwrap();
+    let small_s = small.to_str().unwrap();
+    let sig = sig_of(&az.sas());
+
+    // A new blob, then the same again: refused, exit 2, the hint, no sig.
+    let url = az.url("a.vhd");
+    let r = vhdkit(&["convert", big_s, &url, "-q"], None);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = vhdkit(&["convert", small_s, &url], None);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("exists") && r.stderr.contains("--force"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains(&sig) && r.stderr.contains("sig=REDACTED"),
+        "{}",
+        r.stderr
+    );
+    check_blob(
+        &az.blob("a.vhd"),
+        &std::fs::read(&big).unwrap(),
+        "left as it was",
+    );
+
+    // --force: resized down, stale pages cleared, equal to the new image.
+    let r = vhdkit(&["convert", small_s, &url, "--force", "--json"], None);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = json(&r.stdout);
+    assert!(j["ranges_cleared"].as_u64().unwrap() > 0, "{j}");
+    assert!(!r.stdout.contains(&sig), "{}", r.stdout);
+    check_blob(&az.blob("a.vhd"), &std::fs::read(&small).unwrap(), "forced");
+
+    // An empty page blob of exactly the size needed is written into.
+    let need = vhdkit::azure::blob_size(5 << 20, false);
+    let info = vhdkit(&["info", "--azure", "--json", big_s], None);
+    assert_eq!(json(&info.stdout)["azure_upload_size"].as_u64(), Some(need));
+    let info = vhdkit(&["info", "--azure", big_s], None);
+    assert!(
+        info.stdout.contains(&format!("{need} bytes")),
+        "{}",
+        info.stdout
+    );
+    az.create_page_blob("disk.vhd", need);
+    let r = vhdkit(&["convert", big_s, &az.url("disk.vhd"), "-q"], None);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    check_blob(
+        &az.blob("disk.vhd"),
+        &std::fs::read(&big).unwrap(),
+        "into an empty blob",
+    );
+
+    // An empty page blob of another size: refused, naming the size needed.
+    az.create_page_blob("wrong.vhd", need + (1 << 20));
+    let r = vhdkit(&["convert", big_s, &az.url("wrong.vhd")], None);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains(&need.to_string()), "{}", r.stderr);
+    // A block blob: refused; with --force replaced by a page blob.
+    az.create_block_blob("block.vhd");
+    let r = vhdkit(&["convert", small_s, &az.url("block.vhd")], None);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("not a page blob"), "{}", r.stderr);
+    let r = vhdkit(
+        &["convert", small_s, &az.url("block.vhd"), "--force", "-q"],
+        None,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    check_blob(
+        &az.blob("block.vhd"),
+        &std::fs::read(&small).unwrap(),
+        "block replaced",
+    );
+
+    // --to dynamic and --to raw are refused for a URL output.
+    for to in ["dynamic", "raw"] {
+        let r = vhdkit(&["convert", small_s, &az.url("x.vhd"), "--to", to], None);
+        assert_eq!(r.code, 2);
+        assert!(r.stderr.contains("fixed VHD"), "{}", r.stderr);
+    }
+    // --exact-size keeps the size (here 2 MiB + 4 KiB).
+    let odd = dir.path().join("odd.raw");
+    std::fs::write(&odd, scattered_raw((2 << 20) + 4096, 9)).unwrap();
+    let r = vhdkit(
+        &[
+            "convert",
+            odd.to_str().unwrap(),
+            &az.url("exact.vhd"),
+            "--exact-size",
+            "--json",
+        ],
+        None,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        json(&r.stdout)["virtual_size"].as_u64(),
+        Some((2 << 20) + 4096)
+    );
+}
+
+#[test]
+fn uploads_finish_correct_through_dropped_connections_and_503s() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let data = scattered_raw(12 << 20, 13);
+    std::fs::write(&raw, &data).unwrap();
+    let proxy = Proxy::start(
+        az.port,
+        Faults {
+            every_503: 4,
+            every_drop: 7,
+            delay: Duration::ZERO,
+        },
+    );
+    let url = BlobUrl::parse(&proxy.url(&az, "faulty.vhd"), false).unwrap();
+    let r = vhdkit::azure::upload(&raw, &url, &UploadOptions::new().parallel(4)).unwrap();
+    assert!(r.retries > 0, "{r:?}");
+    assert!(proxy.faults_done.load(Ordering::SeqCst) >= 2);
+    check_blob(&az.blob("faulty.vhd"), &data, "through faults");
+}
+
+#[test]
+fn an_interrupted_upload_resumes_sending_only_what_is_missing() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let data = scattered_raw(24 << 20, 17);
+    std::fs::write(&raw, &data).unwrap();
+    let raw_s = raw.to_str().unwrap();
+    // Slowed down by the proxy, killed once a dozen requests went through.
+    let proxy = Proxy::start(
+        az.port,
+        Faults {
+            every_503: 0,
+            every_drop: 0,
+            delay: Duration::from_millis(100),
+        },
+    );
+    let url = proxy.url(&az, "resumed.vhd");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vhdkit"))
+        .args(["convert", raw_s, &url, "--parallel", "2", "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.requests.load(Ordering::SeqCst) < 12 {
+        assert!(Instant::now() < deadline, "the upload made no requests");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the upload ended before it was killed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Requests the proxy had already taken in still reach the emulator.
+    std::thread::sleep(Duration::from_millis(600));
+    // Interrupted: no footer, so not a valid VHD.
+    let src = BlobSource::open(&az.blob("resumed.vhd")).unwrap();
+    let mut tail = vec![0u8; 512];
+    src.read_exact_at(&mut tail, src.len() - 512).unwrap();
+    assert!(tail.iter().all(|&b| b == 0), "a footer before the data");
+    let before: u64 = src.data_ranges().unwrap().iter().map(|r| r.1 - r.0).sum();
+    assert!(before > 0);
+    // Without --resume, refused; with it, finished.
+    let r = vhdkit(&["convert", raw_s, &az.url("resumed.vhd")], None);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--resume"), "{}", r.stderr);
+    let r = vhdkit(
+        &[
+            "convert",
+            raw_s,
+            &az.url("resumed.vhd"),
+            "--resume",
+            "--json",
+        ],
+        None,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = json(&r.stdout);
+    let kept = j["bytes_kept"].as_u64().unwrap();
+    assert!(kept > 0 && kept <= before, "{j}");
+    let sent = j["bytes_sent"].as_u64().unwrap();
+    let total_data = data
+        .chunks(4096)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .count() as u64
+        * 4096;
+    assert!(sent + kept <= total_data + total_data / 16 + 512, "{j}");
+    assert!(sent < total_data, "{j}: everything sent again");
+    check_blob(&az.blob("resumed.vhd"), &data, "resumed");
+}
+
+#[test]
+fn the_sas_signature_appears_in_no_error() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, scattered_raw(1 << 20, 19)).unwrap();
+    let raw_s = raw.to_str().unwrap();
+    let good = az.sas();
+    // A SAS signed with another key: 403.
+    let other_key = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+    let bad = container_sas("vhds", "racwdl", &other_key);
+    let read_only = container_sas("vhds", "rl", KEY);
+    let nosuch = container_sas("nosuch", "racwdl", KEY);
+    let mut cases: Vec<(String, String, &str)> = vec![
+        (
+            format!("{}/vhds/a.vhd?{bad}", az.base()),
+            sig_of(&bad),
+            "the SAS was refused",
+        ),
+        (
+            format!("{}/vhds/a.vhd?{read_only}", az.base()),
+            sig_of(&read_only),
+            "the SAS was refused",
+        ),
+        (
+            format!("{}/nosuch/a.vhd?{nosuch}", az.base()),
+            sig_of(&nosuch),
+            "container \"nosuch\" not found",
+        ),
+        (
+            format!(
+                "http://127.0.0.1:{}/{ACCOUNT}/vhds/a.vhd?{good}",
+                free_port()
+            ),
+            sig_of(&good),
+            "cannot reach 127.0.0.1",
+        ),
+        (
+            format!("http://example.invalid/{ACCOUNT}/vhds/a.vhd?{good}"),
+            sig_of(&good),
+            "plain HTTP",
+        ),
+    ];
+    // TLS to a server that does not speak it.
+    let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+    let plain_port = plain.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in plain.incoming().take(20).flatten() {
+            let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    cases.push((
+        format!("https://127.0.0.1:{plain_port}/{ACCOUNT}/vhds/a.vhd?{good}"),
+        sig_of(&good),
+        "TLS",
+    ));
+    for (url, sig, says) in &cases {
+        for extra in [&[][..], &["--json"][..], &["--resume"][..]] {
+            let mut args = vec!["convert", raw_s, url.as_str()];
+            args.extend_from_slice(extra);
+            let r = vhdkit(&args, None);
+            assert_eq!(r.code, 2, "{url}: {}", r.stderr);
+            assert!(
+                !r.stderr.contains(sig.as_str()) && !r.stdout.contains(sig.as_str()),
+                "the signature leaked: {}{}",
+                r.stdout,
+                r.stderr
+            );
+            if extra.is_empty() {
+                assert!(
+                    r.stderr.contains(says),
+                    "{url}: wanted {says:?} in {}",
+                    r.stderr
+                );
+            }
+        }
+        // Through the library, Debug forms included.
+        if let Ok(u) = BlobUrl::parse(url, false) {
+            assert!(!format!("{u:?} {u}").contains(sig.as_str()));
+            let e = vhdkit::azure::upload(&raw, &u, &UploadOptions::new()).unwrap_err();
+            assert!(!format!("{e} {e:?}").contains(sig.as_str()), "{e:?}");
+        }
+    }
+    // A server that takes the request and never answers: a timeout, said so
+    // (with a short limit and one retry, to keep the test fast).
+    let hole = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hole.incoming().take(4).flatten() {
+            held.push(c); // kept open, never answered
+        }
+        std::thread::sleep(Duration::from_secs(20));
+    });
+    let u = BlobUrl::parse(
+        &format!("http://127.0.0.1:{hole_port}/{ACCOUNT}/vhds/a.vhd?{good}"),
+        false,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let e = vhdkit::azure::upload(
+        &raw,
+        &u,
+        &UploadOptions::new()
+            .request_timeout(Duration::from_millis(500))
+            .max_retries(1),
+    )
+    .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    match &e {
+        vhdkit::Error::Azure(a) => {
+            assert_eq!(a.kind, vhdkit::azure::AzureErrorKind::Timeout, "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert!(!format!("{e} {e:?}").contains(&sig_of(&good)));
+    // A blob URL as an input (not read yet): refused, the signature redacted.
+    let url = az.url("a.vhd");
+    for args in [
+        vec!["info", url.as_str()],
+        vec!["check", url.as_str()],
+        vec!["map", url.as_str()],
+        vec!["checksum", url.as_str()],
+        vec!["compare", raw_s, url.as_str()],
+        vec!["convert", url.as_str(), "out.raw", "--to", "raw"],
+    ] {
+        let r = vhdkit(&args, None);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("sig=REDACTED"), "{args:?}: {}", r.stderr);
+        assert!(!r.stderr.contains(&sig_of(&good)), "{args:?}: {}", r.stderr);
+    }
+    // A URL quoted back by the argument parser.
+    let r = vhdkit(&["convert", raw_s, url.as_str(), url.as_str()], None);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("sig=REDACTED"), "{}", r.stderr);
+    assert!(!r.stderr.contains(&sig_of(&good)), "{}", r.stderr);
+    // The input is untouched.
+    assert_eq!(std::fs::read(&raw).unwrap(), scattered_raw(1 << 20, 19));
+}
+
+#[test]
+fn a_pipe_input_skips_zeros_and_learns_its_size() {
+    let az = Azurite::start();
+    let data = scattered_raw((9 << 20) + 512 * 3, 23);
+    let r = vhdkit(
+        &["convert", "-", &az.url("piped.vhd"), "--json"],
+        Some(&data),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = json(&r.stdout);
+    let pages = data
+        .chunks(4096)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .count() as u64
+        * 4096;
+    let sent = j["bytes_sent"].as_u64().unwrap();
+    assert!(sent <= pages + pages / 16 + 512 && sent >= pages / 2, "{j}");
+    assert_eq!(j["rounded_from"].as_u64(), Some(data.len() as u64), "{j}");
+    check_blob(&az.blob("piped.vhd"), &data, "piped raw");
+    // A fixed VHD through a pipe: its footer is recognised, not data.
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = unpack("qemu-fixed-3M.vhd.gz", dir.path());
+    let want = content(&fixed);
+    let bytes = std::fs::read(&fixed).unwrap();
+    let r = vhdkit(
+        &["convert", "-", &az.url("piped-fixed.vhd"), "-q"],
+        Some(&bytes),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    check_blob(&az.blob("piped-fixed.vhd"), &want, "piped fixed");
+    // With --size, into an empty blob of that size.
+    let need = vhdkit::azure::blob_size(data.len() as u64, false);
+    az.create_page_blob("sized.vhd", need);
+    let r = vhdkit(&["convert", "-", &az.url("sized.vhd"), "-q"], Some(&data));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    check_blob(&az.blob("sized.vhd"), &data, "piped into an empty blob");
+    // --size given for a new blob.
+    let size = data.len().to_string();
+    let r = vhdkit(
+        &["convert", "-", &az.url("given.vhd"), "--size", &size, "-q"],
+        Some(&data),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    check_blob(&az.blob("given.vhd"), &data, "piped with --size");
+    // A stream longer than --size: refused.
+    let r = vhdkit(
+        &["convert", "-", &az.url("short.vhd"), "--size", "1M"],
+        Some(&data),
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("longer than"), "{}", r.stderr);
+    // Resumed from a pipe: the blob's size is the upload's; what is there is kept.
+    let r = vhdkit(
+        &["convert", "-", &az.url("piped.vhd"), "--resume", "--json"],
+        Some(&data),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = json(&r.stdout);
+    assert!(j["bytes_kept"].as_u64().unwrap() >= pages / 2, "{j}");
+    assert_eq!(
+        j["bytes_sent"].as_u64(),
+        Some(512),
+        "{j}: only the footer is sent"
+    );
+    check_blob(&az.blob("piped.vhd"), &data, "piped and resumed");
+}
+
+#[test]
+fn a_terminated_upload_stops_cleanly_and_says_how_to_resume() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let data = scattered_raw(16 << 20, 29);
+    std::fs::write(&raw, &data).unwrap();
+    let proxy = Proxy::start(
+        az.port,
+        Faults {
+            every_503: 0,
+            every_drop: 0,
+            delay: Duration::from_millis(100),
+        },
+    );
+    let url = proxy.url(&az, "stopped.vhd");
+    let sig = sig_of(&az.sas());
+    let child = Command::new(env!("CARGO_BIN_EXE_vhdkit"))
+        .args(["convert", raw.to_str().unwrap(), &url, "--parallel", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.requests.load(Ordering::SeqCst) < 6 {
+        assert!(Instant::now() < deadline, "the upload made no requests");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("interrupted") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&sig), "{stderr}");
+    // No footer: not a valid VHD; --resume then finishes it.
+    std::thread::sleep(Duration::from_millis(300));
+    let src = BlobSource::open(&az.blob("stopped.vhd")).unwrap();
+    let mut tail = vec![0u8; 512];
+    src.read_exact_at(&mut tail, src.len() - 512).unwrap();
+    assert!(tail.iter().all(|&b| b == 0));
+    let r = vhdkit(
+        &[
+            "convert",
+            raw.to_str().unwrap(),
+            &az.url("stopped.vhd"),
+            "--resume",
+            "-q",
+        ],
+        None,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    check_blob(&az.blob("stopped.vhd"), &data, "resumed after SIGTERM");
+}
+
+#[test]
+fn blob_sources_read_by_ranges_and_name_what_is_missing() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let data = scattered_raw(6 << 20, 31);
+    std::fs::write(&raw, &data).unwrap();
+    vhdkit::azure::upload(&raw, &az.blob("src.vhd"), &UploadOptions::new()).unwrap();
+    let src = BlobSource::open(&az.blob("src.vhd")).unwrap();
+    assert!(src.is_page_blob() && src.len() == (6 << 20) + 512);
+    // Reads at odd offsets and lengths, across ranges and holes.
+    for (off, len) in [
+        (0u64, 1usize),
+        (4095, 3),
+        (1 << 20, 5 << 20),
+        (123_457, 777_777),
+    ] {
+        let mut b = vec![0xAAu8; len];
+        src.read_exact_at(&mut b, off).unwrap();
+        vhdkit_common::assert_same(
+            &format!("{len} bytes at {off}"),
+            &b,
+            &data[off as usize..off as usize + len],
+        );
+    }
+    // Through the crate's positional-read trait too.
+    let as_trait: &dyn vhdkit::io::ReadAt = &src;
+    assert_eq!(as_trait.len().unwrap(), (6 << 20) + 512);
+    let mut b = vec![0u8; 8192];
+    as_trait.read_exact_at(&mut b, 4 << 20).unwrap();
+    vhdkit_common::assert_same("trait read", &b, &data[4 << 20..(4 << 20) + 8192]);
+    // Past the end: an error, not a short read.
+    let mut b = vec![0u8; 1024];
+    let e = src.read_exact_at(&mut b, src.len() - 512).unwrap_err();
+    assert!(e.to_string().contains("past the end"), "{e}");
+    let (requests, _) = src.requests();
+    assert!(requests > 0);
+    // A block blob is one range, read by ranged GETs too.
+    az.create_block_blob("block.bin");
+    let b = BlobSource::open(&az.blob("block.bin")).unwrap();
+    assert!(!b.is_page_blob() && b.is_empty());
+    assert!(b.data_ranges().unwrap().is_empty());
+    // A missing blob is named.
+    let e = BlobSource::open(&az.blob("nosuch.vhd")).unwrap_err();
+    assert!(e.to_string().contains("\"nosuch.vhd\" not found"), "{e}");
+    assert!(!e.to_string().contains(&sig_of(&az.sas())));
+}
