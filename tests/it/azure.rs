@@ -26,12 +26,45 @@ fn azurite_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("VHDKIT_AZURITE") {
         return p.into();
     }
-    let local =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/azurite/node_modules/.bin/azurite-blob");
+    let prefix = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/azurite");
+    let local = prefix.join("node_modules/.bin/azurite-blob");
     if local.exists() {
         return local;
     }
-    "azurite-blob".into()
+    let on_path = Command::new("azurite-blob")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if on_path {
+        return "azurite-blob".into();
+    }
+    // A fresh clone: install it where .ci/run does, once for all the tests
+    // (npm is on the machines this project runs on; without it the start
+    // below fails saying what to do).
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if !local.exists() {
+        eprintln!(
+            "azurite is not installed: npm install --prefix {} azurite",
+            prefix.display()
+        );
+        let _ = std::fs::create_dir_all(&prefix);
+        let _ = Command::new("npm")
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                "--prefix",
+            ])
+            .arg(&prefix)
+            .arg("azurite")
+            .stdout(Stdio::null())
+            .status();
+    }
+    local
 }
 
 /// One Azurite blob service, stopped when dropped.
