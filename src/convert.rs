@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 use crate::image::{Extent, ExtentKind, Image, OpenOptions};
 use crate::io::WriteAt;
 use crate::ondisk::{Bat, DiskType, FOOTER_SIZE, SECTOR, UNALLOCATED};
-use crate::scan::{is_zero, nonzero_runs, with_bytes, ZERO_UNIT};
+use crate::scan::{is_zero, nonzero_runs, ZERO_UNIT};
+use crate::storage::with_bytes;
 use crate::write::{self, AtomicOutput, DynamicLayout};
 use rayon::prelude::*;
 use std::fs::File;
@@ -266,7 +267,7 @@ pub(crate) fn same_file(a: &File, b: &Path) -> bool {
 /// Refuses an output that is the input or one of its parents.
 pub(crate) fn refuse_self(img: &Image, output: &Path) -> Result<()> {
     for layer in img.chain() {
-        if same_file(layer.file(), output) {
+        if layer.file().is_some_and(|f| same_file(f, output)) {
             return Err(Error::InvalidArgument(format!(
                 "{}: the output is the input{}; write to another file",
                 output.display(),
@@ -560,7 +561,7 @@ const QUEUE: usize = 2;
 
 /// A scanned chunk on its way to the writer.
 struct WriteJob {
-    data: crate::scan::Window,
+    data: crate::storage::mmap::Window,
     /// Virtual bytes this chunk covers, reported to progress once written.
     len: u64,
     /// Virtual offset of `data[0]`.
@@ -635,7 +636,7 @@ fn copy_chunks(
                 };
                 if let Some(shift) = shift {
                     let src = img.layer(c.layer).expect("layer");
-                    let data = crate::scan::window(src.file(), c.file_offset, c.len)
+                    let data = crate::storage::window(src.storage(), c.file_offset, c.len)
                         .map_err(|e| Error::io(src.path(), "read", e))?;
                     stats.read.fetch_add(c.len, Ordering::Relaxed);
                     let mut runs = Vec::new();
@@ -729,7 +730,10 @@ fn prepare(
 fn block_has_data(img: &Image, chunks: &[Chunk], stats: &Stats) -> Result<bool> {
     let mut examined = 0;
     for c in chunks {
-        let f = img.layer(c.layer).expect("layer").file();
+        let f = img
+            .layer(c.layer)
+            .ok_or_else(|| bad_layer(img, c.layer))?
+            .storage();
         let mut pos = 0;
         while pos < c.len {
             // Data blocks almost always show a non-zero byte in their first
@@ -806,4 +810,14 @@ fn walk(
     let dw = stats.data_written.load(Ordering::Relaxed);
     stats.written.fetch_add(dw, Ordering::Relaxed);
     Ok(())
+}
+
+/// An extent's layer outside the image's chain: a bug, reported rather than
+/// panicked on.
+pub(crate) fn bad_layer(img: &Image, layer: usize) -> Error {
+    Error::io(
+        img.path(),
+        "read",
+        std::io::Error::other(format!("layer {layer} is not in the image's chain")),
+    )
 }

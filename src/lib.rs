@@ -25,6 +25,7 @@
 //! ```
 
 #![forbid(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 // vhdkit builds on Unix (Linux first): positional I/O, SEEK_DATA/SEEK_HOLE,
@@ -44,9 +45,11 @@ pub mod io;
 pub mod ondisk;
 pub mod ops;
 pub mod scan;
+pub mod storage;
 pub mod write;
 
-pub use check::{check, CheckOptions, CheckReport, Problem, Severity};
+pub use check::{check, check_storage, CheckOptions, CheckReport, Problem, Severity};
 pub use convert::{cancel_all, clear_cancel, convert, ConvertOptions, Progress, Report, Target};
 pub use error::{Error, Result};
-pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, Reader};
+pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, OwnedReader, Reader};
+pub use storage::{FileStorage, MemoryStorage, Storage};

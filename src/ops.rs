@@ -9,9 +9,10 @@
 use crate::convert::{chunks, Chunk};
 use crate::error::{Error, Result};
 use crate::image::{Extent, ExtentKind, Format, Image, OpenOptions};
-use crate::io::{ReadAt, WriteAt};
+use crate::io::WriteAt;
 use crate::ondisk::{DiskType, FOOTER_SIZE, SECTOR, UNALLOCATED};
-use crate::scan::{is_zero, nonzero_runs, window, ZERO_UNIT};
+use crate::scan::{is_zero, nonzero_runs, ZERO_UNIT};
+use crate::storage::window;
 use crate::write::azure_size;
 use rayon::prelude::*;
 use std::fs::File;
@@ -30,9 +31,9 @@ fn read_err(img: &Image, layer: usize) -> impl Fn(std::io::Error) -> Error + '_ 
 }
 
 /// Bytes of a data chunk.
-fn chunk_bytes(img: &Image, c: &Chunk) -> Result<crate::scan::Window> {
+fn chunk_bytes(img: &Image, c: &Chunk) -> Result<crate::storage::mmap::Window> {
     let src = img.layer(c.layer).expect("chunk layer inside the chain");
-    window(src.file(), c.file_offset, c.len).map_err(read_err(img, c.layer))
+    window(src.storage(), c.file_offset, c.len).map_err(read_err(img, c.layer))
 }
 
 // ---------------------------------------------------------------- map
@@ -246,12 +247,12 @@ enum Side {
     Data { layer: usize, file_offset: u64 },
 }
 
-fn side_bytes(img: &Image, s: Side, len: u64) -> Result<Option<crate::scan::Window>> {
+fn side_bytes(img: &Image, s: Side, len: u64) -> Result<Option<crate::storage::mmap::Window>> {
     match s {
         Side::Zero => Ok(None),
         Side::Data { layer, file_offset } => {
             let src = img.layer(layer).expect("layer");
-            window(src.file(), file_offset, len)
+            window(src.storage(), file_offset, len)
                 .map(Some)
                 .map_err(read_err(img, layer))
         }
@@ -685,11 +686,12 @@ pub struct SparsifyReport {
 /// image, a file with other hard links; I/O errors.
 pub fn sparsify(path: &Path, opts: &OpenOptions) -> Result<SparsifyReport> {
     let img = Image::open_with(path, &opts.clone().writable(true))?;
-    let before = crate::io::allocated_bytes(img.file()).map_err(|e| Error::io(path, "stat", e))?;
+    let before = crate::io::allocated_bytes(img.local_file("stat")?)
+        .map_err(|e| Error::io(path, "stat", e))?;
     let zero_bytes;
     match img.disk_type() {
         Format::Raw | Format::Fixed => {
-            let file = img.file();
+            let file = img.local_file("punch holes")?;
             let size = img.virtual_size();
             let mut zeros = 0u64;
             let mut start = 0;
@@ -754,7 +756,8 @@ pub fn sparsify(path: &Path, opts: &OpenOptions) -> Result<SparsifyReport> {
         )))
         }
     }
-    let after = crate::io::allocated_bytes(img.file()).map_err(|e| Error::io(path, "stat", e))?;
+    let after = crate::io::allocated_bytes(img.local_file("stat")?)
+        .map_err(|e| Error::io(path, "stat", e))?;
     Ok(SparsifyReport {
         allocated_before: before,
         allocated_after: after,
@@ -861,7 +864,7 @@ pub fn plan_resize(
         // has the old size. Finish it.
         let mut end = [0u8; FOOTER_SIZE];
         let mut copy = [0u8; FOOTER_SIZE];
-        let f = img.file();
+        let f = img.storage();
         f.read_exact_at(&mut end, img.data_end())
             .and_then(|()| f.read_exact_at(&mut copy, 0))
             .map_err(|e| Error::io(path, "read footers", e))?;
@@ -1066,7 +1069,7 @@ fn rewrite_dynamic(img: &Image, size: Option<u64>) -> Result<crate::Report> {
     use std::os::unix::fs::MetadataExt;
     let path = img.path();
     let links = img
-        .file()
+        .local_file("stat")?
         .metadata()
         .map_err(|e| Error::io(path, "stat", e))?
         .nlink();
@@ -1079,7 +1082,7 @@ fn rewrite_dynamic(img: &Image, size: Option<u64>) -> Result<crate::Report> {
         )));
     }
     let real = std::fs::canonicalize(path).map_err(|e| Error::io(path, "resolve", e))?;
-    if !crate::convert::same_file(img.file(), &real) {
+    if !crate::convert::same_file(img.local_file("stat")?, &real) {
         return Err(Error::InvalidArgument(format!(
             "{}: the file changed while it was open; nothing was written",
             path.display()

@@ -768,7 +768,7 @@ fn info_json(img: &Image) -> Value {
         "format": img.disk_type().name(),
         "virtual_size": img.virtual_size(),
         "file_size": img.file_len(),
-        "allocated_file_bytes": vhdkit::io::allocated_bytes(img.file()).ok(),
+        "allocated_file_bytes": img.allocated_file_bytes(),
         "warnings": img.warnings(),
     });
     put_path(&mut v, "path", img.path());
@@ -872,7 +872,7 @@ fn info(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
         human(img.file_len()),
         img.file_len()
     );
-    if let Ok(a) = vhdkit::io::allocated_bytes(img.file()) {
+    if let Some(a) = img.allocated_file_bytes() {
         outln!("on disk:        {}", human(a));
     }
     if img.header().is_some() {

@@ -163,7 +163,7 @@ impl Image {
             Format::Raw | Format::Fixed => {
                 // A file that shrank since it was opened would read as holes
                 // (zeros) past its new end: refuse rather than invent data.
-                let now = crate::io::ReadAt::len(&self.file)
+                let now = crate::io::ReadAt::len(&*self.storage)
                     .map_err(|e| Error::io(&self.path, "stat", e))?;
                 if now < end {
                     return Err(Error::io(
@@ -178,7 +178,9 @@ impl Image {
                         ),
                     ));
                 }
-                let ranges = crate::io::data_ranges(&self.file, offset, end)
+                let ranges = self
+                    .storage
+                    .data_ranges(offset, end)
                     .map_err(|e| Error::io(&self.path, "seek data/hole", e))?;
                 let mut pos = offset;
                 for r in ranges {
@@ -280,7 +282,7 @@ impl Image {
             return Ok(());
         }
         bitmap.resize(self.bitmap_size as usize, 0);
-        ReadAt::read_exact_at(&self.file, bitmap, u64::from(entry) * SECTOR)
+        ReadAt::read_exact_at(&*self.storage, bitmap, u64::from(entry) * SECTOR)
             .map_err(|e| Error::io(&self.path, "read sector bitmap", e))?;
         let bits = SectorBitmap(bitmap);
         let sectors_in_block = self.block_size / SECTOR;
@@ -320,7 +322,7 @@ impl Image {
         self.check_range(offset, len)?;
         if matches!(self.format, Format::Raw | Format::Fixed) {
             // Holes read as zeros: no need to ask the filesystem where they are.
-            return ReadAt::read_exact_at(&self.file, buf, offset)
+            return ReadAt::read_exact_at(&*self.storage, buf, offset)
                 .map_err(|e| Error::io(&self.path, "read", e));
         }
         let extents = self.map(offset, len)?;
@@ -335,7 +337,7 @@ impl Image {
             match e.kind {
                 ExtentKind::Data { layer, file_offset } => {
                     let img = self.layer(layer).expect("extent layer inside the chain");
-                    ReadAt::read_exact_at(&img.file, dst, file_offset)
+                    ReadAt::read_exact_at(&*img.storage, dst, file_offset)
                         .map_err(|err| Error::io(&img.path, "read", err))?;
                 }
                 ExtentKind::Zero | ExtentKind::Parent => dst.fill(0),

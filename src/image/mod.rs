@@ -11,7 +11,7 @@ mod reader;
 
 pub(crate) use map::push_extent;
 pub use map::{Extent, ExtentKind};
-pub use reader::Reader;
+pub use reader::{OwnedReader, Reader};
 
 use crate::error::{Error, Result, Structure};
 use crate::io::ReadAt;
@@ -20,9 +20,11 @@ use crate::ondisk::{
     UNALLOCATED,
 };
 use crate::ondisk::{footer_fields as ff, header_fields as hf};
+use crate::storage::{FileStorage, MemoryStorage, Storage};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU8;
+use std::sync::Arc;
 
 /// What kind of image a file is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -63,6 +65,7 @@ pub struct OpenOptions {
     pub(crate) ignore_checksums: bool,
     pub(crate) parents: Vec<PathBuf>,
     pub(crate) parent_dirs: Vec<PathBuf>,
+    pub(crate) parent_storages: Vec<(PathBuf, Arc<dyn Storage>)>,
     pub(crate) missing_parent_as_zero: bool,
     pub(crate) max_bat_entries: u64,
     pub(crate) max_chain_depth: usize,
@@ -79,6 +82,7 @@ impl Default for OpenOptions {
             ignore_checksums: false,
             parents: Vec::new(),
             parent_dirs: Vec::new(),
+            parent_storages: Vec::new(),
             missing_parent_as_zero: false,
             // 2040 GiB in 512 KiB blocks needs 4,177,920 entries; 2^24 leaves room.
             max_bat_entries: 1 << 24,
@@ -117,6 +121,19 @@ impl OpenOptions {
     /// (regular files directly in it; no link leading out of it is followed).
     pub fn parent_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.parent_dirs.push(dir.into());
+        self
+    }
+    /// Offers a storage (bytes in memory, say) that may serve as a parent,
+    /// matched by unique id like [`OpenOptions::parent`]; `name` names it in
+    /// messages. An image over a storage other than a local file finds its
+    /// parents only here and among the files and folders named with
+    /// [`OpenOptions::parent`] and [`OpenOptions::parent_dir`].
+    pub fn parent_storage(
+        mut self,
+        name: impl Into<PathBuf>,
+        storage: impl Storage + 'static,
+    ) -> Self {
+        self.parent_storages.push((name.into(), Arc::new(storage)));
         self
     }
     /// When no parent is found, open the child anyway and read what it
@@ -158,7 +175,7 @@ pub enum FooterSource {
 #[derive(Debug)]
 pub struct Image {
     path: PathBuf,
-    file: File,
+    storage: Arc<dyn Storage>,
     file_len: u64,
     format: Format,
     virtual_size: u64,
@@ -182,13 +199,16 @@ pub struct Image {
     diag_dropped: u64,
 }
 
+/// The name in messages of an image opened over a storage rather than a path.
+pub(crate) const STORAGE_NAME: &str = "<memory>";
+
 /// The most problems check mode lists for one file.
 pub(crate) const MAX_LISTED_PROBLEMS: usize = 1000;
 
 /// Reads `N` bytes at `offset` into an array.
-fn read_array<const N: usize>(file: &File, offset: u64) -> std::io::Result<[u8; N]> {
+fn read_array<const N: usize>(file: &dyn Storage, offset: u64) -> std::io::Result<[u8; N]> {
     let mut b = [0u8; N];
-    ReadAt::read_exact_at(file, &mut b, offset)?;
+    file.read_exact_at(&mut b, offset)?;
     Ok(b)
 }
 
@@ -212,6 +232,68 @@ impl Image {
         let path = path.as_ref();
         let mut visited = parent::Walk::default();
         Self::open_level(path, opts, 0, &mut visited)
+    }
+
+    /// Opens an image held in memory, with default options. `Image::path()`
+    /// is then `<memory>`.
+    ///
+    /// # Errors
+    /// As for [`Image::open`].
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Image> {
+        Self::from_storage(MemoryStorage::new(bytes), &OpenOptions::default())
+    }
+
+    /// Opens an image over any storage. Parents are found among those the
+    /// options name ([`OpenOptions::parent_storage`], and the files and
+    /// folders named with [`OpenOptions::parent`] and
+    /// [`OpenOptions::parent_dir`]). `Image::path()` is `<memory>` for a
+    /// storage.
+    ///
+    /// # Errors
+    /// As for [`Image::open_with`].
+    pub fn from_storage(storage: impl Storage + 'static, opts: &OpenOptions) -> Result<Image> {
+        let storage: Arc<dyn Storage> = Arc::new(storage);
+        let len =
+            ReadAt::len(&*storage).map_err(|e| Error::io(Path::new(STORAGE_NAME), "stat", e))?;
+        let mut visited = parent::Walk::default();
+        Self::open_file(
+            Path::new(STORAGE_NAME),
+            storage,
+            len,
+            opts,
+            0,
+            &mut visited,
+            None,
+        )
+    }
+
+    /// [`Image::from_storage`] in check mode (see `open_collect`).
+    pub(crate) fn from_storage_collect(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+    ) -> (Option<Image>, Vec<Error>) {
+        let path = Path::new(STORAGE_NAME);
+        let len = match ReadAt::len(&*storage) {
+            Ok(l) => l,
+            Err(e) => return (None, vec![Error::io(path, "stat", e)]),
+        };
+        let mut visited = parent::Walk::default();
+        let mut problems = Vec::new();
+        match Self::open_file(
+            path,
+            storage,
+            len,
+            opts,
+            0,
+            &mut visited,
+            Some(&mut problems),
+        ) {
+            Ok(img) => (Some(img), problems),
+            Err(e) => {
+                problems.push(e);
+                (None, problems)
+            }
+        }
     }
 
     /// Opens in check mode: problems that still allow the walk to go on are
@@ -249,15 +331,16 @@ impl Image {
         // read: a FIFO or a character device is refused, a block device is
         // read at its real size.
         let (file, file_len) = crate::io::open_input(path, opts.writable)?;
-        Self::open_file(path, file, file_len, opts, depth, visited, collect)
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        Self::open_file(path, storage, file_len, opts, depth, visited, collect)
     }
 
     /// Opens as an image a file already opened and checked (a regular file,
     /// or a block device for an input); `path` names it in messages and
     /// gives the folder its parent is looked for in.
-    fn open_file(
+    pub(crate) fn open_file(
         path: &Path,
-        file: File,
+        storage: Arc<dyn Storage>,
         file_len: u64,
         opts: &OpenOptions,
         depth: usize,
@@ -266,7 +349,7 @@ impl Image {
     ) -> Result<Image> {
         let mut img = Image {
             path: path.to_path_buf(),
-            file,
+            storage,
             file_len,
             format: Format::Raw,
             virtual_size: file_len,
@@ -295,9 +378,7 @@ impl Image {
         };
         let mut result = detected.map(|_| ());
         if result.is_ok() && img.format == Format::Differencing && !opts.shallow {
-            visited
-                .path
-                .push(parent::file_id(&img.file).map_err(|e| Error::io(path, "stat", e))?);
+            visited.path.push(parent::storage_id(&img.storage));
             result = parent::resolve(&mut img, opts, depth, visited);
             visited.path.pop();
             if let (Err(Error::ParentNotFound { .. }), Some(_)) = (&result, &img.diag) {
@@ -354,7 +435,7 @@ impl Image {
             let start = len.saturating_sub(512);
             let mut b = [0u8; FOOTER_SIZE];
             let n = (len - start) as usize;
-            ReadAt::read_exact_at(&self.file, &mut b[..n], start).map_err(self.io("read"))?;
+            ReadAt::read_exact_at(&*self.storage, &mut b[..n], start).map_err(self.io("read"))?;
             if n == 512 && Footer::has_cookie(&b) {
                 tail = Some((b, start, FooterSource::End));
             } else {
@@ -369,7 +450,7 @@ impl Image {
         // The copy at offset 0 (dynamic and differencing disks only).
         let mut head: Option<Footer> = None;
         if len >= (FOOTER_SIZE + HEADER_SIZE + FOOTER_SIZE) as u64 {
-            let b: [u8; FOOTER_SIZE] = read_array(&self.file, 0).map_err(self.io("read"))?;
+            let b: [u8; FOOTER_SIZE] = read_array(&*self.storage, 0).map_err(self.io("read"))?;
             if Footer::has_cookie(&b) {
                 if let Ok(f) = Footer::parse(&b, 0, Structure::FooterCopy) {
                     let sum_ok = Footer::verify_checksum(&b, 0, Structure::FooterCopy).is_ok();
@@ -416,8 +497,8 @@ impl Image {
                     // another format, which read as raw would be a "disk"
                     // of its own metadata. (A caller who knows it is raw
                     // forces Format::Raw, which skips detect() entirely.)
-                    if let Some(f) =
-                        crate::detect::foreign_format(&self.file, len).map_err(self.io("read"))?
+                    if let Some(f) = crate::detect::foreign_format(&*self.storage, len)
+                        .map_err(self.io("read"))?
                     {
                         return Err(Error::ForeignFormat {
                             path: self.path.clone(),
@@ -536,7 +617,8 @@ impl Image {
                 },
             ));
         }
-        let bytes: [u8; HEADER_SIZE] = read_array(&self.file, hdr_at).map_err(self.io("read"))?;
+        let bytes: [u8; HEADER_SIZE] =
+            read_array(&*self.storage, hdr_at).map_err(self.io("read"))?;
         let header = DynamicHeader::parse(&bytes, hdr_at)?;
         if let Err(e) = DynamicHeader::verify_checksum(&bytes, hdr_at) {
             if opts.ignore_checksums {
@@ -597,7 +679,7 @@ impl Image {
         }
         // bat_len <= file length here, so this allocation is bounded by the file.
         let mut raw = vec![0u8; bat_len as usize];
-        ReadAt::read_exact_at(&self.file, &mut raw, tbl).map_err(self.io("read"))?;
+        ReadAt::read_exact_at(&*self.storage, &mut raw, tbl).map_err(self.io("read"))?;
         let bat = Bat::parse(&raw);
         self.block_size = u64::from(bs);
         self.bitmap_size = bitmap_size(bs);
@@ -748,9 +830,33 @@ impl Image {
     pub fn path(&self) -> &Path {
         &self.path
     }
-    /// The open file.
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The local file the image is read from; `None` for an image over
+    /// another storage (bytes in memory, say).
+    pub fn file(&self) -> Option<&File> {
+        self.storage.file()
+    }
+    /// The local file, for the operations that need one (in-place rewrites,
+    /// hole punching); an error naming `op` for an image over another storage.
+    pub(crate) fn local_file(&self, op: &'static str) -> Result<&File> {
+        self.file().ok_or_else(|| {
+            Error::io(
+                &self.path,
+                op,
+                std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "the image is not a local file",
+                ),
+            )
+        })
+    }
+    /// The storage the image is read from.
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+    /// Bytes the filesystem has allocated to the image's file; `None` when
+    /// the image is not over a local file or the filesystem cannot tell.
+    pub fn allocated_file_bytes(&self) -> Option<u64> {
+        crate::io::allocated_bytes(self.file()?).ok()
     }
     /// The file's length in bytes.
     pub fn file_len(&self) -> u64 {
