@@ -963,11 +963,14 @@ fn regression_inputs_replay_without_panic() {
     entries.sort();
     for p in entries {
         let bytes = std::fs::read(&p).unwrap();
+        // Each is also offered as its own parent, as a file named `r.vhd`
+        // alone in a folder would be: a locator naming it finds it.
+        let pair: [(&str, &[u8]); 2] = [("r.vhd", &bytes), ("r.vhd", &bytes)];
         for opts in &opts_variants() {
-            let out = check_files(&[("r.vhd", &bytes)], opts);
+            let out = check_files(&pair, opts);
             // The outcome is printed so that `--nocapture` shows what each gives.
             println!("{}: {:?}", p.display(), out.open);
-            check_files_with(&[("r.vhd", &bytes)], opts, exercise_check);
+            check_files_with(&pair, opts, exercise_check);
         }
         n += 1;
     }
@@ -982,7 +985,11 @@ fn regression_inputs_replay_through_check_azure() {
         if p.extension().is_some_and(|x| x == "vhd") {
             let bytes = std::fs::read(&p).unwrap();
             for opts in &opts_variants() {
-                check_files_with(&[("r.vhd", &bytes)], opts, exercise_check_azure);
+                check_files_with(
+                    &[("r.vhd", &bytes), ("r.vhd", &bytes)],
+                    opts,
+                    exercise_check_azure,
+                );
             }
         }
     }
