@@ -45,11 +45,15 @@ pub mod io;
 pub mod ondisk;
 pub mod ops;
 pub mod scan;
+pub mod sinks;
 pub mod storage;
+pub mod walk;
 pub mod write;
 
 pub use check::{check, check_storage, CheckOptions, CheckReport, Problem, Severity};
-pub use convert::{cancel_all, clear_cancel, convert, ConvertOptions, Progress, Report, Target};
+pub use convert::{convert, ConvertOptions, Progress, Report, Target};
 pub use error::{Error, Result};
 pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, OwnedReader, Reader};
+pub use sinks::{MemorySink, Sink};
 pub use storage::{FileStorage, MemoryStorage, Storage};
+pub use walk::{cancel_all, clear_cancel, CancelToken, Control, Event};
