@@ -335,7 +335,8 @@ where
 
 /// What [`copy`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Copied {
+#[non_exhaustive]
+pub struct Copied {
     /// Bytes read from the image (data only).
     pub read: u64,
     /// Bytes of data handed to the sink.
@@ -366,7 +367,13 @@ struct WriteJob {
 /// its blocks scanned) while the current one is written; chunks are read
 /// and scanned in parallel and written from one thread, since writers to
 /// one file contend on its lock.
-pub(crate) fn copy<S: Sink + ?Sized>(
+///
+/// Run it inside a rayon pool to bound its threads.
+///
+/// # Errors
+/// Errors reading the image, the sink's errors, and
+/// [`Error::Interrupted`] when cancelled.
+pub fn copy<S: Sink + ?Sized>(
     img: &Image,
     sink: &S,
     scan: bool,

@@ -8,6 +8,7 @@ mod common;
 mod make_testdata;
 
 #[cfg(feature = "cli")]
+mod api;
 mod cli;
 mod convert;
 mod corpus;
