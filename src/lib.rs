@@ -26,6 +26,7 @@
 
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![deny(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 #![warn(missing_docs)]
 
 // vhdkit builds on Unix (Linux first): positional I/O, SEEK_DATA/SEEK_HOLE,

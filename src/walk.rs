@@ -2,7 +2,7 @@
 //! is taken a window at a time; each window's map is cut into chunks; the
 //! chunks are read (mapped or copied) and scanned for zero runs in
 //! parallel; and what was found goes either, in virtual order, to a fold
-//! ([`fold`]: map, checksum, compare) or, as data runs, to a [`Sink`]
+//! (the crate's `fold`: map, checksum, compare) or, as data runs, to a [`Sink`]
 //! ([`copy`]: convert, sparsify's and resize's rewrites).
 //!
 //! The engine knows no options struct and no writer: a call says what to

@@ -250,7 +250,7 @@ impl Image {
         } else {
             ExtentKind::Zero
         };
-        let bat = self.bat.as_ref().expect("dynamic image has a BAT");
+        let (_, bat) = self.dynamic_parts()?;
         let entry = bat
             .entries
             .get(block as usize)
@@ -336,7 +336,9 @@ impl Image {
             let dst = &mut buf[from..from + e.length as usize];
             match e.kind {
                 ExtentKind::Data { layer, file_offset } => {
-                    let img = self.layer(layer).expect("extent layer inside the chain");
+                    let img = self
+                        .layer(layer)
+                        .ok_or_else(|| crate::walk::bad_layer(self, layer))?;
                     ReadAt::read_exact_at(&*img.storage, dst, file_offset)
                         .map_err(|err| Error::io(&img.path, "read", err))?;
                 }

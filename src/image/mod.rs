@@ -579,13 +579,12 @@ impl Image {
                 );
             }
         }
-        self.footer = Some(footer);
-        self.load_dynamic(opts, foot_at)
+        self.footer = Some(footer.clone());
+        self.load_dynamic(opts, foot_at, footer)
     }
 
     /// Reads and validates the dynamic header and the BAT.
-    fn load_dynamic(&mut self, opts: &OpenOptions, foot_at: u64) -> Result<()> {
-        let footer = self.footer.clone().expect("footer set before load_dynamic");
+    fn load_dynamic(&mut self, opts: &OpenOptions, foot_at: u64, footer: Footer) -> Result<()> {
         let end = self.data_end;
         let hdr_at = footer.data_offset;
         let footer_structure = if self.footer_source == Some(FooterSource::Copy) {
@@ -848,6 +847,26 @@ impl Image {
                 ),
             )
         })
+    }
+    /// The footer of a VHD; an error for a raw image (for operations that
+    /// need one).
+    pub(crate) fn vhd_footer(&self) -> Result<&Footer> {
+        self.footer.as_ref().ok_or_else(|| self.not_a("VHD"))
+    }
+    /// The dynamic header and BAT of a dynamic or differencing image; an
+    /// error for the others.
+    pub(crate) fn dynamic_parts(&self) -> Result<(&DynamicHeader, &Bat)> {
+        match (&self.header, &self.bat) {
+            (Some(h), Some(b)) => Ok((h, b)),
+            _ => Err(self.not_a("dynamic or differencing VHD")),
+        }
+    }
+    fn not_a(&self, what: &str) -> Error {
+        Error::InvalidArgument(format!(
+            "{}: a {} image, not a {what}",
+            self.path.display(),
+            self.format
+        ))
     }
     /// The storage the image is read from.
     pub fn storage(&self) -> &dyn Storage {

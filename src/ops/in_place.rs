@@ -192,7 +192,7 @@ pub fn plan_in_place(
             if new_size == size {
                 description = format!("already a whole number of MiB ({size} bytes)");
             } else {
-                let old = img.footer().expect("fixed has a footer").clone();
+                let old = img.vhd_footer()?.clone();
                 let mut f = old.resized(new_size);
                 f.original_size = new_size;
                 steps = grow_fixed(size, old_at, &old, &f);

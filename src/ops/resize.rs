@@ -49,7 +49,7 @@ fn resize_target(img: &Image, asked: u64, azure: bool) -> Result<u64> {
 /// images; shrinks only when `shrink` is set and the region cut away is all
 /// zero; refuses differencing disks (their parents fix the size).
 ///
-/// Fixed images move their footer as in [`plan_in_place`]'s Azure case.
+/// Fixed images move their footer as in [`plan_in_place`](super::plan_in_place)'s Azure case.
 /// Dynamic images update the BAT, header and both footers in that order,
 /// each a write that leaves a consistent image; when the BAT needs more
 /// entries than fit before the first block, the plan is `None` and
@@ -132,7 +132,7 @@ pub fn plan_resize(
             steps.push(Step::Sync);
         }
         Format::Fixed => {
-            let old = img.footer().expect("fixed").clone();
+            let old = img.vhd_footer()?.clone();
             let f = old.resized(new_size);
             let old_at = img.data_end();
             if new_size > size {
@@ -151,8 +151,8 @@ pub fn plan_resize(
             }
         }
         Format::Dynamic => {
-            let h = img.header().expect("dynamic").clone();
-            let bat = img.bat().expect("dynamic");
+            let (h, bat) = img.dynamic_parts()?;
+            let h = h.clone();
             let bs = img.block_size();
             let needed = new_size.div_ceil(bs);
             let have = u64::from(h.max_table_entries);
@@ -249,7 +249,7 @@ pub fn plan_resize(
                 }
                 steps.push(Step::Sync);
             }
-            let f = img.footer().expect("dynamic").resized(new_size);
+            let f = img.vhd_footer()?.resized(new_size);
             let fb = f.to_bytes().to_vec();
             // The end footer (vhdkit's authority) first, then the copy (qemu's).
             steps.push(Step::Write(img.data_end(), fb.clone()));
@@ -271,7 +271,7 @@ pub fn plan_resize(
 ///
 /// # Errors
 /// As [`plan_resize`]; for a dynamic image that must be rewritten, as the
-/// rewrite of [`sparsify`] (an image with other hard links is refused); and
+/// rewrite of [`sparsify`](super::sparsify) (an image with other hard links is refused); and
 /// I/O errors.
 pub fn resize(
     path: &Path,

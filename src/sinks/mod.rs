@@ -1,15 +1,16 @@
 //! Where bytes go: the destinations of [`crate::walk::copy`], one file each.
 //!
-//! * [`raw`]: a raw disk file (zero pages left as holes).
-//! * [`fixed`]: a fixed VHD file (a raw file and a footer).
-//! * [`dynamic`]: a dynamic VHD file, with its slot planning and metadata.
-//! * [`memory`]: bytes in memory (tests, embedding).
+//! * `raw.rs`: a raw disk file (zero pages left as holes).
+//! * `fixed.rs`: a fixed VHD file (a raw file and a footer).
+//! * `dynamic.rs`: a dynamic VHD file, with its slot planning and metadata.
+//! * `memory.rs`: bytes in memory ([`MemorySink`]: tests, embedding).
 //!
 //! The file sinks write to a temporary file beside the target and rename it
-//! into place only when complete ([`crate::write::AtomicOutput`]): atomic
+//! into place only when complete (`write::AtomicOutput`): atomic
 //! output is a property of the file sinks, not of the engine or of
 //! `convert`. Adding a destination (a page blob, say) is one more file
-//! implementing [`Sink`] (and [`FileSink`] when it commits like a file).
+//! implementing [`Sink`] (and the crate's `FileSink` when it commits like a
+//! file).
 
 pub(crate) mod dynamic;
 pub(crate) mod fixed;
