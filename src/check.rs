@@ -64,8 +64,11 @@ pub struct Problem {
     /// (`footer-checksum`, `bat-overlap`, `azure-not-fixed`...): the list,
     /// with each code's meaning, is in README.md's `check` section.
     pub code: &'static str,
-    /// The structure, when one is to blame ("footer", "BAT entry 3"...).
+    /// The structure, when one is to blame ("footer", "BAT entry 3"...), in
+    /// words (as the JSON prints it).
     pub structure: Option<String>,
+    /// The same structure, typed, for callers that match on it.
+    pub place: Option<Structure>,
     /// The field, when one is to blame.
     pub field: Option<String>,
     /// Absolute file offset, when known.
@@ -110,6 +113,7 @@ impl Problem {
             severity: Severity::Error,
             code,
             structure: None,
+            place: None,
             field: None,
             offset: None,
             message: message.into(),
@@ -125,6 +129,7 @@ impl Problem {
 
     fn at(mut self, structure: Structure, field: &str, offset: u64) -> Problem {
         self.structure = Some(structure.to_string());
+        self.place = Some(structure);
         self.field = Some(field.to_string());
         self.offset = Some(offset);
         self

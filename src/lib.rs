@@ -53,7 +53,7 @@ pub mod write;
 
 pub use check::{check, check_storage, CheckOptions, CheckReport, Problem, Severity};
 pub use convert::{convert, ConvertOptions, Progress, Report, Target};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, OwnedReader, Reader};
 pub use sinks::{MemorySink, Sink};
 pub use storage::{FileStorage, MemoryStorage, Storage};

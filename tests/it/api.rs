@@ -120,3 +120,41 @@ fn a_cancelled_token_stops_every_long_operation() {
     let c = vhdkit::ops::checksum_with(&img, &Control::new().cancel(&fresh)).unwrap();
     assert_eq!((c.crc32, c.size), vhdkit::ops::checksum(&img).unwrap());
 }
+
+#[test]
+fn errors_have_kinds_a_caller_can_match() {
+    use vhdkit::ErrorKind;
+    // Another format.
+    let mut qcow = b"QFI\xfb\x00\x00\x00\x03".to_vec();
+    qcow.resize(4096, 0);
+    let e = Image::from_bytes(qcow).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotAnImage, "{e}");
+    // A damaged header field.
+    let mut bytes = std::fs::read(example()).unwrap();
+    // Block size in the dynamic header (at 512 + 32): not a power of two,
+    // with the header's checksum left wrong too: checksums ignored.
+    bytes[512 + 32..512 + 36].copy_from_slice(&3000u32.to_be_bytes());
+    let e = Image::from_storage(
+        MemoryStorage::new(bytes),
+        &OpenOptions::new().ignore_checksums(true),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.path().is_some());
+    // A missing parent, and a cancelled walk.
+    let td = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/hand-chain-child.vhd.gz");
+    let mut child = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(std::fs::File::open(td).unwrap()),
+        &mut child,
+    )
+    .unwrap();
+    assert_eq!(
+        Image::from_bytes(child).unwrap_err().kind(),
+        ErrorKind::ParentMissing
+    );
+    assert_eq!(Error::Interrupted.kind(), ErrorKind::Cancelled);
+    // Into std::io::Error and back to words.
+    let io: std::io::Error = Error::Interrupted.into();
+    assert_eq!(io.kind(), std::io::ErrorKind::Interrupted);
+}
