@@ -79,6 +79,7 @@ pub struct Problem {
 
 /// The result of [`check`].
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct CheckReport {
     /// The file checked.
     pub path: PathBuf,

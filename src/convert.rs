@@ -28,6 +28,7 @@ pub use crate::walk::{cancel_all, clear_cancel};
 
 /// The kind of image to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Target {
     /// A plain disk image (sparse: zero pages are holes).
     Raw,

@@ -39,22 +39,30 @@ compile_error!(
 
 pub mod check;
 pub mod convert;
+// Not part of the API (hidden from the docs): public only for the
+// integration tests and benches, which reach into them.
+#[doc(hidden)]
 pub mod detect;
 pub mod error;
 pub mod image;
+#[doc(hidden)]
 pub mod io;
 pub mod ondisk;
 pub mod ops;
+#[doc(hidden)]
 pub mod scan;
 pub mod sinks;
 pub mod storage;
 pub mod walk;
+#[doc(hidden)]
 pub mod write;
 
 pub use check::{check, check_storage, CheckOptions, CheckReport, Problem, Severity};
 pub use convert::{convert, ConvertOptions, Progress, Report, Target};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, OwnedReader, Reader};
+pub use io::ReadAt;
+pub use ops::{Checksum, Comparison, MapExtent, SparsifyReport};
 pub use sinks::{MemorySink, Sink};
 pub use storage::{FileStorage, MemoryStorage, Storage};
 pub use walk::{cancel_all, clear_cancel, CancelToken, Control, Event};

@@ -1132,6 +1132,8 @@ fn in_place_convert(
         Target::Raw => Format::Raw,
         Target::Fixed => Format::Fixed,
         Target::Dynamic => Format::Dynamic,
+        // Targets added later have no in-place form.
+        _ => Format::Dynamic,
     };
     let plan = vhdkit::ops::plan_in_place(image, to, azure, &open.options())?;
     plan.run()?;

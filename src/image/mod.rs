@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 /// What kind of image a file is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+#[non_exhaustive]
 pub enum Format {
     /// A plain disk image with no VHD structures.
     Raw,
@@ -162,6 +163,7 @@ impl OpenOptions {
 
 /// Where the footer was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FooterSource {
     /// The last 512 bytes.
     End,

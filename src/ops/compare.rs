@@ -7,6 +7,7 @@ use crate::walk::{self, Chunk, Control, Piece, Read};
 
 /// The result of [`compare`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Comparison {
     /// Virtual size of the first image.
     pub size_a: u64,

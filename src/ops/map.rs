@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 /// One extent of [`map`]: data or zero, and where data lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MapExtent {
     /// Virtual offset.
     pub offset: u64,

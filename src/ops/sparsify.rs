@@ -10,6 +10,7 @@ use std::path::Path;
 
 /// What [`sparsify`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SparsifyReport {
     /// Bytes the file occupied on disk before.
     pub allocated_before: u64,
