@@ -539,7 +539,13 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
             }
         }
         if img.disk_type() == Format::Differencing {
-            let regions = metadata_regions(img, h, 0);
+            let regions = metadata_regions(
+                img,
+                h,
+                img.header_offset(),
+                img.disk_type() == Format::Differencing,
+                0,
+            );
             for (i, l) in h.parent_locators.iter().enumerate() {
                 if l.is_empty() {
                     continue;

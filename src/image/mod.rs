@@ -179,19 +179,11 @@ pub struct Image {
     path: PathBuf,
     storage: Arc<dyn Storage>,
     file_len: u64,
-    format: Format,
     virtual_size: u64,
-    footer: Option<Footer>,
-    footer_source: Option<FooterSource>,
     /// Where the data area ends: the end footer's offset, or the file length.
     data_end: u64,
-    header: Option<DynamicHeader>,
-    header_offset: u64,
-    bat: Option<Bat>,
-    block_size: u64,
-    bitmap_size: u64,
-    /// Per block: 0 not yet known, 1 bitmap all set, 2 partial bitmap.
-    bitmap_state: Vec<AtomicU8>,
+    /// What the image is, with exactly the structures of its kind.
+    layout: Layout,
     parent: Option<Box<Image>>,
     parent_missing: bool,
     warnings: Vec<String>,
@@ -199,6 +191,43 @@ pub struct Image {
     diag: Option<Vec<Error>>,
     /// Problems found in check mode beyond [`MAX_LISTED_PROBLEMS`].
     diag_dropped: u64,
+}
+
+/// What an image is, carrying exactly the structures each kind has: the
+/// read path matches on it and unwraps nothing. (Another format, VHDX say,
+/// is one more variant with its own structures.)
+#[derive(Debug)]
+pub(crate) enum Layout {
+    /// No VHD structure: the file is the disk.
+    Raw,
+    /// The disk, then a footer.
+    Fixed(Vhd),
+    /// Footer copy, header, BAT, blocks, footer.
+    Dynamic(Vhd, Box<Dynamic>),
+    /// A dynamic layout whose holes read from a parent.
+    Differencing(Vhd, Box<Dynamic>),
+}
+
+/// The footer in force and where it was read.
+#[derive(Debug)]
+pub(crate) struct Vhd {
+    pub(crate) footer: Footer,
+    pub(crate) source: FooterSource,
+}
+
+/// The structures of a dynamic or differencing image.
+#[derive(Debug)]
+pub(crate) struct Dynamic {
+    pub(crate) header: DynamicHeader,
+    /// Absolute offset of the dynamic header.
+    pub(crate) header_offset: u64,
+    pub(crate) bat: Bat,
+    /// Bytes of data per block.
+    pub(crate) block_size: u64,
+    /// Bytes of sector bitmap in front of each block.
+    pub(crate) bitmap_size: u64,
+    /// Per block: 0 not yet known, 1 bitmap all set, 2 partial bitmap.
+    pub(crate) bitmap_state: Vec<AtomicU8>,
 }
 
 /// The name in messages of an image opened over a storage rather than a path.
@@ -353,17 +382,9 @@ impl Image {
             path: path.to_path_buf(),
             storage,
             file_len,
-            format: Format::Raw,
             virtual_size: file_len,
-            footer: None,
-            footer_source: None,
             data_end: file_len,
-            header: None,
-            header_offset: 0,
-            bat: None,
-            block_size: 0,
-            bitmap_size: 0,
-            bitmap_state: Vec::new(),
+            layout: Layout::Raw,
             parent: None,
             parent_missing: false,
             warnings: Vec::new(),
@@ -379,7 +400,7 @@ impl Image {
             Ok(())
         };
         let mut result = detected.map(|_| ());
-        if result.is_ok() && img.format == Format::Differencing && !opts.shallow {
+        if result.is_ok() && img.disk_type() == Format::Differencing && !opts.shallow {
             visited.path.push(parent::storage_id(&img.storage));
             result = parent::resolve(&mut img, opts, depth, visited);
             visited.path.pop();
@@ -526,7 +547,7 @@ impl Image {
             data_end
         };
         self.data_end = data_end;
-        self.format = match footer.disk_type {
+        let format = match footer.disk_type {
             DiskType::Fixed => Format::Fixed,
             DiskType::Dynamic => Format::Dynamic,
             DiskType::Differencing => Format::Differencing,
@@ -541,18 +562,17 @@ impl Image {
             }
         };
         if let Some(forced) = opts.format {
-            if forced != self.format {
+            if forced != format {
                 return Err(Error::InvalidArgument(format!(
                     "{}: the footer says {}, not {}",
                     self.path.display(),
-                    self.format,
+                    format,
                     forced
                 )));
             }
         }
         self.virtual_size = footer.current_size;
-        self.footer_source = Some(source);
-        if self.format == Format::Fixed {
+        if format == Format::Fixed {
             if footer.current_size > data_end {
                 self.report(Error::corrupt(
                     Structure::Footer,
@@ -571,7 +591,7 @@ impl Image {
                     footer.current_size
                 ));
             }
-            self.footer = Some(footer);
+            self.layout = Layout::Fixed(Vhd { footer, source });
             return Ok(());
         }
         if let Some(copy) = &head {
@@ -581,15 +601,21 @@ impl Image {
                 );
             }
         }
-        self.footer = Some(footer.clone());
-        self.load_dynamic(opts, foot_at, footer)
+        self.load_dynamic(opts, foot_at, Vhd { footer, source }, format)
     }
 
     /// Reads and validates the dynamic header and the BAT.
-    fn load_dynamic(&mut self, opts: &OpenOptions, foot_at: u64, footer: Footer) -> Result<()> {
+    fn load_dynamic(
+        &mut self,
+        opts: &OpenOptions,
+        foot_at: u64,
+        vhd: Vhd,
+        format: Format,
+    ) -> Result<()> {
+        let footer = &vhd.footer;
         let end = self.data_end;
         let hdr_at = footer.data_offset;
-        let footer_structure = if self.footer_source == Some(FooterSource::Copy) {
+        let footer_structure = if vhd.source == FooterSource::Copy {
             Structure::FooterCopy
         } else {
             Structure::Footer
@@ -682,25 +708,43 @@ impl Image {
         let mut raw = vec![0u8; bat_len as usize];
         ReadAt::read_exact_at(&*self.storage, &mut raw, tbl).map_err(self.io("read"))?;
         let bat = Bat::parse(&raw);
-        self.block_size = u64::from(bs);
-        self.bitmap_size = bitmap_size(bs);
-        self.header_offset = hdr_at;
-        self.validate_layout(&header, &bat, needed)?;
-        self.bitmap_state = (0..bat.entries.len()).map(|_| AtomicU8::new(0)).collect();
-        self.header = Some(header);
-        self.bat = Some(bat);
+        let sizes = (u64::from(bs), bitmap_size(bs));
+        let differencing = format == Format::Differencing;
+        self.validate_layout(&header, hdr_at, &bat, needed, sizes, differencing)?;
+        let dynamic = Box::new(Dynamic {
+            bitmap_state: (0..bat.entries.len()).map(|_| AtomicU8::new(0)).collect(),
+            header,
+            header_offset: hdr_at,
+            bat,
+            block_size: sizes.0,
+            bitmap_size: sizes.1,
+        });
+        self.layout = if differencing {
+            Layout::Differencing(vhd, dynamic)
+        } else {
+            Layout::Dynamic(vhd, dynamic)
+        };
         Ok(())
     }
 
     /// Every allocated block lies inside the file and overlaps neither the
     /// metadata nor another block.
-    fn validate_layout(&mut self, header: &DynamicHeader, bat: &Bat, needed: u64) -> Result<()> {
+    fn validate_layout(
+        &mut self,
+        header: &DynamicHeader,
+        hdr_at: u64,
+        bat: &Bat,
+        needed: u64,
+        (bs, bm): (u64, u64),
+        differencing: bool,
+    ) -> Result<()> {
         let tbl = header.table_offset;
         // The metadata among itself first: a BAT over the header, say, makes
         // every entry read from it meaningless.
-        let mut meta = metadata_regions(self, header, bat.entries.len() as u64);
+        let mut meta =
+            metadata_regions(self, header, hdr_at, differencing, bat.entries.len() as u64);
         meta.sort_by_key(|r| (r.start, r.end));
-        self.report_overlaps(header, meta.iter().cloned(), false)?;
+        self.report_overlaps(header, hdr_at, meta.iter().cloned(), false)?;
         // Then the blocks. They are kept as indices sorted by file offset, 4
         // bytes per block: the BAT may hold millions of entries, and the
         // bookkeeping must stay within the size of the BAT itself.
@@ -708,7 +752,7 @@ impl Image {
         let count = bat.entries.iter().enumerate().filter(in_disk).count();
         let mut blocks: Vec<u32> = Vec::with_capacity(count);
         for (i, &e) in bat.entries.iter().enumerate().filter(in_disk) {
-            let (_, end) = self.block_span(i as u64, e);
+            let (_, end) = block_span_of(self.virtual_size, bs, bm, i as u64, e);
             if end > self.data_end {
                 self.report(Error::corrupt(
                     Structure::BatEntry(i as u64),
@@ -725,7 +769,7 @@ impl Image {
             // Entries number at most u32::MAX (the field is a u32).
             blocks.push(i as u32);
         }
-        let (size, bs, bm) = (self.virtual_size, self.block_size, self.bitmap_size);
+        let size = self.virtual_size;
         let span = |i: u32| block_span_of(size, bs, bm, u64::from(i), bat.entries[i as usize]);
         blocks.sort_unstable_by_key(|&i| (span(i), i));
         // Metadata and blocks merged in (start, end) order.
@@ -747,7 +791,7 @@ impl Image {
                 (None, None) => None,
             }
         });
-        self.report_overlaps(header, merged, true)
+        self.report_overlaps(header, hdr_at, merged, true)
     }
 
     /// Reports regions (in `(start, end)` order) that overlap: each against
@@ -756,6 +800,7 @@ impl Image {
     fn report_overlaps(
         &mut self,
         header: &DynamicHeader,
+        hdr_at: u64,
         regions: impl Iterator<Item = Region>,
         blocks_only: bool,
     ) -> Result<()> {
@@ -784,7 +829,7 @@ impl Image {
                         RegionKind::Locator(i) => (
                             Structure::ParentLocator(i),
                             "platform data offset",
-                            self.header_offset
+                            hdr_at
                                 + (hf::PARENT_LOCATORS
                                     + hf::LOCATOR_SIZE * i
                                     + hf::LOCATOR_DATA_OFFSET)
@@ -793,7 +838,7 @@ impl Image {
                         _ => (
                             Structure::DynamicHeader,
                             "table offset",
-                            self.header_offset + hf::TABLE_OFFSET as u64,
+                            hdr_at + hf::TABLE_OFFSET as u64,
                         ),
                     };
                     let e = Error::corrupt(
@@ -824,7 +869,13 @@ impl Image {
     /// File bytes that block `i` (BAT entry `e`) must occupy: its bitmap and
     /// the sectors of its data that lie inside the virtual disk.
     pub(crate) fn block_span(&self, i: u64, e: u32) -> (u64, u64) {
-        block_span_of(self.virtual_size, self.block_size, self.bitmap_size, i, e)
+        block_span_of(
+            self.virtual_size,
+            self.block_size(),
+            self.bitmap_size(),
+            i,
+            e,
+        )
     }
 
     /// The file's path.
@@ -853,21 +904,34 @@ impl Image {
     /// The footer of a VHD; an error for a raw image (for operations that
     /// need one).
     pub(crate) fn vhd_footer(&self) -> Result<&Footer> {
-        self.footer.as_ref().ok_or_else(|| self.not_a("VHD"))
+        self.footer().ok_or_else(|| self.not_a("VHD"))
     }
     /// The dynamic header and BAT of a dynamic or differencing image; an
     /// error for the others.
     pub(crate) fn dynamic_parts(&self) -> Result<(&DynamicHeader, &Bat)> {
-        match (&self.header, &self.bat) {
-            (Some(h), Some(b)) => Ok((h, b)),
-            _ => Err(self.not_a("dynamic or differencing VHD")),
+        self.dynamic()
+            .map(|d| (&d.header, &d.bat))
+            .ok_or_else(|| self.not_a("dynamic or differencing VHD"))
+    }
+    /// The structures of a dynamic or differencing image.
+    pub(crate) fn dynamic(&self) -> Option<&Dynamic> {
+        match &self.layout {
+            Layout::Dynamic(_, d) | Layout::Differencing(_, d) => Some(d),
+            Layout::Raw | Layout::Fixed(_) => None,
+        }
+    }
+    /// The footer in force and its source (VHDs).
+    fn vhd(&self) -> Option<&Vhd> {
+        match &self.layout {
+            Layout::Fixed(v) | Layout::Dynamic(v, _) | Layout::Differencing(v, _) => Some(v),
+            Layout::Raw => None,
         }
     }
     fn not_a(&self, what: &str) -> Error {
         Error::InvalidArgument(format!(
             "{}: a {} image, not a {what}",
             self.path.display(),
-            self.format
+            self.disk_type()
         ))
     }
     /// The storage the image is read from.
@@ -885,7 +949,12 @@ impl Image {
     }
     /// Raw, fixed, dynamic or differencing.
     pub fn disk_type(&self) -> Format {
-        self.format
+        match self.layout {
+            Layout::Raw => Format::Raw,
+            Layout::Fixed(_) => Format::Fixed,
+            Layout::Dynamic(..) => Format::Dynamic,
+            Layout::Differencing(..) => Format::Differencing,
+        }
     }
     /// The virtual disk's size in bytes: the footer's current size (the
     /// file's length for raw images).
@@ -894,11 +963,11 @@ impl Image {
     }
     /// The footer in force (None for raw images).
     pub fn footer(&self) -> Option<&Footer> {
-        self.footer.as_ref()
+        self.vhd().map(|v| &v.footer)
     }
     /// Where the footer in force was read from.
     pub fn footer_source(&self) -> Option<FooterSource> {
-        self.footer_source
+        self.vhd().map(|v| v.source)
     }
     /// The offset where the data area ends (the end footer's offset).
     pub fn data_end(&self) -> u64 {
@@ -906,30 +975,29 @@ impl Image {
     }
     /// The dynamic header (dynamic and differencing images).
     pub fn header(&self) -> Option<&DynamicHeader> {
-        self.header.as_ref()
+        self.dynamic().map(|d| &d.header)
     }
     /// Absolute offset of the dynamic header.
     pub fn header_offset(&self) -> u64 {
-        self.header_offset
+        self.dynamic().map_or(0, |d| d.header_offset)
     }
     /// The block allocation table (dynamic and differencing images).
     pub fn bat(&self) -> Option<&Bat> {
-        self.bat.as_ref()
+        self.dynamic().map(|d| &d.bat)
     }
     /// Bytes of data per block (0 for raw and fixed images).
     pub fn block_size(&self) -> u64 {
-        self.block_size
+        self.dynamic().map_or(0, |d| d.block_size)
     }
     /// Bytes of sector bitmap in front of each block.
     pub fn bitmap_size(&self) -> u64 {
-        self.bitmap_size
+        self.dynamic().map_or(0, |d| d.bitmap_size)
     }
     /// Blocks that cover the virtual disk.
     pub fn block_count(&self) -> u64 {
-        if self.block_size == 0 {
-            0
-        } else {
-            self.virtual_size.div_ceil(self.block_size)
+        match self.dynamic() {
+            Some(d) => self.virtual_size.div_ceil(d.block_size),
+            None => 0,
         }
     }
     /// The parent of a differencing disk.
@@ -986,7 +1054,7 @@ impl Image {
     }
     /// Allocated blocks (those inside the virtual disk).
     pub fn allocated_blocks(&self) -> u64 {
-        match &self.bat {
+        match self.bat() {
             Some(b) => b
                 .entries
                 .iter()
@@ -1049,7 +1117,13 @@ impl std::fmt::Display for RegionKind {
 
 /// The metadata of a dynamic image as file regions. Locator data is listed
 /// only for differencing disks and only where it lies inside the file.
-pub(crate) fn metadata_regions(img: &Image, header: &DynamicHeader, entries: u64) -> Vec<Region> {
+pub(crate) fn metadata_regions(
+    img: &Image,
+    header: &DynamicHeader,
+    header_offset: u64,
+    differencing: bool,
+    entries: u64,
+) -> Vec<Region> {
     let mut r = vec![
         Region {
             start: 0,
@@ -1058,8 +1132,8 @@ pub(crate) fn metadata_regions(img: &Image, header: &DynamicHeader, entries: u64
         },
         // Saturating: callers may pass a header that failed validation.
         Region {
-            start: img.header_offset,
-            end: img.header_offset.saturating_add(HEADER_SIZE as u64),
+            start: header_offset,
+            end: header_offset.saturating_add(HEADER_SIZE as u64),
             what: RegionKind::Header,
         },
         Region {
@@ -1070,7 +1144,7 @@ pub(crate) fn metadata_regions(img: &Image, header: &DynamicHeader, entries: u64
             what: RegionKind::Bat,
         },
     ];
-    if img.format == Format::Differencing {
+    if differencing {
         for (i, l) in header.parent_locators.iter().enumerate() {
             let end = l.data_offset.saturating_add(u64::from(l.data_length));
             if !l.is_empty() && l.data_length > 0 && end <= img.data_end {

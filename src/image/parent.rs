@@ -275,11 +275,11 @@ pub(crate) fn resolve(
             limit: opts.max_chain_depth as u64,
         });
     }
-    let Some(header) = img.header.clone() else {
+    let Some(header) = img.header().cloned() else {
         return Err(Error::corrupt(
             Structure::DynamicHeader,
             "cookie",
-            img.header_offset,
+            img.header_offset(),
             "no dynamic header",
             "a differencing disk's dynamic header",
         ));
@@ -463,7 +463,7 @@ pub(crate) fn resolve(
             ));
             continue;
         }
-        if parent.format == super::Format::Raw {
+        if parent.disk_type() == super::Format::Raw {
             tried.push(format!("{}: {} is not a VHD", source, real.display()));
             continue;
         }
@@ -471,13 +471,13 @@ pub(crate) fn resolve(
             return Err(Error::corrupt(
                 Structure::ParentChain,
                 "parent unique id",
-                img.header_offset + crate::ondisk::header_fields::PARENT_UNIQUE_ID as u64,
+                img.header_offset() + crate::ondisk::header_fields::PARENT_UNIQUE_ID as u64,
                 format!("a loop back to {}", real.display()),
                 "a chain that ends in a non-differencing disk",
             )
             .with_path(&img.path));
         }
-        if parent.format == super::Format::Differencing {
+        if parent.disk_type() == super::Format::Differencing {
             walk.path.push(id);
             let r = resolve(&mut parent, &popts, depth + 1, walk);
             walk.path.pop();
