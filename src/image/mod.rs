@@ -1075,7 +1075,7 @@ fn block_span_of(
     i: u64,
     e: u32,
 ) -> (u64, u64) {
-    let start = u64::from(e) * SECTOR;
+    let start = crate::ondisk::entry_offset(e);
     let in_disk = virtual_size
         .saturating_sub(i.saturating_mul(block_size))
         .min(block_size);

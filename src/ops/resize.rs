@@ -4,7 +4,7 @@
 use super::in_place::{grow_fixed, InPlacePlan, Step};
 use crate::error::{Error, Result};
 use crate::image::{Format, Image, OpenOptions};
-use crate::ondisk::{FOOTER_SIZE, SECTOR, UNALLOCATED};
+use crate::ondisk::{entry_offset, FOOTER_SIZE, SECTOR, UNALLOCATED};
 use std::path::Path;
 
 /// The size a resize of `img` to `asked` bytes makes: rounded up to a
@@ -173,7 +173,7 @@ pub fn plan_resize(
                 let last = size / bs;
                 match bat.entries.get(last as usize) {
                     Some(&e) if size % bs != 0 && e != UNALLOCATED => {
-                        let data_at = u64::from(e) * SECTOR + img.bitmap_size();
+                        let data_at = entry_offset(e) + img.bitmap_size();
                         let from = data_at + (size - last * bs);
                         let to = data_at + (new_size.min((last + 1) * bs) - last * bs);
                         let (_, old_end) = img.block_span(last, e);
@@ -182,7 +182,7 @@ pub fn plan_resize(
                             .iter()
                             .take(img.block_count() as usize)
                             .filter(|&&x| x != UNALLOCATED)
-                            .map(|&x| u64::from(x) * SECTOR)
+                            .map(|&x| entry_offset(x))
                             .chain([img.header_offset(), h.table_offset])
                             .chain(
                                 h.parent_locators
@@ -207,7 +207,7 @@ pub fn plan_resize(
                 let mut next = img.data_end();
                 for (i, &e) in bat.entries.iter().enumerate() {
                     if e != UNALLOCATED && (i as u64) < img.block_count() {
-                        next = next.min(u64::from(e) * SECTOR);
+                        next = next.min(entry_offset(e));
                     }
                 }
                 for l in h.parent_locators.iter().filter(|l| !l.is_empty()) {
