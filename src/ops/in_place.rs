@@ -141,11 +141,12 @@ pub(crate) fn grow_fixed(
 /// [`Error::InvalidArgument`] for dynamic or differencing images (convert to
 /// a new file instead) or an unsupported direction; open errors.
 pub fn plan_in_place(
-    path: &Path,
+    path: impl AsRef<Path>,
     target: Format,
     azure: bool,
     opts: &OpenOptions,
 ) -> Result<InPlacePlan> {
+    let path = path.as_ref();
     let img = Image::open_with(path, opts)?;
     let size = img.virtual_size();
     let mut steps = Vec::new();

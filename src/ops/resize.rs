@@ -274,12 +274,13 @@ pub fn plan_resize(
 /// rewrite of [`sparsify`](super::sparsify) (an image with other hard links is refused); and
 /// I/O errors.
 pub fn resize(
-    path: &Path,
+    path: impl AsRef<Path>,
     new_size: u64,
     azure: bool,
     shrink: bool,
     opts: &OpenOptions,
 ) -> Result<String> {
+    let path = path.as_ref();
     let img = Image::open_with(path, opts)?;
     match plan_resize(&img, new_size, azure, shrink)? {
         Some(plan) => {

@@ -38,7 +38,7 @@ pub struct SparsifyReport {
 /// # Errors
 /// [`Error::InvalidArgument`] for differencing disks and, for a dynamic
 /// image, a file with other hard links; I/O errors.
-pub fn sparsify(path: &Path, opts: &OpenOptions) -> Result<SparsifyReport> {
+pub fn sparsify(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<SparsifyReport> {
     sparsify_with(path, opts, &Control::new())
 }
 
@@ -48,7 +48,12 @@ pub fn sparsify(path: &Path, opts: &OpenOptions) -> Result<SparsifyReport> {
 /// # Errors
 /// As [`sparsify`]; [`Error::Interrupted`] when cancelled (the holes
 /// punched so far stay: the content is unchanged).
-pub fn sparsify_with(path: &Path, opts: &OpenOptions, ctl: &Control<'_>) -> Result<SparsifyReport> {
+pub fn sparsify_with(
+    path: impl AsRef<Path>,
+    opts: &OpenOptions,
+    ctl: &Control<'_>,
+) -> Result<SparsifyReport> {
+    let path = path.as_ref();
     let img = Image::open_with(path, &opts.clone().writable(true))?;
     let before = crate::io::allocated_bytes(img.local_file("stat")?)
         .map_err(|e| Error::io(path, "stat", e))?;
