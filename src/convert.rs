@@ -79,8 +79,6 @@ pub struct ConvertOptions {
     pub(crate) sync: bool,
     pub(crate) identity: Option<crate::ondisk::Footer>,
     pub(crate) size: Option<u64>,
-    /// The output replaces the input itself (sparsify, resize).
-    pub(crate) rewrite: bool,
     pub(crate) open: OpenOptions,
     pub(crate) progress: Option<Arc<dyn Progress>>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
@@ -115,7 +113,6 @@ impl ConvertOptions {
             sync: true,
             identity: None,
             size: None,
-            rewrite: false,
             open: OpenOptions::default(),
             progress: None,
             cancel: None,
@@ -183,10 +180,10 @@ impl ConvertOptions {
         self
     }
 
-    fn validate(&self) -> Result<()> {
+    fn validate(&self, output: Output) -> Result<()> {
         let bs = self.block_size;
         // A rewrite in place keeps whatever block size the image has.
-        let range = if self.rewrite {
+        let range = if output == Output::Replace {
             512..=u32::MAX
         } else {
             write::MIN_BLOCK_SIZE..=write::MAX_BLOCK_SIZE
@@ -254,7 +251,7 @@ pub fn convert(
     output: impl AsRef<Path>,
     opts: &ConvertOptions,
 ) -> Result<Report> {
-    opts.validate()?;
+    opts.validate(Output::New)?;
     let img = Image::open_with(input.as_ref(), &opts.open)?;
     convert_image(&img, output.as_ref(), opts)
 }
@@ -286,11 +283,34 @@ pub(crate) fn refuse_self(img: &Image, output: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Where a conversion writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// A new file (or an existing one, with overwrite): never the input.
+    New,
+    /// The input itself, replaced by a rename (sparsify's and resize's
+    /// rewrites): any block size the image has is kept.
+    Replace,
+}
+
 /// Converts an open image into `output`.
+///
+/// # Errors
+/// As [`convert`], but for opening the input.
 pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Result<Report> {
-    opts.validate()?;
+    convert_into(img, output, opts, Output::New)
+}
+
+/// [`convert_image`], or a rewrite of the image over itself.
+pub(crate) fn convert_into(
+    img: &Image,
+    output: &Path,
+    opts: &ConvertOptions,
+    to: Output,
+) -> Result<Report> {
+    opts.validate(to)?;
     let started = Instant::now();
-    if !opts.rewrite {
+    if to == Output::New {
         refuse_self(img, output)?;
     }
     let input_size = img.virtual_size();
@@ -329,7 +349,7 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
             write::MAX_VHD_SIZE
         )));
     }
-    let out = if opts.rewrite {
+    let out = if to == Output::Replace {
         AtomicOutput::rewrite(output)?
     } else {
         AtomicOutput::create(output, opts.overwrite)?

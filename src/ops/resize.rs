@@ -339,6 +339,5 @@ pub(crate) fn rewrite_dynamic(img: &Image, size: Option<u64>) -> Result<crate::R
     if let Some(s) = size {
         o = o.virtual_size(s);
     }
-    o.rewrite = true;
-    crate::convert::convert_image(img, &real, &o)
+    crate::convert::convert_into(img, &real, &o, crate::convert::Output::Replace)
 }
