@@ -64,8 +64,11 @@ pub struct Problem {
     /// (`footer-checksum`, `bat-overlap`, `azure-not-fixed`...): the list,
     /// with each code's meaning, is in README.md's `check` section.
     pub code: &'static str,
-    /// The structure, when one is to blame ("footer", "BAT entry 3"...).
+    /// The structure, when one is to blame ("footer", "BAT entry 3"...), in
+    /// words (as the JSON prints it).
     pub structure: Option<String>,
+    /// The same structure, typed, for callers that match on it.
+    pub place: Option<Structure>,
     /// The field, when one is to blame.
     pub field: Option<String>,
     /// Absolute file offset, when known.
@@ -76,6 +79,7 @@ pub struct Problem {
 
 /// The result of [`check`].
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct CheckReport {
     /// The file checked.
     pub path: PathBuf,
@@ -110,6 +114,7 @@ impl Problem {
             severity: Severity::Error,
             code,
             structure: None,
+            place: None,
             field: None,
             offset: None,
             message: message.into(),
@@ -125,6 +130,7 @@ impl Problem {
 
     fn at(mut self, structure: Structure, field: &str, offset: u64) -> Problem {
         self.structure = Some(structure.to_string());
+        self.place = Some(structure);
         self.field = Some(field.to_string());
         self.offset = Some(offset);
         self
@@ -220,6 +226,29 @@ pub fn check(path: impl AsRef<Path>, opts: &CheckOptions) -> Result<CheckReport>
     // character device (opened without blocking, so they cannot hang it).
     drop(crate::io::open_input(path, false)?);
     let (img, errors) = Image::open_collect(path, &opts.open);
+    check_opened(path, img, errors, opts)
+}
+
+/// Checks an image over any storage (bytes in memory, say): the same
+/// checks as [`check`]. Parents are found as [`crate::Image::from_storage`]
+/// finds them. The report's path is `<memory>`.
+///
+/// # Errors
+/// Only when the storage cannot be read at all.
+pub fn check_storage(
+    storage: impl crate::storage::Storage + 'static,
+    opts: &CheckOptions,
+) -> Result<CheckReport> {
+    let (img, errors) = Image::from_storage_collect(std::sync::Arc::new(storage), &opts.open);
+    check_opened(Path::new(crate::image::STORAGE_NAME), img, errors, opts)
+}
+
+fn check_opened(
+    path: &Path,
+    img: Option<Image>,
+    errors: Vec<crate::Error>,
+    opts: &CheckOptions,
+) -> Result<CheckReport> {
     let mut problems: Vec<Problem> = errors.iter().map(Problem::from_error).collect();
     let raw_stated = opts.open.format == Some(Format::Raw);
     let mut report = CheckReport {
@@ -286,7 +315,7 @@ pub(crate) fn differ_by_resize_only(a: &[u8; FOOTER_SIZE], b: &[u8; FOOTER_SIZE]
 fn read_footer(img: &Image, at: u64) -> Result<[u8; FOOTER_SIZE]> {
     let mut b = [0u8; FOOTER_SIZE];
     let n = (img.file_len() - at).min(FOOTER_SIZE as u64) as usize;
-    ReadAt::read_exact_at(img.file(), &mut b[..n], at)
+    ReadAt::read_exact_at(img.storage(), &mut b[..n], at)
         .map_err(|e| Error::io(img.path(), "read", e))?;
     Ok(b)
 }
@@ -510,7 +539,13 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
             }
         }
         if img.disk_type() == Format::Differencing {
-            let regions = metadata_regions(img, h, 0);
+            let regions = metadata_regions(
+                img,
+                h,
+                img.header_offset(),
+                img.disk_type() == Format::Differencing,
+                0,
+            );
             for (i, l) in h.parent_locators.iter().enumerate() {
                 if l.is_empty() {
                     continue;
@@ -655,7 +690,7 @@ fn data_under_clear_bits(img: &Image, problems: &mut Vec<Problem>) -> Result<()>
     };
     let (bs, bm, size) = (img.block_size(), img.bitmap_size(), img.virtual_size());
     let read = |buf: &mut [u8], at: u64| {
-        ReadAt::read_exact_at(img.file(), buf, at).map_err(|e| Error::io(img.path(), "read", e))
+        ReadAt::read_exact_at(img.storage(), buf, at).map_err(|e| Error::io(img.path(), "read", e))
     };
     // bitmap_size is at most 512 KiB (a 2^31-byte block); the bitmap is read
     // only for blocks that lie inside the file.

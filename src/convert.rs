@@ -10,20 +10,25 @@
 //! temporary file beside the target, synced, and renamed into place.
 
 use crate::error::{Error, Result};
-use crate::image::{Extent, ExtentKind, Image, OpenOptions};
-use crate::io::WriteAt;
-use crate::ondisk::{Bat, DiskType, FOOTER_SIZE, SECTOR, UNALLOCATED};
-use crate::scan::{is_zero, nonzero_runs, with_bytes, ZERO_UNIT};
+use crate::image::{Image, OpenOptions};
+use crate::ondisk::{DiskType, SECTOR};
+use crate::sinks::dynamic::DynamicFileSink;
+use crate::sinks::fixed::FixedFileSink;
+use crate::sinks::raw::RawFileSink;
+use crate::sinks::FileSink;
+use crate::walk::{self, CancelToken, Control, Event};
 use crate::write::{self, AtomicOutput, DynamicLayout};
-use rayon::prelude::*;
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use crate::walk::{cancel_all, clear_cancel};
+
 /// The kind of image to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Target {
     /// A plain disk image (sparse: zero pages are holes).
     Raw,
@@ -74,8 +79,6 @@ pub struct ConvertOptions {
     pub(crate) sync: bool,
     pub(crate) identity: Option<crate::ondisk::Footer>,
     pub(crate) size: Option<u64>,
-    /// The output replaces the input itself (sparsify, resize).
-    pub(crate) rewrite: bool,
     pub(crate) open: OpenOptions,
     pub(crate) progress: Option<Arc<dyn Progress>>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
@@ -110,7 +113,6 @@ impl ConvertOptions {
             sync: true,
             identity: None,
             size: None,
-            rewrite: false,
             open: OpenOptions::default(),
             progress: None,
             cancel: None,
@@ -178,10 +180,10 @@ impl ConvertOptions {
         self
     }
 
-    fn validate(&self) -> Result<()> {
+    fn validate(&self, output: Output) -> Result<()> {
         let bs = self.block_size;
         // A rewrite in place keeps whatever block size the image has.
-        let range = if self.rewrite {
+        let range = if output == Output::Replace {
             512..=u32::MAX
         } else {
             write::MIN_BLOCK_SIZE..=write::MAX_BLOCK_SIZE
@@ -249,7 +251,7 @@ pub fn convert(
     output: impl AsRef<Path>,
     opts: &ConvertOptions,
 ) -> Result<Report> {
-    opts.validate()?;
+    opts.validate(Output::New)?;
     let img = Image::open_with(input.as_ref(), &opts.open)?;
     convert_image(&img, output.as_ref(), opts)
 }
@@ -266,7 +268,7 @@ pub(crate) fn same_file(a: &File, b: &Path) -> bool {
 /// Refuses an output that is the input or one of its parents.
 pub(crate) fn refuse_self(img: &Image, output: &Path) -> Result<()> {
     for layer in img.chain() {
-        if same_file(layer.file(), output) {
+        if layer.file().is_some_and(|f| same_file(f, output)) {
             return Err(Error::InvalidArgument(format!(
                 "{}: the output is the input{}; write to another file",
                 output.display(),
@@ -281,11 +283,34 @@ pub(crate) fn refuse_self(img: &Image, output: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Where a conversion writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// A new file (or an existing one, with overwrite): never the input.
+    New,
+    /// The input itself, replaced by a rename (sparsify's and resize's
+    /// rewrites): any block size the image has is kept.
+    Replace,
+}
+
 /// Converts an open image into `output`.
+///
+/// # Errors
+/// As [`convert`], but for opening the input.
 pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Result<Report> {
-    opts.validate()?;
+    convert_into(img, output, opts, Output::New)
+}
+
+/// [`convert_image`], or a rewrite of the image over itself.
+pub(crate) fn convert_into(
+    img: &Image,
+    output: &Path,
+    opts: &ConvertOptions,
+    to: Output,
+) -> Result<Report> {
+    opts.validate(to)?;
     let started = Instant::now();
-    if !opts.rewrite {
+    if to == Output::New {
         refuse_self(img, output)?;
     }
     let input_size = img.virtual_size();
@@ -324,7 +349,7 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
             write::MAX_VHD_SIZE
         )));
     }
-    let out = if opts.rewrite {
+    let out = if to == Output::Replace {
         AtomicOutput::rewrite(output)?
     } else {
         AtomicOutput::create(output, opts.overwrite)?
@@ -333,93 +358,47 @@ pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Resul
         .num_threads(opts.threads.unwrap_or(0))
         .build()
         .map_err(|e| Error::InvalidArgument(format!("thread pool: {e}")))?;
-    if let Some(p) = &opts.progress {
-        p.start(input_size);
-    }
-    let stats = Stats::default();
-    let file = out.file();
-    let (output_len, allocated_blocks) = pool.install(|| -> Result<(u64, Option<u64>)> {
-        match opts.target {
-            Target::Raw | Target::Fixed => {
-                let footer_len = if opts.target == Target::Fixed {
-                    FOOTER_SIZE as u64
-                } else {
-                    0
-                };
-                let len = size + footer_len;
-                out.set_len(len)?;
-                // A device's unwritten bytes are not zeros: write them all.
-                out.fill_zeros(0, len)?;
-                walk(
-                    img,
-                    opts,
-                    &stats,
-                    &|_block| Ok(()),
-                    &Dest::Linear,
-                    file,
-                    out.temp_path(),
-                )?;
-                if !opts.sparse && !out.is_device() {
-                    allocate(file, 0, size, out.temp_path())?;
-                }
-                if opts.target == Target::Fixed {
-                    let footer = output_footer(opts, DiskType::Fixed, size);
-                    file.write_all_at(&footer.to_bytes(), size)
-                        .map_err(|e| Error::io(out.temp_path(), "write footer", e))?;
-                    stats
-                        .written
-                        .fetch_add(FOOTER_SIZE as u64, Ordering::Relaxed);
-                }
-                Ok((len, None))
-            }
-            Target::Dynamic => {
-                let layout = DynamicLayout::new(size, opts.block_size);
-                let slots = std::sync::Mutex::new((Bat::new(layout.entries as usize), 0u64));
-                let dest = Dest::Dynamic {
-                    layout,
-                    slots: &slots,
-                };
-                // On a device, every byte of the file is written: the
-                // metadata area now, each block's slot when it is given.
-                out.fill_zeros(0, layout.first_block)?;
-                let plan = |blocks: &[(u64, bool)]| -> Result<()> {
-                    let mut g = slots.lock().expect("slot lock");
-                    for &(b, keep) in blocks {
-                        if keep {
-                            let slot = g.1;
-                            g.0.entries[b as usize] = layout.bat_entry(slot)?;
-                            g.1 += 1;
-                            out.fill_zeros(layout.block_offset(slot), layout.stride)?;
-                        }
-                    }
-                    Ok(())
-                };
-                walk(img, opts, &stats, &plan, &dest, file, out.temp_path())?;
-                let (bat, allocated) = slots.into_inner().expect("slot lock");
-                let len = layout.file_len(allocated);
-                out.set_len(len)?;
-                let footer = output_footer(opts, DiskType::Dynamic, size);
-                let meta = layout
-                    .write_metadata(file, &footer, &bat)
-                    .map_err(|e| e.with_path(out.temp_path()))?;
-                stats.written.fetch_add(meta, Ordering::Relaxed);
-                if !opts.sparse && !out.is_device() {
-                    for &e in bat.entries.iter().filter(|&&e| e != UNALLOCATED) {
-                        let at = u64::from(e) * SECTOR + layout.bitmap_size;
-                        allocate(file, at, layout.block_size, out.temp_path())?;
-                    }
-                }
-                Ok((len, Some(allocated)))
+    let progress = |e: Event| {
+        if let Some(p) = &opts.progress {
+            match e {
+                Event::Start(n) => p.start(n),
+                Event::Advance(n) => p.advance(n),
+                Event::Written(n) => p.written(n),
             }
         }
+    };
+    let token = opts.cancel.clone().map(CancelToken::from_flag);
+    let mut ctl = Control::new().progress(&progress);
+    if let Some(t) = &token {
+        ctl = ctl.cancel(t);
+    }
+    ctl.event(Event::Start(input_size));
+    let (sparse, sync) = (opts.sparse, opts.sync);
+    let mut sink: Box<dyn FileSink> = match opts.target {
+        Target::Raw => Box::new(RawFileSink::new(out, size, 0, sparse, sync)?),
+        Target::Fixed => {
+            let footer = output_footer(opts, DiskType::Fixed, size);
+            Box::new(FixedFileSink::new(out, footer, sparse, sync)?)
+        }
+        Target::Dynamic => {
+            let layout = DynamicLayout::new(size, opts.block_size);
+            let footer = output_footer(opts, DiskType::Dynamic, size);
+            Box::new(DynamicFileSink::new(out, layout, footer, sparse, sync)?)
+        }
+    };
+    let (copied, finished) = pool.install(|| -> Result<_> {
+        let copied = walk::copy(img, &*sink, sparse, &ctl)?;
+        Ok((copied, sink.finish()?))
     })?;
-    check_cancel(opts)?;
-    let written = stats.written.load(Ordering::Relaxed);
-    let data_written = stats.data_written.load(Ordering::Relaxed);
-    out.commit(opts.sync)?;
+    ctl.check()?;
+    sink.commit(sync)?;
+    let data_written = copied.written;
+    let output_len = finished.output_len;
+    let allocated_blocks = finished.allocated_blocks;
+    let written = data_written + finished.metadata;
     Ok(Report {
         virtual_size: size,
-        bytes_read: stats.read.load(Ordering::Relaxed),
+        bytes_read: copied.read,
         bytes_written: written,
         bytes_skipped: size - data_written.min(size),
         output_len,
@@ -448,362 +427,4 @@ fn output_footer(opts: &ConvertOptions, disk_type: DiskType, size: u64) -> crate
         }
         None => fresh,
     }
-}
-
-/// Allocates `len` bytes at `at` without writing them (falls back to
-/// writing zeros where the filesystem cannot).
-fn allocate(file: &File, at: u64, len: u64, path: &Path) -> Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), at, len) {
-        Ok(()) => Ok(()),
-        Err(_) => {
-            let zeros = vec![0u8; 1 << 20];
-            let mut pos = at;
-            while pos < at + len {
-                let n = (at + len - pos).min(zeros.len() as u64);
-                file.write_all_at(&zeros[..n as usize], pos)
-                    .map_err(|e| Error::io(path, "write", e))?;
-                pos += n;
-            }
-            Ok(())
-        }
-    }
-}
-
-#[derive(Default)]
-struct Stats {
-    read: AtomicU64,
-    written: AtomicU64,
-    data_written: AtomicU64,
-}
-
-/// Where virtual offsets land in the output.
-enum Dest<'a> {
-    /// At the same offset (raw and fixed).
-    Linear,
-    /// In the block's slot (dynamic).
-    Dynamic {
-        layout: DynamicLayout,
-        slots: &'a std::sync::Mutex<(Bat, u64)>,
-    },
-}
-
-/// Set by [`cancel_all`].
-pub(crate) static CANCEL_ALL: AtomicBool = AtomicBool::new(false);
-
-/// Asks every long operation of this process (conversions and the rewrites
-/// of sparsify and resize) to stop at its next chunk, removing its partial
-/// output and returning [`Error::Interrupted`]. For a Ctrl-C handler. The
-/// request stays in force, failing later operations too, until
-/// [`clear_cancel`]; a per-operation alternative is
-/// [`ConvertOptions::cancel_flag`].
-pub fn cancel_all() {
-    CANCEL_ALL.store(true, Ordering::SeqCst);
-}
-
-/// Withdraws a [`cancel_all`] request, so that new operations run again.
-pub fn clear_cancel() {
-    CANCEL_ALL.store(false, Ordering::SeqCst);
-}
-
-fn check_cancel(opts: &ConvertOptions) -> Result<()> {
-    let flagged = opts
-        .cancel
-        .as_ref()
-        .is_some_and(|f| f.load(Ordering::Relaxed));
-    if flagged || CANCEL_ALL.load(Ordering::Relaxed) {
-        Err(Error::Interrupted)
-    } else {
-        Ok(())
-    }
-}
-
-/// Virtual bytes per window of the walk: the map of one window is held at a time.
-const WINDOW: u64 = 256 << 20;
-/// Largest chunk one worker scans and writes at a time.
-const CHUNK: u64 = 2 << 20;
-
-/// A run of data: virtual range and where it lives.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Chunk {
-    pub offset: u64,
-    pub len: u64,
-    pub layer: usize,
-    pub file_offset: u64,
-}
-
-/// Cuts the data extents into chunks that do not cross `align` boundaries.
-pub(crate) fn chunks(extents: &[Extent], align: u64) -> Vec<Chunk> {
-    let mut v = Vec::new();
-    for e in extents {
-        if let ExtentKind::Data { layer, file_offset } = e.kind {
-            let mut pos = e.offset;
-            while pos < e.end() {
-                let stop = e.end().min((pos / align + 1) * align);
-                v.push(Chunk {
-                    offset: pos,
-                    len: stop - pos,
-                    layer,
-                    file_offset: file_offset + (pos - e.offset),
-                });
-                pos = stop;
-            }
-        }
-    }
-    v
-}
-
-/// Chunks waiting for the writer: bounds the memory held in windows.
-const QUEUE: usize = 2;
-
-/// A scanned chunk on its way to the writer.
-struct WriteJob {
-    data: crate::scan::Window,
-    /// Virtual bytes this chunk covers, reported to progress once written.
-    len: u64,
-    /// Virtual offset of `data[0]`.
-    offset: u64,
-    /// Virtual ranges to write.
-    runs: Vec<std::ops::Range<u64>>,
-    /// Output offset minus virtual offset, for these runs.
-    shift: i128,
-}
-
-/// Scans chunks in parallel and writes what is not zero from one thread:
-/// buffered writers to one file contend on its inode lock, and a single
-/// writer keeps the page cache copy running at full speed while the other
-/// cores scan ahead.
-fn copy_chunks(
-    img: &Image,
-    opts: &ConvertOptions,
-    stats: &Stats,
-    dest: &Dest<'_>,
-    work: &[Chunk],
-    out: &File,
-    out_path: &Path,
-) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(QUEUE);
-    std::thread::scope(|s| -> Result<()> {
-        let writer = s.spawn(move || -> Result<()> {
-            for job in rx {
-                // Stop writing as soon as asked (the queued chunks are dropped).
-                check_cancel(opts)?;
-                let mut wrote = 0;
-                for r in &job.runs {
-                    let from = (r.start - job.offset) as usize;
-                    let to = (r.end - job.offset) as usize;
-                    let at = (i128::from(r.start) + job.shift) as u64;
-                    out.write_all_at(&job.data[from..to], at)
-                        .map_err(|e| Error::io(out_path, "write", e))?;
-                    stats
-                        .data_written
-                        .fetch_add(r.end - r.start, Ordering::Relaxed);
-                    wrote += r.end - r.start;
-                    if opts.sync {
-                        // Start writeback now, so the final sync finds little to do.
-                        let _ = rustix::fs::fadvise(
-                            out,
-                            at,
-                            std::num::NonZeroU64::new(r.end - r.start),
-                            rustix::fs::Advice::DontNeed,
-                        );
-                    }
-                }
-                if let Some(p) = &opts.progress {
-                    p.written(wrote);
-                    p.advance(job.len);
-                }
-            }
-            Ok(())
-        });
-        let scanned = work
-            .par_iter()
-            .try_for_each_with(tx, |tx, c| -> Result<()> {
-                check_cancel(opts)?;
-                let shift = match dest {
-                    Dest::Linear => Some(0i128),
-                    Dest::Dynamic { layout, slots } => {
-                        let b = c.offset / layout.block_size;
-                        let e = slots.lock().expect("slot lock").0.entries[b as usize];
-                        (e != UNALLOCATED).then(|| {
-                            i128::from(e) * 512 + i128::from(layout.bitmap_size)
-                                - i128::from(b * layout.block_size)
-                        })
-                    }
-                };
-                if let Some(shift) = shift {
-                    let src = img.layer(c.layer).expect("layer");
-                    let data = crate::scan::window(src.file(), c.file_offset, c.len)
-                        .map_err(|e| Error::io(src.path(), "read", e))?;
-                    stats.read.fetch_add(c.len, Ordering::Relaxed);
-                    let mut runs = Vec::new();
-                    if opts.sparse {
-                        nonzero_runs(&data, c.offset, ZERO_UNIT, &mut runs);
-                    } else {
-                        runs.push(c.offset..c.offset + c.len);
-                    }
-                    if !runs.is_empty() {
-                        // A closed channel means the writer failed; its error
-                        // is reported below. The writer advances the progress
-                        // once the chunk is written.
-                        let _ = tx.send(WriteJob {
-                            data,
-                            len: c.len,
-                            offset: c.offset,
-                            runs,
-                            shift,
-                        });
-                        return Ok(());
-                    }
-                }
-                if let Some(p) = &opts.progress {
-                    p.advance(c.len);
-                }
-                Ok(())
-            });
-        let written = writer.join().expect("writer thread panicked");
-        written?;
-        scanned
-    })
-}
-
-/// Receives, per window, the blocks that hold data: `(block, keep)`.
-type PlanFn<'a> = dyn Fn(&[(u64, bool)]) -> Result<()> + Sync + 'a;
-
-/// One window of the walk, mapped and (for dynamic outputs) scanned for
-/// the blocks that hold data.
-struct Prepared {
-    work: Vec<Chunk>,
-    /// `(block, holds data)` for each block with data extents, in order.
-    blocks: Vec<(u64, bool)>,
-    /// Bytes of the window the map already knows to be zero.
-    zero_bytes: u64,
-}
-
-/// Maps `start..start + len` and, for a dynamic output, finds which blocks
-/// hold a non-zero byte (stopping at the first one).
-fn prepare(
-    img: &Image,
-    opts: &ConvertOptions,
-    stats: &Stats,
-    bs: Option<u64>,
-    start: u64,
-    len: u64,
-) -> Result<Prepared> {
-    let align = bs.unwrap_or(CHUNK).min(CHUNK);
-    let extents = img.map(start, len)?;
-    let work = chunks(&extents, align);
-    let zero_bytes = len - work.iter().map(|c| c.len).sum::<u64>();
-    let mut blocks: Vec<(u64, bool)> = Vec::new();
-    if let Some(bs) = bs {
-        for c in &work {
-            let b = c.offset / bs;
-            if blocks.last().map(|l| l.0) != Some(b) {
-                blocks.push((b, true));
-            }
-        }
-        if opts.sparse {
-            let flags: Vec<bool> = blocks
-                .par_iter()
-                .map(|&(b, _)| -> Result<bool> {
-                    let lo = work.partition_point(|c| c.offset / bs < b);
-                    let hi = work.partition_point(|c| c.offset / bs <= b);
-                    block_has_data(img, &work[lo..hi], stats)
-                })
-                .collect::<Result<_>>()?;
-            for (b, f) in blocks.iter_mut().zip(flags) {
-                b.1 = f;
-            }
-        }
-    }
-    Ok(Prepared {
-        work,
-        blocks,
-        zero_bytes,
-    })
-}
-
-/// True when any chunk of one block holds a non-zero byte.
-fn block_has_data(img: &Image, chunks: &[Chunk], stats: &Stats) -> Result<bool> {
-    let mut examined = 0;
-    for c in chunks {
-        let f = img.layer(c.layer).expect("layer").file();
-        let mut pos = 0;
-        while pos < c.len {
-            // Data blocks almost always show a non-zero byte in their first
-            // page: one small read settles them without mapping the block.
-            let n = if pos == 0 {
-                c.len.min(ZERO_UNIT)
-            } else {
-                (c.len - pos).min(CHUNK)
-            };
-            let nz = with_bytes(f, c.file_offset + pos, n, |d| !is_zero(d))
-                .map_err(|e| Error::io(img.path(), "read", e))?;
-            if nz {
-                // The copy reads this block again and counts it then.
-                return Ok(true);
-            }
-            examined += n;
-            pos += n;
-        }
-    }
-    stats.read.fetch_add(examined, Ordering::Relaxed);
-    Ok(false)
-}
-
-/// The walk shared by every target: window by window, map, plan the blocks
-/// of a dynamic output, copy chunks in parallel. The next window is mapped
-/// and scanned while the current one is written, so the zero scan of a
-/// dynamic output overlaps the writes.
-fn walk(
-    img: &Image,
-    opts: &ConvertOptions,
-    stats: &Stats,
-    plan: &PlanFn<'_>,
-    dest: &Dest<'_>,
-    out: &File,
-    out_path: &Path,
-) -> Result<()> {
-    let size = img.virtual_size();
-    let bs = match dest {
-        Dest::Dynamic { layout, .. } => Some(layout.block_size),
-        Dest::Linear => None,
-    };
-    let unit = bs.unwrap_or(CHUNK);
-    let window = WINDOW.max(unit) / unit * unit;
-    let windows: Vec<(u64, u64)> = (0..size.div_ceil(window))
-        .map(|i| (i * window, window.min(size - i * window)))
-        .collect();
-    let mut next = match windows.first() {
-        Some(&(s, l)) => Some(prepare(img, opts, stats, bs, s, l)?),
-        None => None,
-    };
-    for i in 0..windows.len() {
-        check_cancel(opts)?;
-        let cur = next
-            .take()
-            .expect("each window is prepared before it is copied");
-        if let Some(p) = &opts.progress {
-            p.advance(cur.zero_bytes);
-        }
-        if bs.is_some() {
-            plan(&cur.blocks)?;
-        }
-        let following = windows.get(i + 1).copied();
-        let (copied, prepared) = rayon::join(
-            || copy_chunks(img, opts, stats, dest, &cur.work, out, out_path),
-            || {
-                following
-                    .map(|(s, l)| prepare(img, opts, stats, bs, s, l))
-                    .transpose()
-            },
-        );
-        copied?;
-        next = prepared?;
-    }
-    let dw = stats.data_written.load(Ordering::Relaxed);
-    stats.written.fetch_add(dw, Ordering::Relaxed);
-    Ok(())
 }

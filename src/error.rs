@@ -84,6 +84,38 @@ impl fmt::Display for Corruption {
     }
 }
 
+/// What kind of error an [`Error`] is, for callers that decide by kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Not an image of a kind vhdkit reads: another format (qcow2, VHDX...),
+    /// or a FIFO, socket or character device.
+    NotAnImage,
+    /// A valid image asking for something vhdkit does not do.
+    Unsupported,
+    /// A structure is damaged ([`Error::Corrupt`], typed: structure, field,
+    /// offset, found, expected).
+    Corrupt,
+    /// A checksum does not match.
+    Checksum,
+    /// A differencing disk's parent was not found anywhere allowed.
+    ParentMissing,
+    /// Files of the parent's name were found, but with another unique id.
+    ParentMismatch,
+    /// The parent chain is deeper than allowed, or loops.
+    ChainTooDeepOrLooping,
+    /// The file asks for more than a limit allows (BAT entries...).
+    Limit,
+    /// An I/O error.
+    Io,
+    /// A caller's option or argument is out of range or contradictory.
+    InvalidOption,
+    /// The output exists and overwriting was not asked for.
+    OutputExists,
+    /// The operation was cancelled.
+    Cancelled,
+}
+
 /// Every error vhdkit returns.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -206,6 +238,56 @@ pub enum Error {
 }
 
 impl Error {
+    /// What kind of error this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } | Error::RawIo(_) => ErrorKind::Io,
+            Error::Corrupt(c) if c.structure == Structure::ParentChain => {
+                ErrorKind::ChainTooDeepOrLooping
+            }
+            Error::Corrupt(_) => ErrorKind::Corrupt,
+            Error::Checksum { .. } => ErrorKind::Checksum,
+            Error::ParentNotFound { wrong_id, .. } if !wrong_id.is_empty() => {
+                ErrorKind::ParentMismatch
+            }
+            Error::ParentNotFound { .. } => ErrorKind::ParentMissing,
+            Error::Limit { what, .. } if what.contains("parent chain") => {
+                ErrorKind::ChainTooDeepOrLooping
+            }
+            Error::Limit { .. } => ErrorKind::Limit,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::NotAnImageFile { .. } | Error::ForeignFormat { .. } => ErrorKind::NotAnImage,
+            Error::InvalidArgument(_) => ErrorKind::InvalidOption,
+            Error::OutputExists(_) => ErrorKind::OutputExists,
+            Error::Interrupted => ErrorKind::Cancelled,
+            #[cfg(feature = "azure")]
+            Error::Azure(a) => match a.kind {
+                crate::azure::AzureErrorKind::Interrupted => ErrorKind::Cancelled,
+                crate::azure::AzureErrorKind::Exists => ErrorKind::OutputExists,
+                crate::azure::AzureErrorKind::InvalidUrl => ErrorKind::InvalidOption,
+                _ => ErrorKind::Io,
+            },
+        }
+    }
+
+    /// The file the error is about, when it names one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Error::Io { path, .. }
+            | Error::ParentNotFound { path, .. }
+            | Error::Limit { path, .. }
+            | Error::Unsupported { path, .. }
+            | Error::NotAnImageFile { path, .. }
+            | Error::ForeignFormat { path, .. }
+            | Error::OutputExists(path) => Some(path),
+            Error::Checksum { path, .. } => path.as_deref(),
+            Error::Corrupt(c) => c.path.as_deref(),
+            Error::RawIo(_) | Error::InvalidArgument(_) | Error::Interrupted => None,
+            #[cfg(feature = "azure")]
+            Error::Azure(_) => None,
+        }
+    }
+
     /// Builds an [`Error::Corrupt`].
     pub fn corrupt(
         structure: Structure,

@@ -28,6 +28,8 @@
 // The declared MSRV (1.88, for the Azure SDK) has `is_multiple_of`; the
 // crate's `x % n == 0` checks predate it and are left as written.
 #![allow(clippy::manual_is_multiple_of)]
+#![deny(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 #![warn(missing_docs)]
 
 // vhdkit builds on Unix (Linux first): positional I/O, SEEK_DATA/SEEK_HOLE,
@@ -43,21 +45,35 @@ pub mod azure;
 pub mod check;
 pub mod convert;
 pub mod create;
+// Not part of the API (hidden from the docs): public only for the
+// integration tests and benches, which reach into them.
+#[doc(hidden)]
 pub mod detect;
 pub mod error;
 pub mod image;
+#[doc(hidden)]
 pub mod io;
 pub mod merge;
 pub mod ondisk;
 pub mod ops;
+#[doc(hidden)]
 pub mod scan;
+pub mod sinks;
+pub mod storage;
 pub mod vhdx;
+pub mod walk;
+#[doc(hidden)]
 pub mod write;
 pub mod writer;
 
-pub use check::{check, CheckOptions, CheckReport, Problem, Severity};
-pub use convert::{cancel_all, clear_cancel, convert, ConvertOptions, Progress, Report, Target};
+pub use check::{check, check_storage, CheckOptions, CheckReport, Problem, Severity};
+pub use convert::{convert, ConvertOptions, Progress, Report, Target};
 pub use create::{create, create_child, ChildOptions, CreateOptions, Created, DiskKind};
-pub use error::{Error, Result};
-pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, Reader};
+pub use error::{Error, ErrorKind, Result};
+pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, OwnedReader, Reader};
+pub use io::ReadAt;
+pub use ops::{Checksum, Comparison, MapExtent, SparsifyReport};
+pub use sinks::{MemorySink, Sink};
+pub use storage::{FileStorage, MemoryStorage, Storage};
+pub use walk::{cancel_all, clear_cancel, CancelToken, Control, Event};
 pub use writer::VhdWriter;

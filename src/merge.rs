@@ -133,7 +133,12 @@ fn merge_inner(child: &Path, opts: &MergeOptions, log: Option<OpLog>) -> Result<
     let size = img.virtual_size();
     for j in 0..k {
         let (upper, lower) = (chain[j], chain[j + 1]);
-        let h = upper.header().expect("a differencing disk has a header");
+        let h = upper.header().ok_or_else(|| {
+            invalid(format!(
+                "{}: is not a differencing disk",
+                upper.path().display()
+            ))
+        })?;
         let lf = lower.footer().ok_or_else(|| {
             invalid(format!(
                 "{}: is raw; only a VHD can be merged into",
@@ -209,7 +214,10 @@ fn merge_inner(child: &Path, opts: &MergeOptions, log: Option<OpLog>) -> Result<
         )));
     }
     for l in &chain[..k] {
-        rustix::fs::flock(l.file(), rustix::fs::FlockOperation::NonBlockingLockShared).map_err(
+        let file = l
+            .file()
+            .ok_or_else(|| invalid(format!("{}: is not a file", l.path().display())))?;
+        rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockShared).map_err(
             |_| {
                 invalid(format!(
                     "{}: another program holds a lock on it (open for writing elsewhere)",

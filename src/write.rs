@@ -115,7 +115,7 @@ impl DynamicLayout {
         crate::ondisk::SectorBitmap::set_range(&mut bitmap, 0, sectors);
         for &e in &bat.entries {
             if e != crate::ondisk::UNALLOCATED {
-                out.write_all_at(&bitmap, u64::from(e) * SECTOR)?;
+                out.write_all_at(&bitmap, crate::ondisk::entry_offset(e))?;
                 written += self.bitmap_size;
             }
         }

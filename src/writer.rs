@@ -91,6 +91,9 @@ struct Meta {
 /// A VHD open for writing. See the [module documentation](self).
 pub struct VhdWriter {
     img: Image,
+    /// The image's file, opened for writing (an image opened from a path
+    /// always has one).
+    file: std::fs::File,
     path: PathBuf,
     format: Format,
     size: u64,
@@ -161,13 +164,18 @@ impl VhdWriter {
                 path.display()
             )));
         }
+        let file = img
+            .file()
+            .ok_or_else(|| Error::InvalidArgument(format!("{}: is not a file", path.display())))?
+            .try_clone()
+            .map_err(io_err(path, "open"))?;
         // A lock still held after a short wait: another writer. (A writer
         // that just closed the file may hold it for an instant longer
         // through a process forked meanwhile, until that one execs.)
         let mut locked = false;
         for _ in 0..50 {
             let op = rustix::fs::FlockOperation::NonBlockingLockExclusive;
-            if rustix::fs::flock(img.file(), op).is_ok() {
+            if rustix::fs::flock(&file, op).is_ok() {
                 locked = true;
                 break;
             }
@@ -179,7 +187,12 @@ impl VhdWriter {
                 path.display()
             )));
         }
-        let footer = img.footer().cloned().expect("a VHD has a footer");
+        let Some(footer) = img.footer().cloned() else {
+            return Err(Error::InvalidArgument(format!(
+                "{}: is not a VHD (raw images are written as plain files)",
+                path.display()
+            )));
+        };
         let (bat, table_offset) = match (img.bat(), img.header()) {
             (Some(b), Some(h)) => {
                 let mut entries = b.entries.clone();
@@ -193,6 +206,7 @@ impl VhdWriter {
         }
         let footer_bytes = footer.to_bytes();
         Ok(VhdWriter {
+            file,
             path: path.to_path_buf(),
             format,
             size: img.virtual_size(),
@@ -235,24 +249,23 @@ impl VhdWriter {
     fn file_write(&self, buf: &[u8], off: u64) -> Result<()> {
         if let Some(l) = &self.log {
             l.lock()
-                .expect("op log")
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(FileOp::Write(off, buf.to_vec()));
         }
-        WriteAt::write_all_at(self.img.file(), buf, off).map_err(io_err(&self.path, "write"))
+        WriteAt::write_all_at(&self.file, buf, off).map_err(io_err(&self.path, "write"))
     }
 
     fn file_read(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        ReadAt::read_exact_at(self.img.file(), buf, off).map_err(io_err(&self.path, "read"))
+        ReadAt::read_exact_at(&self.file, buf, off).map_err(io_err(&self.path, "read"))
     }
 
     fn sync(&self) -> Result<()> {
         if let Some(l) = &self.log {
-            l.lock().expect("op log").push(FileOp::Sync);
+            l.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(FileOp::Sync);
         }
-        self.img
-            .file()
-            .sync_data()
-            .map_err(io_err(&self.path, "sync"))
+        self.file.sync_data().map_err(io_err(&self.path, "sync"))
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -274,7 +287,10 @@ impl VhdWriter {
     /// block would lie beyond the format's 32-bit sector offsets; I/O errors.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        let _g = self.gate.read().expect("gate");
+        let _g = self
+            .gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.format == Format::Fixed {
             return self.file_write(buf, offset);
         }
@@ -330,7 +346,10 @@ impl VhdWriter {
     /// are set, else the bitmap (cached until the next flush, or read).
     fn bitmap(&self, b: u64, base: u64) -> Result<Option<Vec<u8>>> {
         {
-            let m = self.meta.lock().expect("meta");
+            let m = self
+                .meta
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if m.full.contains(&b) {
                 return Ok(None);
             }
@@ -340,7 +359,10 @@ impl VhdWriter {
         }
         let mut bm = vec![0u8; self.bitmap_size as usize];
         self.file_read(&mut bm, base)?;
-        let mut m = self.meta.lock().expect("meta");
+        let mut m = self
+            .meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if SectorBitmap(&bm).all_set(self.block_size / SECTOR) {
             m.full.insert(b);
             return Ok(None);
@@ -351,7 +373,10 @@ impl VhdWriter {
 
     /// Gives block `b` a slot at the end of the file; returns its BAT entry.
     fn allocate(&self, b: u64) -> Result<u32> {
-        let mut m = self.meta.lock().expect("meta");
+        let mut m = self
+            .meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let bmp = self.bitmap_size;
         let slot = (m.end + bmp).div_ceil(DATA_ALIGN) * DATA_ALIGN - bmp;
         let entry = u32::try_from(slot / SECTOR).map_err(|_| {
@@ -381,10 +406,16 @@ impl VhdWriter {
     }
 
     fn write_block(&self, b: u64, in_block: u64, data: &[u8]) -> Result<()> {
-        let _s = self.stripes[b as usize % STRIPES].lock().expect("stripe");
+        let _s = self.stripes[b as usize % STRIPES]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let vbase = b * self.block_size;
         let len = data.len() as u64;
-        let mut entry = self.meta.lock().expect("meta").bat[b as usize];
+        let mut entry = self
+            .meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .bat[b as usize];
         if entry == UNALLOCATED {
             if data.iter().all(|&x| x == 0) && self.backing_is_zero(vbase + in_block, len)? {
                 return Ok(());
@@ -426,7 +457,10 @@ impl VhdWriter {
         }
         if !bits.all_set_in(s0, s1) {
             SectorBitmap::set_range(&mut bitmap, s0, s1);
-            let mut m = self.meta.lock().expect("meta");
+            let mut m = self
+                .meta
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             m.bitmaps.insert(b, bitmap);
             m.dirty_bitmaps.insert(b);
         }
@@ -440,7 +474,10 @@ impl VhdWriter {
     /// [`Error::InvalidArgument`] when the range leaves the disk; I/O errors.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        let _g = self.gate.read().expect("gate");
+        let _g = self
+            .gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.format == Format::Fixed {
             return self.file_read(buf, offset);
         }
@@ -458,9 +495,15 @@ impl VhdWriter {
     }
 
     fn read_block(&self, b: u64, in_block: u64, out: &mut [u8]) -> Result<()> {
-        let _s = self.stripes[b as usize % STRIPES].lock().expect("stripe");
+        let _s = self.stripes[b as usize % STRIPES]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let vbase = b * self.block_size;
-        let entry = self.meta.lock().expect("meta").bat[b as usize];
+        let entry = self
+            .meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .bat[b as usize];
         if entry == UNALLOCATED {
             return self.read_backing(out, vbase + in_block);
         }
@@ -489,12 +532,18 @@ impl VhdWriter {
     /// # Errors
     /// I/O errors.
     pub fn flush(&self) -> Result<()> {
-        let _g = self.gate.write().expect("gate");
+        let _g = self
+            .gate
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.sync()?;
         if self.format == Format::Fixed {
             return Ok(());
         }
-        let mut m = self.meta.lock().expect("meta");
+        let mut m = self
+            .meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if m.dirty_bat.is_empty() && m.dirty_bitmaps.is_empty() {
             return Ok(());
         }
@@ -524,9 +573,9 @@ impl VhdWriter {
             }
             // The BAT on disk may hold more entries than the disk has blocks:
             // keep those as they are.
-            let on_disk = self.img.bat().map(|b| b.entries.len()).unwrap_or_default();
-            for i in m.bat.len().max(first)..on_disk.min(first + 128) {
-                let e = self.img.bat().expect("bat").entries[i];
+            let on_disk: &[u32] = self.img.bat().map(|b| &b.entries[..]).unwrap_or_default();
+            for i in m.bat.len().max(first)..on_disk.len().min(first + 128) {
+                let e = on_disk[i];
                 bytes[(i - first) * 4..(i - first) * 4 + 4].copy_from_slice(&e.to_be_bytes());
             }
             self.file_write(&bytes, self.table_offset + sec * SECTOR)?;

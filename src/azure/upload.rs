@@ -367,7 +367,7 @@ impl Uploader {
             .cancel
             .as_ref()
             .is_some_and(|c| c.load(Ordering::SeqCst))
-            || crate::convert::CANCEL_ALL.load(Ordering::SeqCst)
+            || crate::walk::cancel_requested()
         {
             return Err(AzureError::error(
                 AzureErrorKind::Interrupted,
@@ -381,10 +381,9 @@ impl Uploader {
             return Err(self.take_error());
         }
         push_range(&mut self.planned, start, start + data.len() as u64);
-        let permit = self
-            .rt
-            .block_on(self.sem.clone().acquire_owned())
-            .expect("semaphore open");
+        // The semaphore is never closed, so acquiring cannot fail; were it
+        // closed, the request would simply run without a permit.
+        let permit = self.rt.block_on(self.sem.clone().acquire_owned()).ok();
         let shared = self.shared.clone();
         self.rt.spawn(async move {
             shared.send(start, data, virtual_len).await;
@@ -396,10 +395,11 @@ impl Uploader {
     /// Waits for every request in flight.
     fn drain(&self) {
         let n = u32::try_from(self.parallel).unwrap_or(u32::MAX);
+        // Never closed (see dispatch): all permits back means nothing in flight.
         let all = self
             .rt
             .block_on(self.sem.clone().acquire_many_owned(n))
-            .expect("semaphore open");
+            .ok();
         drop(all);
     }
 
@@ -843,9 +843,10 @@ pub fn upload_stream(
     // The held-back tail: a fixed VHD's footer, or the raw disk's last bytes.
     let mut vsize = pos;
     let is_footer = held.len() == FOOTER_SIZE && {
-        let b: &[u8; FOOTER_SIZE] = held.as_slice().try_into().expect("512 bytes");
-        Footer::has_cookie(b)
-            && Footer::parse(b, pos, crate::error::Structure::Footer)
+        let mut b = [0u8; FOOTER_SIZE];
+        b.copy_from_slice(&held);
+        Footer::has_cookie(&b)
+            && Footer::parse(&b, pos, crate::error::Structure::Footer)
                 .is_ok_and(|f| f.disk_type == DiskType::Fixed && f.current_size == pos)
     };
     if !held.is_empty() && !is_footer {

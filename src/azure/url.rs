@@ -57,7 +57,9 @@ pub fn redact(s: &str) -> String {
             }
             i = j;
         } else {
-            let c = s[i..].chars().next().expect("a char");
+            let Some(c) = s[i..].chars().next() else {
+                break;
+            };
             out.push(c);
             i += c.len_utf8();
         }

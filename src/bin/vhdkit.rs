@@ -1168,7 +1168,7 @@ fn info_json(img: &Image) -> Value {
         "format": img.disk_type().name(),
         "virtual_size": img.virtual_size(),
         "file_size": img.file_len(),
-        "allocated_file_bytes": vhdkit::io::allocated_bytes(img.file()).ok(),
+        "allocated_file_bytes": img.allocated_file_bytes(),
         "warnings": img.warnings(),
     });
     put_path(&mut v, "path", img.path());
@@ -1276,7 +1276,7 @@ fn info(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Res
         human(img.file_len()),
         img.file_len()
     );
-    if let Ok(a) = vhdkit::io::allocated_bytes(img.file()) {
+    if let Some(a) = img.allocated_file_bytes() {
         outln!("on disk:        {}", human(a));
     }
     if img.header().is_some() {
@@ -1638,6 +1638,8 @@ fn in_place_convert(
         Target::Raw => Format::Raw,
         Target::Fixed => Format::Fixed,
         Target::Dynamic => Format::Dynamic,
+        // Targets added later have no in-place form.
+        _ => Format::Dynamic,
     };
     let plan = vhdkit::ops::plan_in_place(image, to, azure, &open.options())?;
     plan.run()?;

@@ -1,6 +1,6 @@
 //! The map of a virtual disk, and positional reads built on it.
 
-use super::{Format, Image};
+use super::{Dynamic, Format, Image, Layout};
 use crate::error::{Error, Result};
 use crate::io::ReadAt;
 use crate::ondisk::{SectorBitmap, SECTOR, UNALLOCATED};
@@ -159,11 +159,11 @@ impl Image {
     pub fn map_shallow(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let end = self.check_range(offset, len)?;
         let mut out = Vec::new();
-        match self.format {
-            Format::Raw | Format::Fixed => {
+        match &self.layout {
+            Layout::Raw | Layout::Fixed(_) => {
                 // A file that shrank since it was opened would read as holes
                 // (zeros) past its new end: refuse rather than invent data.
-                let now = crate::io::ReadAt::len(&self.file)
+                let now = crate::io::ReadAt::len(&*self.storage)
                     .map_err(|e| Error::io(&self.path, "stat", e))?;
                 if now < end {
                     return Err(Error::io(
@@ -178,7 +178,9 @@ impl Image {
                         ),
                     ));
                 }
-                let ranges = crate::io::data_ranges(&self.file, offset, end)
+                let ranges = self
+                    .storage
+                    .data_ranges(offset, end)
                     .map_err(|e| Error::io(&self.path, "seek data/hole", e))?;
                 let mut pos = offset;
                 for r in ranges {
@@ -212,14 +214,15 @@ impl Image {
                     },
                 );
             }
-            Format::Dynamic | Format::Differencing => {
+            Layout::Dynamic(_, d) | Layout::Differencing(_, d) => {
                 let mut bitmap = Vec::new();
                 let mut pos = offset;
                 while pos < end {
-                    let block = pos / self.block_size;
-                    let block_start = block * self.block_size;
-                    let stop = end.min(block_start + self.block_size);
+                    let block = pos / d.block_size;
+                    let block_start = block * d.block_size;
+                    let stop = end.min(block_start + d.block_size);
                     self.map_block(
+                        d,
                         block,
                         pos - block_start,
                         stop - block_start,
@@ -236,20 +239,21 @@ impl Image {
     /// Maps bytes `a..b` of block `block`.
     fn map_block(
         &self,
+        d: &Dynamic,
         block: u64,
         a: u64,
         b: u64,
         bitmap: &mut Vec<u8>,
         out: &mut Vec<Extent>,
     ) -> Result<()> {
-        let base = block * self.block_size;
-        let absent = if self.format == Format::Differencing {
+        let base = block * d.block_size;
+        let absent = if self.disk_type() == Format::Differencing {
             ExtentKind::Parent
         } else {
             ExtentKind::Zero
         };
-        let bat = self.bat.as_ref().expect("dynamic image has a BAT");
-        let entry = bat
+        let entry = d
+            .bat
             .entries
             .get(block as usize)
             .copied()
@@ -265,7 +269,10 @@ impl Image {
             );
             return Ok(());
         }
-        let data_at = u64::from(entry) * SECTOR + self.bitmap_size;
+        let Some(bitmap_at) = d.bat.block_offset(block as usize) else {
+            return Ok(());
+        };
+        let data_at = bitmap_at + d.bitmap_size;
         let data = |from: u64, to: u64| Extent {
             offset: base + from,
             length: to - from,
@@ -274,16 +281,24 @@ impl Image {
                 file_offset: data_at + from,
             },
         };
-        let state = &self.bitmap_state[block as usize];
+        let Some(state) = d.bitmap_state.get(block as usize) else {
+            return Err(crate::error::Error::corrupt(
+                crate::error::Structure::BatEntry(block),
+                "block sector offset",
+                d.header.table_offset + 4 * block,
+                "an entry past the table",
+                "a block inside the table",
+            ));
+        };
         if state.load(Ordering::Relaxed) == STATE_FULL {
             push_extent(out, data(a, b));
             return Ok(());
         }
-        bitmap.resize(self.bitmap_size as usize, 0);
-        ReadAt::read_exact_at(&self.file, bitmap, u64::from(entry) * SECTOR)
+        bitmap.resize(d.bitmap_size as usize, 0);
+        ReadAt::read_exact_at(&*self.storage, bitmap, bitmap_at)
             .map_err(|e| Error::io(&self.path, "read sector bitmap", e))?;
         let bits = SectorBitmap(bitmap);
-        let sectors_in_block = self.block_size / SECTOR;
+        let sectors_in_block = d.block_size / SECTOR;
         if bits.all_set(sectors_in_block) {
             state.store(STATE_FULL, Ordering::Relaxed);
             push_extent(out, data(a, b));
@@ -318,9 +333,9 @@ impl Image {
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         self.check_range(offset, len)?;
-        if matches!(self.format, Format::Raw | Format::Fixed) {
+        if matches!(self.layout, Layout::Raw | Layout::Fixed(_)) {
             // Holes read as zeros: no need to ask the filesystem where they are.
-            return ReadAt::read_exact_at(&self.file, buf, offset)
+            return ReadAt::read_exact_at(&*self.storage, buf, offset)
                 .map_err(|e| Error::io(&self.path, "read", e));
         }
         let extents = self.map(offset, len)?;
@@ -334,8 +349,10 @@ impl Image {
             let dst = &mut buf[from..from + e.length as usize];
             match e.kind {
                 ExtentKind::Data { layer, file_offset } => {
-                    let img = self.layer(layer).expect("extent layer inside the chain");
-                    ReadAt::read_exact_at(&img.file, dst, file_offset)
+                    let img = self
+                        .layer(layer)
+                        .ok_or_else(|| crate::walk::bad_layer(self, layer))?;
+                    ReadAt::read_exact_at(&*img.storage, dst, file_offset)
                         .map_err(|err| Error::io(&img.path, "read", err))?;
                 }
                 ExtentKind::Zero | ExtentKind::Parent => dst.fill(0),

@@ -11,7 +11,7 @@ mod reader;
 
 pub(crate) use map::push_extent;
 pub use map::{Extent, ExtentKind};
-pub use reader::Reader;
+pub use reader::{OwnedReader, Reader};
 
 use crate::error::{Error, Result, Structure};
 use crate::io::ReadAt;
@@ -20,12 +20,15 @@ use crate::ondisk::{
     UNALLOCATED,
 };
 use crate::ondisk::{footer_fields as ff, header_fields as hf};
+use crate::storage::{FileStorage, MemoryStorage, Storage};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU8;
+use std::sync::Arc;
 
 /// What kind of image a file is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+#[non_exhaustive]
 pub enum Format {
     /// A plain disk image with no VHD structures.
     Raw,
@@ -63,6 +66,7 @@ pub struct OpenOptions {
     pub(crate) ignore_checksums: bool,
     pub(crate) parents: Vec<PathBuf>,
     pub(crate) parent_dirs: Vec<PathBuf>,
+    pub(crate) parent_storages: Vec<(PathBuf, Arc<dyn Storage>)>,
     pub(crate) missing_parent_as_zero: bool,
     pub(crate) max_bat_entries: u64,
     pub(crate) max_chain_depth: usize,
@@ -79,6 +83,7 @@ impl Default for OpenOptions {
             ignore_checksums: false,
             parents: Vec::new(),
             parent_dirs: Vec::new(),
+            parent_storages: Vec::new(),
             missing_parent_as_zero: false,
             // 2040 GiB in 512 KiB blocks needs 4,177,920 entries; 2^24 leaves room.
             max_bat_entries: 1 << 24,
@@ -119,6 +124,19 @@ impl OpenOptions {
         self.parent_dirs.push(dir.into());
         self
     }
+    /// Offers a storage (bytes in memory, say) that may serve as a parent,
+    /// matched by unique id like [`OpenOptions::parent`]; `name` names it in
+    /// messages. An image over a storage other than a local file finds its
+    /// parents only here and among the files and folders named with
+    /// [`OpenOptions::parent`] and [`OpenOptions::parent_dir`].
+    pub fn parent_storage(
+        mut self,
+        name: impl Into<PathBuf>,
+        storage: impl Storage + 'static,
+    ) -> Self {
+        self.parent_storages.push((name.into(), Arc::new(storage)));
+        self
+    }
     /// When no parent is found, open the child anyway and read what it
     /// leaves to the parent as zeros (for inspection; the content is not the
     /// disk's). [`Image::parent_missing`] then says so.
@@ -145,6 +163,7 @@ impl OpenOptions {
 
 /// Where the footer was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FooterSource {
     /// The last 512 bytes.
     End,
@@ -158,21 +177,13 @@ pub enum FooterSource {
 #[derive(Debug)]
 pub struct Image {
     path: PathBuf,
-    file: File,
+    storage: Arc<dyn Storage>,
     file_len: u64,
-    format: Format,
     virtual_size: u64,
-    footer: Option<Footer>,
-    footer_source: Option<FooterSource>,
     /// Where the data area ends: the end footer's offset, or the file length.
     data_end: u64,
-    header: Option<DynamicHeader>,
-    header_offset: u64,
-    bat: Option<Bat>,
-    block_size: u64,
-    bitmap_size: u64,
-    /// Per block: 0 not yet known, 1 bitmap all set, 2 partial bitmap.
-    bitmap_state: Vec<AtomicU8>,
+    /// What the image is, with exactly the structures of its kind.
+    layout: Layout,
     parent: Option<Box<Image>>,
     parent_missing: bool,
     warnings: Vec<String>,
@@ -182,13 +193,53 @@ pub struct Image {
     diag_dropped: u64,
 }
 
+/// What an image is, carrying exactly the structures each kind has: the
+/// read path matches on it and unwraps nothing. (Another format, VHDX say,
+/// is one more variant with its own structures.)
+#[derive(Debug)]
+pub(crate) enum Layout {
+    /// No VHD structure: the file is the disk.
+    Raw,
+    /// The disk, then a footer.
+    Fixed(Vhd),
+    /// Footer copy, header, BAT, blocks, footer.
+    Dynamic(Vhd, Box<Dynamic>),
+    /// A dynamic layout whose holes read from a parent.
+    Differencing(Vhd, Box<Dynamic>),
+}
+
+/// The footer in force and where it was read.
+#[derive(Debug)]
+pub(crate) struct Vhd {
+    pub(crate) footer: Footer,
+    pub(crate) source: FooterSource,
+}
+
+/// The structures of a dynamic or differencing image.
+#[derive(Debug)]
+pub(crate) struct Dynamic {
+    pub(crate) header: DynamicHeader,
+    /// Absolute offset of the dynamic header.
+    pub(crate) header_offset: u64,
+    pub(crate) bat: Bat,
+    /// Bytes of data per block.
+    pub(crate) block_size: u64,
+    /// Bytes of sector bitmap in front of each block.
+    pub(crate) bitmap_size: u64,
+    /// Per block: 0 not yet known, 1 bitmap all set, 2 partial bitmap.
+    pub(crate) bitmap_state: Vec<AtomicU8>,
+}
+
+/// The name in messages of an image opened over a storage rather than a path.
+pub(crate) const STORAGE_NAME: &str = "<memory>";
+
 /// The most problems check mode lists for one file.
 pub(crate) const MAX_LISTED_PROBLEMS: usize = 1000;
 
 /// Reads `N` bytes at `offset` into an array.
-fn read_array<const N: usize>(file: &File, offset: u64) -> std::io::Result<[u8; N]> {
+fn read_array<const N: usize>(file: &dyn Storage, offset: u64) -> std::io::Result<[u8; N]> {
     let mut b = [0u8; N];
-    ReadAt::read_exact_at(file, &mut b, offset)?;
+    file.read_exact_at(&mut b, offset)?;
     Ok(b)
 }
 
@@ -212,6 +263,68 @@ impl Image {
         let path = path.as_ref();
         let mut visited = parent::Walk::default();
         Self::open_level(path, opts, 0, &mut visited)
+    }
+
+    /// Opens an image held in memory, with default options. `Image::path()`
+    /// is then `<memory>`.
+    ///
+    /// # Errors
+    /// As for [`Image::open`].
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Image> {
+        Self::from_storage(MemoryStorage::new(bytes), &OpenOptions::default())
+    }
+
+    /// Opens an image over any storage. Parents are found among those the
+    /// options name ([`OpenOptions::parent_storage`], and the files and
+    /// folders named with [`OpenOptions::parent`] and
+    /// [`OpenOptions::parent_dir`]). `Image::path()` is `<memory>` for a
+    /// storage.
+    ///
+    /// # Errors
+    /// As for [`Image::open_with`].
+    pub fn from_storage(storage: impl Storage + 'static, opts: &OpenOptions) -> Result<Image> {
+        let storage: Arc<dyn Storage> = Arc::new(storage);
+        let len =
+            ReadAt::len(&*storage).map_err(|e| Error::io(Path::new(STORAGE_NAME), "stat", e))?;
+        let mut visited = parent::Walk::default();
+        Self::open_file(
+            Path::new(STORAGE_NAME),
+            storage,
+            len,
+            opts,
+            0,
+            &mut visited,
+            None,
+        )
+    }
+
+    /// [`Image::from_storage`] in check mode (see `open_collect`).
+    pub(crate) fn from_storage_collect(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+    ) -> (Option<Image>, Vec<Error>) {
+        let path = Path::new(STORAGE_NAME);
+        let len = match ReadAt::len(&*storage) {
+            Ok(l) => l,
+            Err(e) => return (None, vec![Error::io(path, "stat", e)]),
+        };
+        let mut visited = parent::Walk::default();
+        let mut problems = Vec::new();
+        match Self::open_file(
+            path,
+            storage,
+            len,
+            opts,
+            0,
+            &mut visited,
+            Some(&mut problems),
+        ) {
+            Ok(img) => (Some(img), problems),
+            Err(e) => {
+                problems.push(e);
+                (None, problems)
+            }
+        }
     }
 
     /// Opens in check mode: problems that still allow the walk to go on are
@@ -249,15 +362,16 @@ impl Image {
         // read: a FIFO or a character device is refused, a block device is
         // read at its real size.
         let (file, file_len) = crate::io::open_input(path, opts.writable)?;
-        Self::open_file(path, file, file_len, opts, depth, visited, collect)
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        Self::open_file(path, storage, file_len, opts, depth, visited, collect)
     }
 
     /// Opens as an image a file already opened and checked (a regular file,
     /// or a block device for an input); `path` names it in messages and
     /// gives the folder its parent is looked for in.
-    fn open_file(
+    pub(crate) fn open_file(
         path: &Path,
-        file: File,
+        storage: Arc<dyn Storage>,
         file_len: u64,
         opts: &OpenOptions,
         depth: usize,
@@ -266,19 +380,11 @@ impl Image {
     ) -> Result<Image> {
         let mut img = Image {
             path: path.to_path_buf(),
-            file,
+            storage,
             file_len,
-            format: Format::Raw,
             virtual_size: file_len,
-            footer: None,
-            footer_source: None,
             data_end: file_len,
-            header: None,
-            header_offset: 0,
-            bat: None,
-            block_size: 0,
-            bitmap_size: 0,
-            bitmap_state: Vec::new(),
+            layout: Layout::Raw,
             parent: None,
             parent_missing: false,
             warnings: Vec::new(),
@@ -294,10 +400,8 @@ impl Image {
             Ok(())
         };
         let mut result = detected.map(|_| ());
-        if result.is_ok() && img.format == Format::Differencing && !opts.shallow {
-            visited
-                .path
-                .push(parent::file_id(&img.file).map_err(|e| Error::io(path, "stat", e))?);
+        if result.is_ok() && img.disk_type() == Format::Differencing && !opts.shallow {
+            visited.path.push(parent::storage_id(&img.storage));
             result = parent::resolve(&mut img, opts, depth, visited);
             visited.path.pop();
             if let (Err(Error::ParentNotFound { .. }), Some(_)) = (&result, &img.diag) {
@@ -354,7 +458,7 @@ impl Image {
             let start = len.saturating_sub(512);
             let mut b = [0u8; FOOTER_SIZE];
             let n = (len - start) as usize;
-            ReadAt::read_exact_at(&self.file, &mut b[..n], start).map_err(self.io("read"))?;
+            ReadAt::read_exact_at(&*self.storage, &mut b[..n], start).map_err(self.io("read"))?;
             if n == 512 && Footer::has_cookie(&b) {
                 tail = Some((b, start, FooterSource::End));
             } else {
@@ -369,7 +473,7 @@ impl Image {
         // The copy at offset 0 (dynamic and differencing disks only).
         let mut head: Option<Footer> = None;
         if len >= (FOOTER_SIZE + HEADER_SIZE + FOOTER_SIZE) as u64 {
-            let b: [u8; FOOTER_SIZE] = read_array(&self.file, 0).map_err(self.io("read"))?;
+            let b: [u8; FOOTER_SIZE] = read_array(&*self.storage, 0).map_err(self.io("read"))?;
             if Footer::has_cookie(&b) {
                 if let Ok(f) = Footer::parse(&b, 0, Structure::FooterCopy) {
                     let sum_ok = Footer::verify_checksum(&b, 0, Structure::FooterCopy).is_ok();
@@ -416,8 +520,8 @@ impl Image {
                     // another format, which read as raw would be a "disk"
                     // of its own metadata. (A caller who knows it is raw
                     // forces Format::Raw, which skips detect() entirely.)
-                    if let Some(f) =
-                        crate::detect::foreign_format(&self.file, len).map_err(self.io("read"))?
+                    if let Some(f) = crate::detect::foreign_format(&*self.storage, len)
+                        .map_err(self.io("read"))?
                     {
                         return Err(Error::ForeignFormat {
                             path: self.path.clone(),
@@ -443,7 +547,7 @@ impl Image {
             data_end
         };
         self.data_end = data_end;
-        self.format = match footer.disk_type {
+        let format = match footer.disk_type {
             DiskType::Fixed => Format::Fixed,
             DiskType::Dynamic => Format::Dynamic,
             DiskType::Differencing => Format::Differencing,
@@ -458,18 +562,17 @@ impl Image {
             }
         };
         if let Some(forced) = opts.format {
-            if forced != self.format {
+            if forced != format {
                 return Err(Error::InvalidArgument(format!(
                     "{}: the footer says {}, not {}",
                     self.path.display(),
-                    self.format,
+                    format,
                     forced
                 )));
             }
         }
         self.virtual_size = footer.current_size;
-        self.footer_source = Some(source);
-        if self.format == Format::Fixed {
+        if format == Format::Fixed {
             if footer.current_size > data_end {
                 self.report(Error::corrupt(
                     Structure::Footer,
@@ -488,7 +591,7 @@ impl Image {
                     footer.current_size
                 ));
             }
-            self.footer = Some(footer);
+            self.layout = Layout::Fixed(Vhd { footer, source });
             return Ok(());
         }
         if let Some(copy) = &head {
@@ -498,16 +601,21 @@ impl Image {
                 );
             }
         }
-        self.footer = Some(footer);
-        self.load_dynamic(opts, foot_at)
+        self.load_dynamic(opts, foot_at, Vhd { footer, source }, format)
     }
 
     /// Reads and validates the dynamic header and the BAT.
-    fn load_dynamic(&mut self, opts: &OpenOptions, foot_at: u64) -> Result<()> {
-        let footer = self.footer.clone().expect("footer set before load_dynamic");
+    fn load_dynamic(
+        &mut self,
+        opts: &OpenOptions,
+        foot_at: u64,
+        vhd: Vhd,
+        format: Format,
+    ) -> Result<()> {
+        let footer = &vhd.footer;
         let end = self.data_end;
         let hdr_at = footer.data_offset;
-        let footer_structure = if self.footer_source == Some(FooterSource::Copy) {
+        let footer_structure = if vhd.source == FooterSource::Copy {
             Structure::FooterCopy
         } else {
             Structure::Footer
@@ -536,7 +644,8 @@ impl Image {
                 },
             ));
         }
-        let bytes: [u8; HEADER_SIZE] = read_array(&self.file, hdr_at).map_err(self.io("read"))?;
+        let bytes: [u8; HEADER_SIZE] =
+            read_array(&*self.storage, hdr_at).map_err(self.io("read"))?;
         let header = DynamicHeader::parse(&bytes, hdr_at)?;
         if let Err(e) = DynamicHeader::verify_checksum(&bytes, hdr_at) {
             if opts.ignore_checksums {
@@ -597,27 +706,45 @@ impl Image {
         }
         // bat_len <= file length here, so this allocation is bounded by the file.
         let mut raw = vec![0u8; bat_len as usize];
-        ReadAt::read_exact_at(&self.file, &mut raw, tbl).map_err(self.io("read"))?;
+        ReadAt::read_exact_at(&*self.storage, &mut raw, tbl).map_err(self.io("read"))?;
         let bat = Bat::parse(&raw);
-        self.block_size = u64::from(bs);
-        self.bitmap_size = bitmap_size(bs);
-        self.header_offset = hdr_at;
-        self.validate_layout(&header, &bat, needed)?;
-        self.bitmap_state = (0..bat.entries.len()).map(|_| AtomicU8::new(0)).collect();
-        self.header = Some(header);
-        self.bat = Some(bat);
+        let sizes = (u64::from(bs), bitmap_size(bs));
+        let differencing = format == Format::Differencing;
+        self.validate_layout(&header, hdr_at, &bat, needed, sizes, differencing)?;
+        let dynamic = Box::new(Dynamic {
+            bitmap_state: (0..bat.entries.len()).map(|_| AtomicU8::new(0)).collect(),
+            header,
+            header_offset: hdr_at,
+            bat,
+            block_size: sizes.0,
+            bitmap_size: sizes.1,
+        });
+        self.layout = if differencing {
+            Layout::Differencing(vhd, dynamic)
+        } else {
+            Layout::Dynamic(vhd, dynamic)
+        };
         Ok(())
     }
 
     /// Every allocated block lies inside the file and overlaps neither the
     /// metadata nor another block.
-    fn validate_layout(&mut self, header: &DynamicHeader, bat: &Bat, needed: u64) -> Result<()> {
+    fn validate_layout(
+        &mut self,
+        header: &DynamicHeader,
+        hdr_at: u64,
+        bat: &Bat,
+        needed: u64,
+        (bs, bm): (u64, u64),
+        differencing: bool,
+    ) -> Result<()> {
         let tbl = header.table_offset;
         // The metadata among itself first: a BAT over the header, say, makes
         // every entry read from it meaningless.
-        let mut meta = metadata_regions(self, header, bat.entries.len() as u64);
+        let mut meta =
+            metadata_regions(self, header, hdr_at, differencing, bat.entries.len() as u64);
         meta.sort_by_key(|r| (r.start, r.end));
-        self.report_overlaps(header, meta.iter().cloned(), false)?;
+        self.report_overlaps(header, hdr_at, meta.iter().cloned(), false)?;
         // Then the blocks. They are kept as indices sorted by file offset, 4
         // bytes per block: the BAT may hold millions of entries, and the
         // bookkeeping must stay within the size of the BAT itself.
@@ -625,7 +752,7 @@ impl Image {
         let count = bat.entries.iter().enumerate().filter(in_disk).count();
         let mut blocks: Vec<u32> = Vec::with_capacity(count);
         for (i, &e) in bat.entries.iter().enumerate().filter(in_disk) {
-            let (_, end) = self.block_span(i as u64, e);
+            let (_, end) = block_span_of(self.virtual_size, bs, bm, i as u64, e);
             if end > self.data_end {
                 self.report(Error::corrupt(
                     Structure::BatEntry(i as u64),
@@ -642,7 +769,7 @@ impl Image {
             // Entries number at most u32::MAX (the field is a u32).
             blocks.push(i as u32);
         }
-        let (size, bs, bm) = (self.virtual_size, self.block_size, self.bitmap_size);
+        let size = self.virtual_size;
         let span = |i: u32| block_span_of(size, bs, bm, u64::from(i), bat.entries[i as usize]);
         blocks.sort_unstable_by_key(|&i| (span(i), i));
         // Metadata and blocks merged in (start, end) order.
@@ -664,7 +791,7 @@ impl Image {
                 (None, None) => None,
             }
         });
-        self.report_overlaps(header, merged, true)
+        self.report_overlaps(header, hdr_at, merged, true)
     }
 
     /// Reports regions (in `(start, end)` order) that overlap: each against
@@ -673,6 +800,7 @@ impl Image {
     fn report_overlaps(
         &mut self,
         header: &DynamicHeader,
+        hdr_at: u64,
         regions: impl Iterator<Item = Region>,
         blocks_only: bool,
     ) -> Result<()> {
@@ -701,7 +829,7 @@ impl Image {
                         RegionKind::Locator(i) => (
                             Structure::ParentLocator(i),
                             "platform data offset",
-                            self.header_offset
+                            hdr_at
                                 + (hf::PARENT_LOCATORS
                                     + hf::LOCATOR_SIZE * i
                                     + hf::LOCATOR_DATA_OFFSET)
@@ -710,7 +838,7 @@ impl Image {
                         _ => (
                             Structure::DynamicHeader,
                             "table offset",
-                            self.header_offset + hf::TABLE_OFFSET as u64,
+                            hdr_at + hf::TABLE_OFFSET as u64,
                         ),
                     };
                     let e = Error::corrupt(
@@ -741,16 +869,79 @@ impl Image {
     /// File bytes that block `i` (BAT entry `e`) must occupy: its bitmap and
     /// the sectors of its data that lie inside the virtual disk.
     pub(crate) fn block_span(&self, i: u64, e: u32) -> (u64, u64) {
-        block_span_of(self.virtual_size, self.block_size, self.bitmap_size, i, e)
+        block_span_of(
+            self.virtual_size,
+            self.block_size(),
+            self.bitmap_size(),
+            i,
+            e,
+        )
     }
 
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
-    /// The open file.
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The local file the image is read from; `None` for an image over
+    /// another storage (bytes in memory, say).
+    pub fn file(&self) -> Option<&File> {
+        self.storage.file()
+    }
+    /// The local file, for the operations that need one (in-place rewrites,
+    /// hole punching); an error naming `op` for an image over another storage.
+    pub(crate) fn local_file(&self, op: &'static str) -> Result<&File> {
+        self.file().ok_or_else(|| {
+            Error::io(
+                &self.path,
+                op,
+                std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "the image is not a local file",
+                ),
+            )
+        })
+    }
+    /// The footer of a VHD; an error for a raw image (for operations that
+    /// need one).
+    pub(crate) fn vhd_footer(&self) -> Result<&Footer> {
+        self.footer().ok_or_else(|| self.not_a("VHD"))
+    }
+    /// The dynamic header and BAT of a dynamic or differencing image; an
+    /// error for the others.
+    pub(crate) fn dynamic_parts(&self) -> Result<(&DynamicHeader, &Bat)> {
+        self.dynamic()
+            .map(|d| (&d.header, &d.bat))
+            .ok_or_else(|| self.not_a("dynamic or differencing VHD"))
+    }
+    /// The structures of a dynamic or differencing image.
+    pub(crate) fn dynamic(&self) -> Option<&Dynamic> {
+        match &self.layout {
+            Layout::Dynamic(_, d) | Layout::Differencing(_, d) => Some(d),
+            Layout::Raw | Layout::Fixed(_) => None,
+        }
+    }
+    /// The footer in force and its source (VHDs).
+    fn vhd(&self) -> Option<&Vhd> {
+        match &self.layout {
+            Layout::Fixed(v) | Layout::Dynamic(v, _) | Layout::Differencing(v, _) => Some(v),
+            Layout::Raw => None,
+        }
+    }
+    fn not_a(&self, what: &str) -> Error {
+        Error::InvalidArgument(format!(
+            "{}: a {} image, not a {what}",
+            self.path.display(),
+            self.disk_type()
+        ))
+    }
+    /// The storage the image is read from.
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+    /// Bytes the filesystem has allocated to the image's file; `None` when
+    /// the image is not over a local file or the filesystem cannot tell.
+    pub fn allocated_file_bytes(&self) -> Option<u64> {
+        crate::io::allocated_bytes(self.file()?).ok()
     }
     /// The file's length in bytes.
     pub fn file_len(&self) -> u64 {
@@ -758,7 +949,12 @@ impl Image {
     }
     /// Raw, fixed, dynamic or differencing.
     pub fn disk_type(&self) -> Format {
-        self.format
+        match self.layout {
+            Layout::Raw => Format::Raw,
+            Layout::Fixed(_) => Format::Fixed,
+            Layout::Dynamic(..) => Format::Dynamic,
+            Layout::Differencing(..) => Format::Differencing,
+        }
     }
     /// The virtual disk's size in bytes: the footer's current size (the
     /// file's length for raw images).
@@ -767,11 +963,11 @@ impl Image {
     }
     /// The footer in force (None for raw images).
     pub fn footer(&self) -> Option<&Footer> {
-        self.footer.as_ref()
+        self.vhd().map(|v| &v.footer)
     }
     /// Where the footer in force was read from.
     pub fn footer_source(&self) -> Option<FooterSource> {
-        self.footer_source
+        self.vhd().map(|v| v.source)
     }
     /// The offset where the data area ends (the end footer's offset).
     pub fn data_end(&self) -> u64 {
@@ -779,30 +975,29 @@ impl Image {
     }
     /// The dynamic header (dynamic and differencing images).
     pub fn header(&self) -> Option<&DynamicHeader> {
-        self.header.as_ref()
+        self.dynamic().map(|d| &d.header)
     }
     /// Absolute offset of the dynamic header.
     pub fn header_offset(&self) -> u64 {
-        self.header_offset
+        self.dynamic().map_or(0, |d| d.header_offset)
     }
     /// The block allocation table (dynamic and differencing images).
     pub fn bat(&self) -> Option<&Bat> {
-        self.bat.as_ref()
+        self.dynamic().map(|d| &d.bat)
     }
     /// Bytes of data per block (0 for raw and fixed images).
     pub fn block_size(&self) -> u64 {
-        self.block_size
+        self.dynamic().map_or(0, |d| d.block_size)
     }
     /// Bytes of sector bitmap in front of each block.
     pub fn bitmap_size(&self) -> u64 {
-        self.bitmap_size
+        self.dynamic().map_or(0, |d| d.bitmap_size)
     }
     /// Blocks that cover the virtual disk.
     pub fn block_count(&self) -> u64 {
-        if self.block_size == 0 {
-            0
-        } else {
-            self.virtual_size.div_ceil(self.block_size)
+        match self.dynamic() {
+            Some(d) => self.virtual_size.div_ceil(d.block_size),
+            None => 0,
         }
     }
     /// The parent of a differencing disk.
@@ -859,7 +1054,7 @@ impl Image {
     }
     /// Allocated blocks (those inside the virtual disk).
     pub fn allocated_blocks(&self) -> u64 {
-        match &self.bat {
+        match self.bat() {
             Some(b) => b
                 .entries
                 .iter()
@@ -880,7 +1075,7 @@ fn block_span_of(
     i: u64,
     e: u32,
 ) -> (u64, u64) {
-    let start = u64::from(e) * SECTOR;
+    let start = crate::ondisk::entry_offset(e);
     let in_disk = virtual_size
         .saturating_sub(i.saturating_mul(block_size))
         .min(block_size);
@@ -922,7 +1117,13 @@ impl std::fmt::Display for RegionKind {
 
 /// The metadata of a dynamic image as file regions. Locator data is listed
 /// only for differencing disks and only where it lies inside the file.
-pub(crate) fn metadata_regions(img: &Image, header: &DynamicHeader, entries: u64) -> Vec<Region> {
+pub(crate) fn metadata_regions(
+    img: &Image,
+    header: &DynamicHeader,
+    header_offset: u64,
+    differencing: bool,
+    entries: u64,
+) -> Vec<Region> {
     let mut r = vec![
         Region {
             start: 0,
@@ -931,8 +1132,8 @@ pub(crate) fn metadata_regions(img: &Image, header: &DynamicHeader, entries: u64
         },
         // Saturating: callers may pass a header that failed validation.
         Region {
-            start: img.header_offset,
-            end: img.header_offset.saturating_add(HEADER_SIZE as u64),
+            start: header_offset,
+            end: header_offset.saturating_add(HEADER_SIZE as u64),
             what: RegionKind::Header,
         },
         Region {
@@ -943,7 +1144,7 @@ pub(crate) fn metadata_regions(img: &Image, header: &DynamicHeader, entries: u64
             what: RegionKind::Bat,
         },
     ];
-    if img.format == Format::Differencing {
+    if differencing {
         for (i, l) in header.parent_locators.iter().enumerate() {
             let end = l.data_offset.saturating_add(u64::from(l.data_length));
             if !l.is_empty() && l.data_length > 0 && end <= img.data_end {

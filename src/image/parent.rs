@@ -25,11 +25,13 @@ use super::{Image, OpenOptions};
 use crate::error::{Error, Result, Structure};
 use crate::io::ReadAt;
 use crate::ondisk::PlatformCode;
+use crate::storage::{FileStorage, Storage};
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The most bytes of locator data read (a path, not a payload).
 const MAX_LOCATOR_DATA: u32 = 64 * 1024;
@@ -134,11 +136,12 @@ pub(crate) fn hint_targets(hint: &str) -> Hint {
     }
 }
 
-/// A file's identity (device and inode): what a walk compares, so that a
-/// file reached by two names is one file.
-pub(crate) fn file_id(f: &File) -> std::io::Result<(u64, u64)> {
-    let st = rustix::fs::fstat(f)?;
-    Ok((st.st_dev, st.st_ino))
+/// A storage's identity (device and inode for a file): what a walk
+/// compares, so that a file reached by two names is one file. A storage with
+/// no identity of its own is told apart by its address.
+pub(crate) fn storage_id(s: &Arc<dyn Storage>) -> (u64, u64) {
+    s.identity()
+        .unwrap_or((u64::MAX, Arc::as_ptr(s) as *const () as usize as u64))
 }
 
 /// The state of one walk up a parent chain.
@@ -254,6 +257,8 @@ enum Candidate {
     Named(PathBuf),
     /// A file name in one of the allowed folders (0 is the child's).
     InFolder(usize, String),
+    /// A storage the caller gave ([`OpenOptions::parent_storage`]).
+    Given(usize),
 }
 
 pub(crate) fn resolve(
@@ -270,7 +275,18 @@ pub(crate) fn resolve(
             limit: opts.max_chain_depth as u64,
         });
     }
-    let header = img.header.clone().expect("differencing image has a header");
+    let Some(header) = img.header().cloned() else {
+        return Err(Error::corrupt(
+            Structure::DynamicHeader,
+            "cookie",
+            img.header_offset(),
+            "no dynamic header",
+            "a differencing disk's dynamic header",
+        ));
+    };
+    // An image over a storage other than a local file has no folder of its
+    // own to look for its parent in.
+    let local = img.storage.file().is_some();
     let want = header.parent_unique_id;
     let child_dir = img
         .path
@@ -311,7 +327,7 @@ pub(crate) fn resolve(
                 continue;
             }
             let mut data = vec![0u8; l.data_length as usize];
-            if ReadAt::read_exact_at(&img.file, &mut data, l.data_offset).is_err() {
+            if ReadAt::read_exact_at(&*img.storage, &mut data, l.data_offset).is_err() {
                 tried.push(format!("{}: unreadable", Structure::ParentLocator(i)));
                 continue;
             }
@@ -341,6 +357,10 @@ pub(crate) fn resolve(
                 Candidate::Named(canon(p)),
             )
         })
+        .chain(
+            (0..opts.parent_storages.len())
+                .map(|i| ("given by the caller".to_string(), Candidate::Given(i))),
+        )
         .collect();
     for (source, hint) in &hints {
         let h = hint_targets(hint);
@@ -351,7 +371,7 @@ pub(crate) fn resolve(
                  child's folder and the allowed folders)"
             ));
         }
-        if let Some(name) = h.in_child_dir {
+        if let Some(name) = h.in_child_dir.filter(|_| local) {
             paths.push((format!("{source} {hint:?}"), Candidate::InFolder(0, name)));
         }
         // A folder the caller allowed is also searched for the file name,
@@ -380,15 +400,23 @@ pub(crate) fn resolve(
     let mut seen: Vec<(u64, u64)> = Vec::new();
     let mut wrong_id: Vec<PathBuf> = Vec::new();
     for (source, c) in paths {
+        let as_storage = |r: std::result::Result<(File, u64), String>| {
+            r.map(|(f, len)| (Arc::new(FileStorage::new(f)) as Arc<dyn Storage>, len))
+        };
         let (real, opened) = match &c {
-            Candidate::Named(p) => (p.clone(), open_named(p)),
+            Candidate::Named(p) => (p.clone(), as_storage(open_named(p))),
             Candidate::InFolder(i, name) => {
                 let f = &folders[*i];
                 let real = f.path.join(name);
                 match &f.fd {
-                    Ok(fd) => (real, open_beneath(fd, name)),
+                    Ok(fd) => (real, as_storage(open_beneath(fd, name))),
                     Err(e) => (real, Err(format!("its folder could not be opened: {e}"))),
                 }
+            }
+            Candidate::Given(i) => {
+                let (name, s) = &opts.parent_storages[*i];
+                let len = ReadAt::len(&**s).map_err(|e| format!("could not be examined: {e}"));
+                (name.clone(), len.map(|len| (Arc::clone(s), len)))
             }
         };
         let (file, len) = match opened {
@@ -398,17 +426,7 @@ pub(crate) fn resolve(
                 continue;
             }
         };
-        let id = match file_id(&file) {
-            Ok(id) => id,
-            Err(e) => {
-                tried.push(format!(
-                    "{}: {} could not be examined: {e}",
-                    source,
-                    real.display()
-                ));
-                continue;
-            }
-        };
+        let id = storage_id(&file);
         if seen.contains(&id) {
             continue;
         }
@@ -445,7 +463,7 @@ pub(crate) fn resolve(
             ));
             continue;
         }
-        if parent.format == super::Format::Raw {
+        if parent.disk_type() == super::Format::Raw {
             tried.push(format!("{}: {} is not a VHD", source, real.display()));
             continue;
         }
@@ -453,13 +471,13 @@ pub(crate) fn resolve(
             return Err(Error::corrupt(
                 Structure::ParentChain,
                 "parent unique id",
-                img.header_offset + crate::ondisk::header_fields::PARENT_UNIQUE_ID as u64,
+                img.header_offset() + crate::ondisk::header_fields::PARENT_UNIQUE_ID as u64,
                 format!("a loop back to {}", real.display()),
                 "a chain that ends in a non-differencing disk",
             )
             .with_path(&img.path));
         }
-        if parent.format == super::Format::Differencing {
+        if parent.disk_type() == super::Format::Differencing {
             walk.path.push(id);
             let r = resolve(&mut parent, &popts, depth + 1, walk);
             walk.path.pop();

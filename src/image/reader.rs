@@ -60,3 +60,60 @@ impl Seek for Reader<'_> {
         Ok(p)
     }
 }
+
+/// A `Read + Seek` cursor that owns its [`Image`] (see [`Image::into_reader`]),
+/// for callers that hand the stream on.
+#[derive(Debug)]
+pub struct OwnedReader {
+    image: Image,
+    pos: u64,
+}
+
+impl Image {
+    /// A `Read + Seek` cursor that owns the image, starting at offset 0.
+    pub fn into_reader(self) -> OwnedReader {
+        OwnedReader {
+            image: self,
+            pos: 0,
+        }
+    }
+}
+
+impl OwnedReader {
+    /// The current position.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+    /// The image read.
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+    /// The image, given back.
+    pub fn into_inner(self) -> Image {
+        self.image
+    }
+}
+
+impl Read for OwnedReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut r = Reader {
+            image: &self.image,
+            pos: self.pos,
+        };
+        let n = r.read(buf)?;
+        self.pos = r.pos;
+        Ok(n)
+    }
+}
+
+impl Seek for OwnedReader {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let mut r = Reader {
+            image: &self.image,
+            pos: self.pos,
+        };
+        let p = r.seek(to)?;
+        self.pos = p;
+        Ok(p)
+    }
+}

@@ -6,6 +6,12 @@ use byteorder::{BigEndian as BE, ByteOrder};
 /// A BAT entry that marks an unallocated block.
 pub const UNALLOCATED: u32 = u32::MAX;
 
+/// The file offset a BAT entry names: entries count 512-byte sectors. The
+/// one place this arithmetic is written.
+pub fn entry_offset(e: u32) -> u64 {
+    u64::from(e) * SECTOR
+}
+
 /// The block allocation table: entry *i* is the sector offset of block *i*
 /// in the file, or [`UNALLOCATED`].
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -51,7 +57,7 @@ impl Bat {
     /// The file offset of block `i`'s bitmap, if allocated.
     pub fn block_offset(&self, i: usize) -> Option<u64> {
         match self.entries.get(i) {
-            Some(&e) if e != UNALLOCATED => Some(u64::from(e) * SECTOR),
+            Some(&e) if e != UNALLOCATED => Some(entry_offset(e)),
             _ => None,
         }
     }

@@ -11,7 +11,7 @@ mod footer;
 mod geometry;
 mod header;
 
-pub use bat::{bitmap_size, Bat, SectorBitmap, UNALLOCATED};
+pub use bat::{bitmap_size, entry_offset, Bat, SectorBitmap, UNALLOCATED};
 pub use footer::off as footer_fields;
 pub use footer::{
     DiskType, Footer, CHECKSUM_OFFSET as FOOTER_CHECKSUM_OFFSET, FOOTER_SIZE, LEGACY_FOOTER_SIZE,

@@ -44,10 +44,14 @@ pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
 }
 pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
 }
 
 /// CRC-32C of `b` with the four bytes at `field` taken as zero (how every
@@ -80,7 +84,9 @@ impl Guid {
 
     /// Reads 16 bytes at `at`.
     pub fn read(b: &[u8], at: usize) -> Guid {
-        Guid(b[at..at + 16].try_into().expect("16 bytes"))
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&b[at..at + 16]);
+        Guid(a)
     }
 
     /// True for the all-zero GUID.

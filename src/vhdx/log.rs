@@ -42,7 +42,9 @@ impl Overlay {
         }
         hit.extend(self.pieces.range(start..end).map(|(&s, _)| s));
         for s in hit {
-            let p = self.pieces.remove(&s).expect("piece just seen");
+            let Some(p) = self.pieces.remove(&s) else {
+                continue;
+            };
             if s < start {
                 let keep = p.data.as_ref().map(|d| d[..(start - s) as usize].into());
                 self.pieces.insert(
@@ -210,7 +212,9 @@ fn parse_entry(ring: &Ring, i: u64, log_guid: &Guid, next_loge: &[u64]) -> Optio
         let at = 64 + 32 * d;
         let sec = ring.sector(i + at / LOG_SECTOR);
         let o = (at % LOG_SECTOR) as usize;
-        sec[o..o + 32].try_into().expect("32 bytes")
+        let mut a = [0u8; 32];
+        a.copy_from_slice(&sec[o..o + 32]);
+        a
     };
     let mut descriptors = Vec::new();
     let mut data_sectors = 0u64;
@@ -322,17 +326,21 @@ pub(crate) fn replay(
     let mut best: Option<Vec<usize>> = None;
     for k in (0..entries.len()).filter(|&k| !has_prev[k]) {
         let mut chain = vec![k];
-        while let Some(j) = next_of(*chain.last().expect("non-empty")) {
+        let mut last = k;
+        while let Some(j) = next_of(last) {
             chain.push(j);
+            last = j;
         }
-        let head = &entries[*chain.last().expect("non-empty")];
+        let head = &entries[last];
         let Some(pos) = chain.iter().position(|&c| entries[c].start == head.tail) else {
             continue;
         };
         let seq = chain[pos..].to_vec();
         let better = match &best {
             None => true,
-            Some(b) => head.sequence > entries[*b.last().expect("non-empty")].sequence,
+            Some(b) => b
+                .last()
+                .is_none_or(|&l| head.sequence > entries[l].sequence),
         };
         if better {
             best = Some(seq);
@@ -346,7 +354,10 @@ pub(crate) fn replay(
         ));
         return Ok(None);
     };
-    let head = &entries[*seq.last().expect("non-empty")];
+    let Some(&last) = seq.last() else {
+        return Ok(None);
+    };
+    let head = &entries[last];
     let head_at = head.start * LOG_SECTOR;
     if head.flushed_file_offset > file_len {
         return Err(entry_err(

@@ -372,8 +372,12 @@ impl Vhdx {
             self.read_file_at(&mut b, at)?;
             parsed.push(Header::parse(&b, n, at));
         }
-        let h2 = parsed.pop().expect("two headers");
-        let h1 = parsed.pop().expect("two headers");
+        let (Some(h2), Some(h1)) = (parsed.pop(), parsed.pop()) else {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                what: "a VHDX file must have two header slots".into(),
+            });
+        };
         let (header, index) = match (h1, h2) {
             (Ok(a), Ok(b)) => {
                 if a.sequence_number > b.sequence_number {
@@ -531,7 +535,10 @@ impl Vhdx {
                 }
             }
         }
-        Err(first_err.expect("two tables tried"))
+        Err(first_err.unwrap_or_else(|| Error::Unsupported {
+            path: self.path.clone(),
+            what: "no region table was found".into(),
+        }))
     }
 
     /// Checks a region table's entries and keeps the BAT and metadata regions.
@@ -1195,7 +1202,10 @@ impl Vhdx {
             length: to - from,
             kind,
         };
-        let entry = self.payload_entry(block).expect("block inside the disk");
+        let Some(entry) = self.payload_entry(block) else {
+            // Past the disk: nothing to map (callers stay inside it).
+            return Ok(());
+        };
         let data = |from: u64, to: u64| {
             ext(
                 from,

@@ -1557,7 +1557,7 @@ fn bad_options_are_refused_before_anything_is_written() {
         assert_eq!(img.allocated_blocks(), 1);
         assert_same("extreme block size", &read_image(&out), &[3u8; 8192]);
         // The block's zeros past the data are holes.
-        assert!(allocated_bytes(img.file()).unwrap() < 4 * MIB);
+        assert!(allocated_bytes(img.file().unwrap()).unwrap() < 4 * MIB);
     }
 }
 

@@ -62,7 +62,7 @@ fn create_fixed_is_sparse_at_any_size() {
     assert_eq!(img.disk_type(), Format::Fixed);
     assert_eq!(img.virtual_size(), size);
     assert_eq!(&img.footer().unwrap().creator_app, b"vhdk");
-    let allocated = vhdkit::io::allocated_bytes(img.file()).unwrap();
+    let allocated = vhdkit::io::allocated_bytes(img.file().unwrap()).unwrap();
     assert!(allocated < MIB, "{allocated} bytes allocated");
     // A small one, read by qemu-img as zeros of the same size.
     let small = dir.path().join("small.vhd");
@@ -168,7 +168,7 @@ fn image_create_and_create_child_open_what_they_made() {
 fn locator_text(img: &Image, i: usize) -> (PlatformCode, String, u64, u32) {
     let l = img.header().unwrap().parent_locators[i];
     let mut b = vec![0u8; l.data_length as usize];
-    vhdkit::io::ReadAt::read_exact_at(img.file(), &mut b, l.data_offset).unwrap();
+    vhdkit::io::ReadAt::read_exact_at(img.file().unwrap(), &mut b, l.data_offset).unwrap();
     let u: Vec<u16> = b
         .chunks_exact(2)
         .map(|c| u16::from_le_bytes([c[0], c[1]]))

@@ -5,6 +5,11 @@
 //!   differencing images (built here from `vhdkit::ondisk` types) with random
 //!   byte flips, truncations and field overwrites aimed at the fields a
 //!   reader must not trust. Whatever opens must map and read without error.
+//!   The cases run in memory (`Image::from_storage` over `MemoryStorage`,
+//!   parents offered with `OpenOptions::parent_storage`, `check_storage`),
+//!   on one long-lived worker thread per test thread with a deadline: no
+//!   file, folder or thread per case, so ten times the cases of the
+//!   file-based version fit in the same time.
 //! * A counting global allocator records the largest single allocation made
 //!   on the test's thread; it must stay within a bound set by the file size.
 //! * Targeted corruptions must be reported as `Corrupt`, `Checksum` or
@@ -25,7 +30,7 @@ use vhdkit::ondisk::{
     bitmap_size, Bat, DiskType, DynamicHeader, Footer, Geometry, ParentLocator, PlatformCode,
     Timestamp, Uuid, FOOTER_SIZE, HEADER_SIZE,
 };
-use vhdkit::{Error, Format, Image, OpenOptions};
+use vhdkit::{Error, Format, Image, MemoryStorage, OpenOptions};
 
 // ---------------------------------------------------------------------------
 // The largest single allocation, per thread
@@ -210,7 +215,14 @@ const CHILD_ID: Uuid = Uuid([0x22; 16]);
 /// A dynamic disk of 26,112 bytes (6.375 blocks of 4 KiB; original size
 /// 20,480 so the two size fields differ) with 8 BAT entries, four blocks
 /// allocated out of order: full, partial, all-clear and a last partial block.
+/// [`build_dynamic`], built once per process (the property tests use it
+/// for every case).
 fn dynamic() -> Built {
+    static D: std::sync::OnceLock<Built> = std::sync::OnceLock::new();
+    D.get_or_init(build_dynamic).clone()
+}
+
+fn build_dynamic() -> Built {
     build(
         &Spec {
             disk_type: DiskType::Dynamic,
@@ -236,6 +248,12 @@ fn dynamic() -> Built {
 
 /// A differencing child of [`dynamic`] with 8 KiB blocks, named
 /// `parent.vhd` by its W2ru and W2ku locators, a MacX URL and its name.
+/// `differencing(&dynamic())`, built once per process.
+fn child_of_dynamic() -> Built {
+    static C: std::sync::OnceLock<Built> = std::sync::OnceLock::new();
+    C.get_or_init(|| differencing(&dynamic())).clone()
+}
+
 fn differencing(parent: &Built) -> Built {
     build(
         &Spec {
@@ -283,18 +301,52 @@ struct Outcome {
     largest: usize,
 }
 
-/// Opens `path`, then maps and reads (up to [`READ_CAP`]) whatever opened.
-/// Panics if anything fails after a successful open, or if an open error is
-/// of a kind a damaged file should not produce.
-fn exercise(path: &Path, opts: &OpenOptions) -> Result<(), String> {
-    let img = match Image::open_with(path, opts) {
+/// The files of one case: the first is the image opened; the others are
+/// offered to it as parents (by unique id, as `OpenOptions::parent_storage`).
+/// Everything stays in memory: no folder, no file, no open per case.
+type Files = Vec<(String, Vec<u8>)>;
+
+fn files(list: &[(&str, &[u8])]) -> Files {
+    list.iter()
+        .map(|(n, b)| (n.to_string(), b.to_vec()))
+        .collect()
+}
+
+/// The options of a case: `opts` with the other files offered as parents.
+fn with_parents(files: &Files, opts: &OpenOptions) -> OpenOptions {
+    let mut o = opts.clone();
+    for (name, bytes) in &files[1..] {
+        o = o.parent_storage(name, MemoryStorage::new(bytes.clone()));
+    }
+    o
+}
+
+/// The length of the file an error names: the image's (`<memory>`) or a
+/// parent's, by name.
+fn named_len(files: &Files, p: &Path) -> u64 {
+    if p == Path::new("<memory>") {
+        return files[0].1.len() as u64;
+    }
+    files
+        .iter()
+        .find(|(n, _)| p.ends_with(n))
+        .map_or(0, |(_, b)| b.len() as u64)
+}
+
+/// Opens the first file from memory, then maps and reads (up to
+/// [`READ_CAP`]) whatever opened. Panics if anything fails after a
+/// successful open, or if an open error is of a kind a damaged file should
+/// not produce.
+fn exercise(files: Files, opts: &OpenOptions) -> Result<(), String> {
+    let o = with_parents(&files, opts);
+    let img = match Image::from_storage(MemoryStorage::new(files[0].1.clone()), &o) {
         Ok(i) => i,
         Err(e) => {
             let text = e.to_string();
             match &e {
                 Error::Corrupt(c) => {
                     let p = c.path.as_ref().expect("corrupt errors name the file");
-                    let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                    let len = named_len(&files, p);
                     assert!(
                         c.offset < len.max(1),
                         "error offset {} past the end of {} ({} bytes): {text}",
@@ -357,23 +409,24 @@ fn exercise(path: &Path, opts: &OpenOptions) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs [`vhdkit::check`] (the collecting walk, which goes on past
+/// Runs [`vhdkit::check_storage`] (the collecting walk, which goes on past
 /// problems) with strict and lenient options; it must not panic.
-fn exercise_check(path: &Path, opts: &OpenOptions) -> Result<(), String> {
-    check_with(path, opts, false)
+fn exercise_check(files: Files, opts: &OpenOptions) -> Result<(), String> {
+    check_with(files, opts, false)
 }
 
 /// As [`exercise_check`], with Azure's rules too.
-fn exercise_check_azure(path: &Path, opts: &OpenOptions) -> Result<(), String> {
-    check_with(path, opts, true)
+fn exercise_check_azure(files: Files, opts: &OpenOptions) -> Result<(), String> {
+    check_with(files, opts, true)
 }
 
-fn check_with(path: &Path, opts: &OpenOptions, azure: bool) -> Result<(), String> {
+fn check_with(files: Files, opts: &OpenOptions, azure: bool) -> Result<(), String> {
     let co = vhdkit::CheckOptions {
-        open: opts.clone(),
+        open: with_parents(&files, opts),
         azure,
     };
-    match vhdkit::check(path, &co) {
+    let image = files.into_iter().next().map(|f| f.1).unwrap_or_default();
+    match vhdkit::check_storage(MemoryStorage::new(image), &co) {
         Ok(r) => {
             // Each problem must print; the report as a whole may be long
             // (see `check_lists_a_problem_per_bat_entry`).
@@ -399,52 +452,88 @@ fn save_failure(name: &str, bytes: &[u8]) {
     }
 }
 
-/// Runs [`exercise`] on a worker thread with a deadline, and checks the
-/// allocation bound. `files` are (name, bytes) written to a fresh folder;
-/// the first is opened.
+/// One case's work, run on the worker thread: its result, the largest
+/// single allocation it made, and the time it took.
+type Job = Box<dyn FnOnce() -> (Result<(), String>, usize, Duration) + Send>;
+type Done = (Result<(), String>, usize, Duration);
+
+/// A thread that runs the cases of one test thread, one at a time, so that
+/// a hang is caught by a deadline without a thread per case.
+struct Worker {
+    jobs: std::sync::mpsc::Sender<Job>,
+    done: std::sync::mpsc::Receiver<Done>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Worker {
+    fn spawn() -> Worker {
+        let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            for job in job_rx {
+                if done_tx.send(job()).is_err() {
+                    break;
+                }
+            }
+        });
+        Worker { jobs, done, handle }
+    }
+}
+
+thread_local! {
+    static WORKER: std::cell::RefCell<Option<Worker>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs [`exercise`] on the worker thread with a deadline, and checks the
+/// allocation bound. The first of `files` is opened, the others offered
+/// as parents.
 fn check_files(files: &[(&str, &[u8])], opts: &OpenOptions) -> Outcome {
     check_files_with(files, opts, exercise)
 }
 
 fn check_files_with(
-    files: &[(&str, &[u8])],
+    list: &[(&str, &[u8])],
     opts: &OpenOptions,
-    run: fn(&Path, &OpenOptions) -> Result<(), String>,
+    run: fn(Files, &OpenOptions) -> Result<(), String>,
 ) -> Outcome {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, bytes) in files {
-        std::fs::write(dir.path().join(name), bytes).unwrap();
-    }
-    let longest = files.iter().map(|f| f.1.len()).max().unwrap_or(0);
-    let path = dir.path().join(files[0].0);
+    let longest = list.iter().map(|f| f.1.len()).max().unwrap_or(0);
+    let case = files(list);
     let opts2 = opts.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let worker = std::thread::spawn(move || {
+    let job: Job = Box::new(move || {
         let started = Instant::now();
-        let (open, largest) = largest_allocation(|| run(&path, &opts2));
-        let _ = tx.send(started.elapsed());
-        Outcome { open, largest }
+        let (open, largest) = largest_allocation(|| run(case, &opts2));
+        (open, largest, started.elapsed())
     });
     let deadline = Duration::from_secs(20);
-    let elapsed = match rx.recv_timeout(deadline) {
-        Ok(t) => t,
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            save_failure("hang", files[0].1);
+    let got = WORKER.with(|cell| {
+        let mut w = cell.borrow_mut();
+        let worker = w.get_or_insert_with(Worker::spawn);
+        worker.jobs.send(job).expect("the worker takes jobs");
+        match worker.done.recv_timeout(deadline) {
+            Ok(d) => Ok(d),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(None),
+            // The worker panicked: its panic is passed on below.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(w.take().map(|w| w.handle)),
+        }
+    });
+    let (open, largest, elapsed) = match got {
+        Ok(d) => d,
+        Err(None) => {
+            save_failure("hang", list[0].1);
             panic!("open + map + read took more than {deadline:?}: a hang");
         }
-        // The worker panicked before sending.
-        Err(_) => Duration::ZERO,
-    };
-    let out = match worker.join() {
-        Ok(o) => o,
-        Err(p) => {
-            save_failure("panic", files[0].1);
-            std::panic::resume_unwind(p)
+        Err(Some(handle)) => {
+            save_failure("panic", list[0].1);
+            match handle.join() {
+                Err(p) => std::panic::resume_unwind(p),
+                Ok(()) => panic!("the worker stopped without an answer"),
+            }
         }
     };
+    let out = Outcome { open, largest };
     let bound = (4 * longest).max(1 << 20) + (64 << 10);
     if out.largest > bound {
-        save_failure("alloc", files[0].1);
+        save_failure("alloc", list[0].1);
         panic!(
             "largest single allocation {} bytes for a {} byte file (bound {}); open: {:?}",
             out.largest, longest, bound, out.open
@@ -738,7 +827,7 @@ prop_compose! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(512), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(5120), ..ProptestConfig::default() })]
 
     /// (a) Arbitrary bytes.
     #[test]
@@ -786,7 +875,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(2560), ..ProptestConfig::default() })]
 
     /// (b) A valid differencing child and its parent, one of them damaged.
     #[test]
@@ -796,7 +885,7 @@ proptest! {
         damage_parent in prop::bool::weighted(0.25),
     ) {
         let parent = dynamic();
-        let child = differencing(&parent);
+        let child = child_of_dynamic();
         let (c, p) = if damage_parent {
             (child.bytes.clone(), apply(&parent, &muts, fix))
         } else {
@@ -829,7 +918,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(2560), ..ProptestConfig::default() })]
 
     /// `check` walks on past problems that stop `open`: it must survive the
     /// same damage.
@@ -841,7 +930,7 @@ proptest! {
     ) {
         let parent = dynamic();
         if differencing_pair {
-            let child = differencing(&parent);
+            let child = child_of_dynamic();
             let c = apply(&child, &muts, fix);
             for opts in &opts_variants() {
                 check_files_with(&[("c.vhd", &c), ("parent.vhd", &parent.bytes)], opts, exercise_check);
@@ -874,11 +963,14 @@ fn regression_inputs_replay_without_panic() {
     entries.sort();
     for p in entries {
         let bytes = std::fs::read(&p).unwrap();
+        // Each is also offered as its own parent, as a file named `r.vhd`
+        // alone in a folder would be: a locator naming it finds it.
+        let pair: [(&str, &[u8]); 2] = [("r.vhd", &bytes), ("r.vhd", &bytes)];
         for opts in &opts_variants() {
-            let out = check_files(&[("r.vhd", &bytes)], opts);
+            let out = check_files(&pair, opts);
             // The outcome is printed so that `--nocapture` shows what each gives.
             println!("{}: {:?}", p.display(), out.open);
-            check_files_with(&[("r.vhd", &bytes)], opts, exercise_check);
+            check_files_with(&pair, opts, exercise_check);
         }
         n += 1;
     }
@@ -893,7 +985,11 @@ fn regression_inputs_replay_through_check_azure() {
         if p.extension().is_some_and(|x| x == "vhd") {
             let bytes = std::fs::read(&p).unwrap();
             for opts in &opts_variants() {
-                check_files_with(&[("r.vhd", &bytes)], opts, exercise_check_azure);
+                check_files_with(
+                    &[("r.vhd", &bytes), ("r.vhd", &bytes)],
+                    opts,
+                    exercise_check_azure,
+                );
             }
         }
     }

@@ -10,9 +10,10 @@ mod common;
 #[allow(dead_code)]
 mod make_testdata;
 
+#[cfg(feature = "cli")]
+mod api;
 #[cfg(all(feature = "azure", feature = "cli"))]
 mod azure;
-#[cfg(feature = "cli")]
 mod cli;
 mod convert;
 mod corpus;

@@ -681,7 +681,7 @@ fn fifos_and_character_devices_are_refused_as_inputs_and_block_devices_read_in_f
     assert_eq!(img.disk_type(), Format::Fixed);
     assert_eq!(img.virtual_size(), SIZE as u64);
     let mut tail = [0u8; 512];
-    FileExt::read_exact_at(img.file(), &mut tail, SIZE as u64).unwrap();
+    FileExt::read_exact_at(img.file().unwrap(), &mut tail, SIZE as u64).unwrap();
     assert_eq!(&tail[..8], b"conectix");
     crate::common::assert_same("fixed VHD on a block device", &read_all(&img), &raw);
 }

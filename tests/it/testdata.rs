@@ -299,6 +299,7 @@ fn check_map(img: &Image, content: &[u8], what: &str) {
                 let mut got = vec![0u8; e.length as usize];
                 chain[layer]
                     .file()
+                    .unwrap()
                     .read_exact_at(&mut got, file_offset)
                     .unwrap_or_else(|err| panic!("{what}: {e:?}: {err}"));
                 assert_same(&format!("{what}: bytes of {e:?}"), &got, want);
