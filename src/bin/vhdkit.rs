@@ -685,13 +685,17 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             json,
             open,
         } => {
-            let done = vhdkit::ops::resize(&image, size, azure, shrink, &open.options())?;
+            let r = vhdkit::ops::resize(&image, size, azure, shrink, &open.options())?;
+            for w in &r.warnings {
+                eprintln!("vhdkit: warning: {w}");
+            }
             if json {
-                let mut v = json!({"done": done});
+                let mut v = json!({"done": r.done, "old_size": r.old_size, "new_size": r.new_size,
+                                   "rounded_from": r.rounded_from, "warnings": r.warnings});
                 put_path(&mut v, "image", &image);
                 print_doc(&v);
             } else {
-                outln!("{}: {done}", image.display());
+                outln!("{}: {}", image.display(), r.done);
             }
             Ok(OK)
         }

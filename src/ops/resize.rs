@@ -30,8 +30,15 @@ fn resize_target(img: &Image, asked: u64, azure: bool) -> Result<u64> {
     if asked > limit {
         return Err(too_large(asked));
     }
+    // A VHD's size is a whole number of sectors; a raw file keeps the size
+    // asked for, as a conversion to raw keeps the input's.
+    let unit = if img.disk_type() == Format::Raw {
+        1
+    } else {
+        SECTOR
+    };
     let mut new_size = asked
-        .checked_next_multiple_of(SECTOR)
+        .checked_next_multiple_of(unit)
         .ok_or_else(|| too_large(asked))?;
     if azure {
         new_size = new_size
@@ -266,8 +273,27 @@ pub fn plan_resize(
     }))
 }
 
+/// What [`resize`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResizeReport {
+    /// What was done, in words.
+    pub done: String,
+    /// The virtual size before.
+    pub old_size: u64,
+    /// The virtual size now.
+    pub new_size: u64,
+    /// The size asked for, when the new size was rounded up from it (to a
+    /// whole sector for a VHD, to a whole MiB with `azure`).
+    pub rounded_from: Option<u64>,
+    /// Things worth telling the user (a rounded size).
+    pub warnings: Vec<String>,
+}
+
 /// Resizes the image at `path` in place (see [`plan_resize`]); returns what
-/// was done. A symbolic link is followed: the image it names is resized.
+/// was done. A symbolic link is followed: the image it names is resized. A
+/// size that is not a whole number of sectors (for a VHD; of MiB with
+/// `azure`) is rounded up, and the report says so.
 ///
 /// # Errors
 /// As [`plan_resize`]; for a dynamic image that must be rewritten, as the
@@ -279,24 +305,44 @@ pub fn resize(
     azure: bool,
     shrink: bool,
     opts: &OpenOptions,
-) -> Result<String> {
+) -> Result<ResizeReport> {
     let path = path.as_ref();
     let img = Image::open_with(path, opts)?;
-    match plan_resize(&img, new_size, azure, shrink)? {
+    let old_size = img.virtual_size();
+    let target = resize_target(&img, new_size, azure)?;
+    let done = match plan_resize(&img, new_size, azure, shrink)? {
         Some(plan) => {
             drop(img);
             plan.run()?;
-            Ok(plan.description)
+            plan.description
         }
         None => {
             // Rewrite with a larger BAT into a temporary file, renamed over the image.
-            let target = resize_target(&img, new_size, azure)?;
             rewrite_dynamic(&img, Some(target))?;
-            Ok(format!(
-                "dynamic: rewritten with {target} bytes (the BAT had no room to grow in place)"
-            ))
+            format!("dynamic: rewritten with {target} bytes (the BAT had no room to grow in place)")
         }
-    }
+    };
+    let rounded_from = (target != new_size).then_some(new_size);
+    let warnings = rounded_from
+        .map(|asked| {
+            format!(
+                "{asked} bytes was rounded up to {target}: {}",
+                if azure {
+                    "Azure takes whole MiB"
+                } else {
+                    "a VHD's size is a whole number of 512-byte sectors"
+                }
+            )
+        })
+        .into_iter()
+        .collect();
+    Ok(ResizeReport {
+        done,
+        old_size,
+        new_size: target,
+        rounded_from,
+        warnings,
+    })
 }
 
 /// Rewrites a dynamic image over itself: compactly (no all-zero blocks),

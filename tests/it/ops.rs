@@ -1274,7 +1274,7 @@ fn sparsify_keeps_a_chain_readable_and_refuses_differencing_disks() {
 // ---------------------------------------------------------------- resize
 
 /// A resize that may shrink (the cut must still be zero).
-fn resize(path: &Path, size: u64, azure: bool) -> vhdkit::Result<String> {
+fn resize(path: &Path, size: u64, azure: bool) -> vhdkit::Result<ops::ResizeReport> {
     ops::resize(path, size, azure, true, &OpenOptions::new())
 }
 
@@ -1375,7 +1375,7 @@ fn resize_shrinks_only_when_the_cut_is_zero() {
                     let m = e.to_string();
                     assert!(m.contains(&want.to_string()), "{}: {m}", path.display());
                 }
-                Ok(d) => panic!("{}: shrunk over data to {new_size}: {d}", path.display()),
+                Ok(d) => panic!("{}: shrunk over data to {new_size}: {d:?}", path.display()),
             }
             assert!(
                 std::fs::read(&path).unwrap() == before,
@@ -1457,10 +1457,32 @@ fn resize_with_azure_rounds_up_to_a_whole_mib() {
             assert!(r.is_clean(), "{:?}", r.problems);
         }
     }
-    // Without --azure a size is only rounded to a whole sector.
+    // Without --azure a size is only rounded to a whole sector, and the
+    // report says so.
     let p = dir.path().join("a-fixed.vhd");
-    resize(&p, 7 * MIB + 1, false).unwrap();
+    let r = resize(&p, 7 * MIB + 1, false).unwrap();
     assert_eq!(open(&p).virtual_size(), 7 * MIB + 512);
+    assert_eq!(
+        (r.new_size, r.rounded_from),
+        (7 * MIB + 512, Some(7 * MIB + 1))
+    );
+    assert!(r.warnings[0].contains("rounded up"), "{:?}", r.warnings);
+    // A size that needs no rounding says nothing.
+    let r = resize(&p, 8 * MIB, false).unwrap();
+    assert_eq!((r.rounded_from, r.warnings.len()), (None, 0));
+    // A raw file keeps the size asked for: it is no VHD.
+    let raw = dir.path().join("plain.raw");
+    std::fs::write(&raw, vec![1u8; 4096]).unwrap();
+    let r = ops::resize(
+        &raw,
+        1_000_001,
+        false,
+        false,
+        &OpenOptions::new().format(Format::Raw),
+    )
+    .unwrap();
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 1_000_001);
+    assert_eq!(r.rounded_from, None);
 }
 
 #[test]
