@@ -417,6 +417,28 @@ impl AtomicOutput {
         }
     }
 
+    /// Refuses a VHD of `len` bytes (`None`: a length known only at the
+    /// end, a dynamic VHD) on a device of another size: a reader finds a
+    /// VHD by the footer in the device's last 512 bytes, so a VHD written
+    /// anywhere else on a device would not read back as one.
+    pub fn vhd_fits_exactly(&self, len: Option<u64>) -> Result<()> {
+        match &self.kind {
+            OutputKind::Device(_, size) if len != Some(*size) => {
+                Err(Error::InvalidArgument(format!(
+                    "{}: the device holds {size} bytes; a VHD written to a device must end where \
+                     the device ends (its footer is read from the last 512 bytes), and this \
+                     one {}: write a raw disk to the device, or a fixed VHD of exactly its size",
+                    self.target.display(),
+                    match len {
+                        Some(l) => format!("is {l} bytes"),
+                        None => "is dynamic (its length depends on its data)".to_string(),
+                    }
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Makes the output `len` bytes long: the file's length, or (a device)
     /// a check that the device holds that many bytes.
     pub fn set_len(&self, len: u64) -> Result<()> {

@@ -37,6 +37,7 @@ impl DynamicFileSink {
     ) -> Result<Self> {
         let entries = usize::try_from(layout.entries)
             .map_err(|_| Error::InvalidArgument(format!("{} BAT entries", layout.entries)))?;
+        out.vhd_fits_exactly(None)?;
         out.fill_zeros(0, layout.first_block)?;
         Ok(DynamicFileSink {
             out,

@@ -25,6 +25,10 @@ impl RawFileSink {
         sync: bool,
     ) -> Result<Self> {
         let len = size + tail;
+        if tail > 0 {
+            // A fixed VHD: its footer must be the device's last sector.
+            out.vhd_fits_exactly(Some(len))?;
+        }
         out.set_len(len)?;
         out.fill_zeros(0, len)?;
         Ok(RawFileSink {

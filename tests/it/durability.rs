@@ -292,14 +292,46 @@ fn a_block_device_output_is_written_in_place_only_with_overwrite() {
     .to_string();
     assert!(e.contains("the device holds"), "{e}");
     assert!(lo.head(dev_size).iter().all(|&b| b == 0xAA));
+    // A VHD must end where the device ends (its footer is read from the
+    // last sector): a fixed VHD of another size and a dynamic VHD (whose
+    // length depends on its data) are refused before a byte is written.
+    for target in [Target::Fixed, Target::Dynamic] {
+        let e = vhdkit::convert(
+            &input,
+            &lo.dev,
+            &ConvertOptions::new(target).overwrite(true),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("must end where the device ends"),
+            "{target:?}: {e}"
+        );
+        assert!(lo.head(dev_size).iter().all(|&b| b == 0xAA), "{target:?}");
+    }
+    // A fixed VHD of exactly the device's size is written, footer last.
+    let exact = dir.path().join("exact.raw");
+    let exact_content = sample_raw(&exact, dev_size - 512);
+    let r = vhdkit::convert(
+        &exact,
+        &lo.dev,
+        &ConvertOptions::new(Target::Fixed).overwrite(true),
+    )
+    .unwrap();
+    assert_eq!(r.output_len, dev_size);
+    let whole = dir.path().join("whole-device.vhd");
+    std::fs::write(&whole, lo.head(dev_size)).unwrap();
+    let img = open(&whole);
+    assert_eq!(img.disk_type(), Format::Fixed);
+    assert!(
+        read_all(&img) == exact_content,
+        "fixed on the device: content differs"
+    );
     for (target, format, sparse) in [
         (Target::Raw, Format::Raw, true),
-        (Target::Fixed, Format::Fixed, true),
-        (Target::Dynamic, Format::Dynamic, true),
         // Without sparseness nothing is allocated after the copy on a
         // device (a fallback writing zeros would wipe the data).
         (Target::Raw, Format::Raw, false),
-        (Target::Dynamic, Format::Dynamic, false),
     ] {
         std::fs::OpenOptions::new()
             .write(true)
@@ -349,7 +381,8 @@ fn the_command_line_writes_a_block_device_with_force_only() {
         return;
     };
     let input = dir.path().join("in.raw");
-    let content = sample_raw(&input, 2 * MIB);
+    // A fixed VHD of exactly the device's size (its footer the last sector).
+    let content = sample_raw(&input, 4 * MIB - 512);
     let base = [
         os("convert"),
         input.as_os_str(),
@@ -368,9 +401,9 @@ fn the_command_line_writes_a_block_device_with_force_only() {
         .unwrap()
         .file_type()
         .is_block_device());
-    let head = lo.head(2 * MIB + 512);
-    assert!(head[..2 * MIB as usize] == content[..]);
-    assert_eq!(&head[2 * MIB as usize..2 * MIB as usize + 8], b"conectix");
+    let head = lo.head(4 * MIB);
+    assert!(head[..(4 * MIB - 512) as usize] == content[..]);
+    assert_eq!(&head[(4 * MIB - 512) as usize..][..8], b"conectix");
 }
 
 // ---------------------------------------------------------------- folders
