@@ -630,10 +630,22 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                     "--block-size goes with --to dynamic (and not with --in-place)".into(),
                 ));
             }
+            if input == Path::new("-") {
+                return Err(vhdkit::Error::InvalidArgument(
+                    "- (standard input) is read only for an upload to a blob URL output".into(),
+                ));
+            }
             if in_place {
                 if output.is_some() {
                     return Err(vhdkit::Error::InvalidArgument(
                         "--in-place takes one image, no output".into(),
+                    ));
+                }
+                if force || no_sync || no_sparse || threads.is_some() {
+                    return Err(vhdkit::Error::InvalidArgument(
+                        "--force, --no-sync, --no-sparse and --threads do not go with \
+                         --in-place (it changes the image named, syncing each step)"
+                            .into(),
                     ));
                 }
                 return in_place_convert(&input, target, azure, quiet, json, &open);
@@ -766,18 +778,26 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             force,
             no_sync,
             json,
-        } => create_cmd(
-            &output,
-            size,
-            kind,
-            block_size,
-            azure,
-            parent.as_deref(),
-            &parent_dirs,
-            force,
-            !no_sync,
-            json,
-        ),
+        } => {
+            if parent.is_none() && !parent_dirs.is_empty() {
+                return Err(vhdkit::Error::InvalidArgument(
+                    "--parent-dir goes with --parent (where the new child's parent chain is found)"
+                        .into(),
+                ));
+            }
+            create_cmd(
+                &output,
+                size,
+                kind,
+                block_size,
+                azure,
+                parent.as_deref(),
+                &parent_dirs,
+                force,
+                !no_sync,
+                json,
+            )
+        }
     }
 }
 

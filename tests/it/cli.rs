@@ -1079,6 +1079,43 @@ fn flags_that_do_not_apply_are_refused() {
         r.stderr
     );
     assert!(!out.exists());
+    // Flags an in-place conversion cannot honour, and a new disk's
+    // --parent-dir without a parent, are refused; the image is untouched.
+    let before = std::fs::read(&raw).unwrap();
+    for flag in ["--force", "--no-sync", "--no-sparse"] {
+        let r = expect(
+            2,
+            &[&"convert", &"--in-place", &raw, &"--to", &"fixed", &flag],
+        );
+        assert!(
+            r.stderr.contains("do not go with --in-place"),
+            "{flag}: {}",
+            r.stderr
+        );
+    }
+    assert!(std::fs::read(&raw).unwrap() == before);
+    let new = dir.path().join("new.vhd");
+    let r = expect(
+        2,
+        &[
+            &"create",
+            &new,
+            &"--size",
+            &"1M",
+            &"--parent-dir",
+            &dir.path(),
+        ],
+    );
+    assert!(
+        r.stderr.contains("--parent-dir goes with --parent"),
+        "{}",
+        r.stderr
+    );
+    assert!(!new.exists());
+    // Standard input is read only by an upload.
+    let r = expect(2, &[&"convert", &"-", &out, &"--to", &"raw"]);
+    assert!(r.stderr.contains("blob URL"), "{}", r.stderr);
+    assert!(!out.exists());
     expect(
         0,
         &[
