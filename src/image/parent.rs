@@ -367,8 +367,9 @@ pub(crate) fn resolve(
         if let Some(outside) = &h.outside {
             // Not looked at: whether it exists is none of the image's business.
             tried.push(format!(
-                "{source} {hint:?}: {outside} refused without looking at it (outside the \
-                 child's folder and the allowed folders)"
+                "{source} {hint:?}: {outside} refused without looking at it (a path from \
+                 an image is not followed: only a file name is looked for, in the child's \
+                 folder and the allowed folders)"
             ));
         }
         if let Some(name) = h.in_child_dir.filter(|_| local) {
