@@ -259,6 +259,115 @@ class InPlace:
                     settle(f"ENOSPC at {call} #{k}")
 
 
+
+class NewDisk:
+    """vhdkit create ...: a new file, all or nothing."""
+
+    def __init__(self, name, args, with_parent=False):
+        self.name, self.args, self.with_parent = name, args, with_parent
+
+    def attack(self, base):
+        outdir = os.path.join(base, "out")
+        os.mkdir(outdir)
+        dst = os.path.join(outdir, "new.vhd")
+        if self.with_parent:
+            parent = os.path.join(outdir, "base.vhd")
+            dynamic_input(parent, base)
+        args = ["create", dst] + [a.replace("PARENT", os.path.join(outdir, "base.vhd")) for a in self.args]
+        counts = syscall_counts(args, base)
+        want = run(["info", "--json", dst]).stdout
+        want_fmt = re.search(r'"format": "(\w+)"', want).group(1)
+        want_sum = checksum(dst)
+        os.unlink(dst)
+
+        def settle(label):
+            if os.path.exists(dst):
+                got = run(["info", "--json", dst]).stdout
+                fmt = re.search(r'"format": "(\w+)"', got)
+                verdict(fmt is not None and fmt.group(1) == want_fmt and checksum(dst) == want_sum,
+                        f"{self.name} {label}: target exists but is not the disk asked for")
+                os.unlink(dst)
+            r = run(args)
+            verdict(r.returncode == 0, f"{self.name} {label}: rerun failed: {r.stderr.strip()}")
+            verdict(not temps(outdir), f"{self.name} {label}: temporary files left after a rerun: {temps(outdir)}")
+            if os.path.exists(dst):
+                os.unlink(dst)
+
+        for call, n in sorted(counts.items()):
+            if call in KILL_CALLS:
+                for k in invocations(n):
+                    run(args, ["-e", f"inject={call}:signal=KILL:when={k}"])
+                    settle(f"killed at {call} #{k}")
+            if call in FAIL_CALLS:
+                for k in invocations(n):
+                    had = set(temps(outdir))
+                    r = run(args, ["-e", f"inject={call}:error=ENOSPC:when={k}"])
+                    if r.returncode == 0:
+                        verdict(checksum(dst) == want_sum, f"{self.name}: ENOSPC at {call} #{k} exited 0 with a wrong disk")
+                        os.unlink(dst)
+                        continue
+                    verdict(r.returncode == 2, f"{self.name}: ENOSPC at {call} #{k} exited {r.returncode}")
+                    verdict(not os.path.exists(dst), f"{self.name}: ENOSPC at {call} #{k} left an output")
+                    left = set(temps(outdir)) - had
+                    verdict(not left, f"{self.name}: ENOSPC at {call} #{k} left {left}")
+
+
+class Merge:
+    """vhdkit merge CHILD: at every cut the parent is a valid image and the
+    child still reads its old content; the same merge run again completes."""
+
+    name = "merge child into parent"
+
+    def attack(self, base):
+        import gzip
+        names = {}
+        # The pristine copies live in a folder of their own: a copy of the
+        # child beside the base would be another child depending on it.
+        keep = os.path.join(base, "pristine")
+        os.mkdir(keep)
+        for part in ("base", "child"):
+            name = f"hand-chain-{part}.vhd"
+            with gzip.open(os.path.join(ROOT, "testdata", name + ".gz")) as f:
+                data = f.read()
+            for where in (os.path.join(base, name), os.path.join(keep, name)):
+                with open(where, "wb") as out:
+                    out.write(data)
+            names[part] = os.path.join(base, name)
+        parent, child = names["base"], names["child"]
+        args = ["merge", child]
+        want_child = checksum(child)
+        old_parent = checksum(parent)
+        counts = syscall_counts(args, base)
+        want_parent = checksum(parent)
+        if want_parent != want_child or want_parent == old_parent:
+            raise SystemExit(f"{self.name}: the reference merge did not fold the child in")
+
+        def restore():
+            for p in (parent, child):
+                shutil.copyfile(os.path.join(keep, os.path.basename(p)), p)
+
+        def settle(label):
+            c = run(["check", parent])
+            verdict(c.returncode == 0, f"{self.name} {label}: parent fails check: {c.stdout.strip()}")
+            verdict(checksum(child) == want_child, f"{self.name} {label}: the child reads other content")
+            r = run(args)
+            verdict(r.returncode == 0, f"{self.name} {label}: rerun failed: {r.stderr.strip()}")
+            verdict(checksum(parent) == want_parent, f"{self.name} {label}: rerun did not complete the merge")
+            restore()
+
+        restore()
+        for call, n in sorted(counts.items()):
+            if call in KILL_CALLS:
+                for k in invocations(n):
+                    run(args, ["-e", f"inject={call}:signal=KILL:when={k}"])
+                    settle(f"killed at {call} #{k}")
+            if call in FAIL_CALLS:
+                for k in invocations(n):
+                    r = run(args, ["-e", f"inject={call}:error=ENOSPC:when={k}"])
+                    verdict(r.returncode in (0, 2), f"{self.name}: ENOSPC at {call} #{k} exited {r.returncode}")
+                    settle(f"ENOSPC at {call} #{k}")
+
+
 def raw_input(path, base):
     write_raw(path, 4 * MIB + 512 * 3, seed=1)
 
@@ -288,6 +397,8 @@ OPERATIONS = [
     Conversion("raw -> fixed --azure", raw_input, ["--to", "fixed", "--azure"]),
     Conversion("dynamic -> raw", dynamic_input, ["--to", "raw"]),
     Conversion("dynamic -> fixed", dynamic_input, ["--to", "fixed"]),
+    InPlace("in place raw -> fixed", raw_disk,
+            ["convert", "--in-place", "IMAGE", "--to", "fixed"], old_is_raw=True),
     InPlace("in place raw -> fixed --azure", raw_disk,
             ["convert", "--in-place", "IMAGE", "--to", "fixed", "--azure"], old_is_raw=True),
     InPlace("in place fixed -> raw", fixed_input,
@@ -297,6 +408,10 @@ OPERATIONS = [
     InPlace("resize dynamic 6M -> 4G (BAT rewrite)", dynamic_input, ["resize", "IMAGE", "--size", "4G"]),
     InPlace("sparsify dynamic", dynamic_input, ["sparsify", "IMAGE"]),
     InPlace("sparsify raw", raw_disk, ["sparsify", "IMAGE", "--format", "raw"], old_is_raw=True, new_is_raw=True),
+    NewDisk("create fixed 9M", ["--size", "9M", "--type", "fixed"]),
+    NewDisk("create dynamic 9M", ["--size", "9M", "--type", "dynamic"]),
+    NewDisk("create child", ["--parent", "PARENT"], with_parent=True),
+    Merge(),
 ]
 
 
