@@ -1747,11 +1747,33 @@ fn a_differencing_vhdx_reads_through_its_vhdx_parent() {
         other => panic!("{other:?}"),
     }
     assert!(codes(&check_report(&cp)).contains(&"parent-not-found"));
+    let info = |p: &Path| -> serde_json::Value {
+        let o = vhdkit_cli(&[&"info", &"--json", &p]);
+        assert!(o.status.success(), "{o:?}");
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let v = info(&cp);
+    assert_eq!(v["vhdx"]["disk_type"], "differencing");
+    assert_eq!(v["vhdx"]["parent"]["found"], false);
+    assert_eq!(
+        v["vhdx"]["parent"]["parent_linkage"],
+        format!("{{{PARENT_GUID}}}")
+    );
+    assert_eq!(
+        v["vhdx"]["parent"]["paths"]["relative_path"],
+        "..\\base.vhdx"
+    );
     // The locator's paths reduce to base.vhdx in the child's folder.
     std::fs::write(dir.path().join("base.vhdx"), &parent).unwrap();
     let img = vhdkit::Image::open(&cp).unwrap();
     assert!(img.is_differencing());
     assert_eq!(img.chain().len(), 2);
+    let v = info(&cp);
+    assert_eq!(v["vhdx"]["parent"]["found"], true);
+    assert_eq!(
+        v["vhdx"]["parent"]["path"],
+        dir.path().join("base.vhdx").display().to_string()
+    );
     let mut want = vec![0u8; 3 * MIB as usize];
     for e in &extents {
         let r = e.offset as usize..e.end() as usize;
