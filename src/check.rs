@@ -190,7 +190,19 @@ fn error_code(e: &Error) -> &'static str {
 
 /// The code of a damaged field, from its structure and field names.
 fn corrupt_code(c: &Corruption) -> &'static str {
+    use crate::vhdx::VhdxStructure as V;
     use Structure as S;
+    if let S::Vhdx(v) = c.structure {
+        return match v {
+            V::FileIdentifier => "vhdx-file-identifier",
+            V::Header(_) => "vhdx-header",
+            V::RegionTable(_) => "vhdx-region-table",
+            V::Metadata => "vhdx-metadata",
+            V::ParentLocator => "vhdx-parent-locator",
+            V::BatEntry(_) => "vhdx-bat",
+            V::Log | V::LogEntry(_) => "vhdx-log",
+        };
+    }
     if c.expected.starts_with("no overlap") {
         return match c.structure {
             S::BatEntry(_) => "bat-overlap",

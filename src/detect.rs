@@ -3,13 +3,13 @@
 //!
 //! [`Image::open`](crate::Image::open) looks for a VHD footer first. When it
 //! finds none, the file would read as a raw disk, and [`foreign_format`]
-//! decides whether that would be a mistake: a qcow2, VHDX or VMDK file read
-//! as raw is a "disk" of its own metadata. The signatures recognised, each at
+//! decides whether that would be a mistake: a qcow2 or VMDK file read as
+//! raw is a "disk" of its own metadata. (A VHDX file, `vhdxfile` at 0, is
+//! not foreign: it opens as [`Format::Vhdx`](crate::Format::Vhdx).) The signatures recognised, each at
 //! the offset its format puts it:
 //!
 //! | format | signature | version |
 //! |---|---|---|
-//! | VHDX | `vhdxfile` at 0 | header at 64 KiB (`head`), u16 LE at 66 |
 //! | qcow2, qcow | `QFI\xfb` at 0 | u32 BE at 4 (1: qcow, 2 or 3: qcow2) |
 //! | QED | `QED\0` at 0 | none |
 //! | VMDK sparse, stream-optimized | `KDMV` at 0 | u32 LE at 4; flags at 8 (bit 16: compressed grains) |
@@ -31,7 +31,7 @@ use std::io;
 /// A disk image format vhdkit recognises but does not read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Foreign {
-    /// The format's name: `qcow2`, `qcow`, `QED`, `VHDX`, `VMDK sparse`,
+    /// The format's name: `qcow2`, `qcow`, `QED`, `VMDK sparse`,
     /// `VMDK stream-optimized`, `VMDK ESX sparse`, `VMDK descriptor`, `VDI`,
     /// `Parallels`, `LUKS`, `dmg`.
     pub format: &'static str,
@@ -48,9 +48,6 @@ impl std::fmt::Display for Foreign {
     }
 }
 
-fn u16_le(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
 fn u16_be(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
@@ -63,7 +60,7 @@ fn u32_be(b: &[u8], at: usize) -> u32 {
 
 /// Recognises another format from the first bytes of a file (up to 512; a
 /// shorter slice is a shorter file). Formats whose signature lies elsewhere
-/// (dmg at the end, VHDX's version at 64 KiB) are [`foreign_format`]'s.
+/// (dmg at the end) are [`foreign_format`]'s.
 pub fn sniff_head(head: &[u8]) -> Option<Foreign> {
     let has =
         |at: usize, sig: &[u8]| head.len() >= at + sig.len() && &head[at..at + sig.len()] == sig;
@@ -112,15 +109,12 @@ pub fn sniff_head(head: &[u8]) -> Option<Foreign> {
     if has(0, b"LUKS\xba\xbe") && head.len() >= 8 {
         return found("LUKS", Some(u16_be(head, 6).to_string()));
     }
-    if has(0, b"vhdxfile") {
-        return found("VHDX", None);
-    }
     None
 }
 
 /// Recognises another disk image format in `src` of length `len` (see the
 /// module docs for the list). Reads at most three small pieces: the first
-/// 512 bytes, the VHDX header at 64 KiB, the last 512 bytes.
+/// 512 bytes and the last 512 bytes.
 ///
 /// # Errors
 /// The source's read errors.
@@ -128,14 +122,7 @@ pub fn foreign_format<R: ReadAt + ?Sized>(src: &R, len: u64) -> io::Result<Optio
     let n = len.min(512) as usize;
     let mut head = [0u8; 512];
     src.read_exact_at(&mut head[..n], 0)?;
-    if let Some(mut f) = sniff_head(&head[..n]) {
-        if f.format == "VHDX" && len >= 0x10000 + 68 {
-            let mut h = [0u8; 68];
-            src.read_exact_at(&mut h, 0x10000)?;
-            if &h[..4] == b"head" {
-                f.version = Some(u16_le(&h, 66).to_string());
-            }
-        }
+    if let Some(f) = sniff_head(&head[..n]) {
         return Ok(Some(f));
     }
     // dmg (UDIF): a 512-byte `koly` trailer at the end of the file.

@@ -209,7 +209,7 @@ pub enum Error {
     /// vhdkit does not read; read as raw it would be a disk of its own
     /// metadata. Forcing the raw format reads its bytes anyway.
     #[error(
-        "{} is a {format}{} image; vhdkit reads VHD and raw disks",
+        "{} is a {format}{} image; vhdkit reads VHD, VHDX and raw disks",
         path.display(),
         version.as_ref().map(|v| format!(" (version {v})")).unwrap_or_default()
     )]

@@ -1,7 +1,9 @@
 //! # vhdkit
 //!
 //! Read, check, map and convert VHD disk images — the Virtual PC / Hyper-V /
-//! Azure format (not VHDX) — with sparse outputs and parallel, positional I/O.
+//! Azure format — and Hyper-V's VHDX (read-only: [`Image::open`] opens a
+//! VHDX as [`Format::Vhdx`], and everything that reads an image reads it),
+//! with sparse outputs and parallel, positional I/O.
 //!
 //! ```
 //! use std::io::Read;

@@ -1220,6 +1220,9 @@ fn info_json(img: &Image) -> Value {
         v["allocated_blocks"] = json!(img.allocated_blocks());
         v["allocated_bytes"] = json!(img.allocated_blocks() * img.block_size());
     }
+    if let Some(x) = img.vhdx() {
+        v["vhdx"] = vhdx_json(img, x);
+    }
     if img.disk_type() == Format::Differencing {
         let h = img.header().unwrap();
         v["parent"] = json!({
@@ -1245,6 +1248,82 @@ fn info_json(img: &Image) -> Value {
         );
     }
     v
+}
+
+/// The `vhdx` object of `info --json`: the VHDX's own fields.
+fn vhdx_json(img: &Image, x: &vhdkit::vhdx::Vhdx) -> Value {
+    let mut v = json!({
+        "disk_type": x.disk_type().name(),
+        "block_size": x.block_size(),
+        "logical_sector_size": x.logical_sector_size(),
+        "physical_sector_size": x.physical_sector_size(),
+        "header_sequence_number": x.header_sequence(),
+        "log_replayed": x.log_replayed(),
+        "log_entries_replayed": x.log_replay().map_or(0, |r| r.entries),
+        "page83_id": x.page83_id().to_string(),
+        "data_write_guid": x.data_write_guid().to_string(),
+        "allocated_blocks": x.allocated_blocks(),
+    });
+    if let Some(loc) = x.parent_locator() {
+        let paths: serde_json::Map<String, Value> = loc
+            .paths()
+            .into_iter()
+            .map(|(k, p)| (k.to_string(), json!(p)))
+            .collect();
+        v["parent"] = json!({
+            "parent_linkage": loc.parent_linkage(),
+            "paths": paths,
+            "found": img.parent().is_some(),
+        });
+        if let Some(p) = img.parent() {
+            put_path(&mut v["parent"], "path", p.path());
+        }
+    }
+    v
+}
+
+/// `info`'s VHDX lines.
+fn vhdx_text(img: &Image, x: &vhdkit::vhdx::Vhdx, advise_parent: bool) {
+    outln!("vhdx type:      {}", x.disk_type().name());
+    outln!("block size:     {}", human(x.block_size()));
+    outln!(
+        "sector size:    {} logical, {} physical",
+        x.logical_sector_size(),
+        x.physical_sector_size()
+    );
+    outln!(
+        "allocated:      {} of {} blocks",
+        x.allocated_blocks(),
+        x.block_count()
+    );
+    outln!("header seq:     {}", x.header_sequence());
+    match x.log_replay() {
+        Some(r) => outln!(
+            "log:            replayed in memory ({} entries; the file was not changed)",
+            r.entries
+        ),
+        None => outln!("log:            clean"),
+    }
+    outln!("page 83 id:     {}", x.page83_id());
+    outln!("data write id:  {}", x.data_write_guid());
+    if let Some(loc) = x.parent_locator() {
+        outln!(
+            "parent link:    {}",
+            loc.parent_linkage().unwrap_or("(none)")
+        );
+        for (k, p) in loc.paths() {
+            outln!("parent path:    {k} = {p}");
+        }
+        match img.parent() {
+            Some(p) => outln!("parent:         {}", p.path().display()),
+            None if advise_parent => {
+                outln!("parent:         NOT FOUND (use --parent FILE or --parent-dir DIR)")
+            }
+            None => {
+                outln!("parent:         NOT FOUND (the files found have another data write id)")
+            }
+        }
+    }
 }
 
 fn info(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
@@ -1302,6 +1381,9 @@ fn info(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Res
     );
     if let Some(a) = img.allocated_file_bytes() {
         outln!("on disk:        {}", human(a));
+    }
+    if let Some(x) = img.vhdx() {
+        vhdx_text(&img, x, advise_parent);
     }
     if img.header().is_some() {
         outln!("block size:     {}", human(img.block_size()));

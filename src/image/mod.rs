@@ -8,6 +8,7 @@
 mod map;
 mod parent;
 mod reader;
+mod vhdx;
 
 pub(crate) use map::push_extent;
 pub use map::{Extent, ExtentKind};
@@ -38,16 +39,21 @@ pub enum Format {
     Dynamic,
     /// A differencing VHD: a dynamic VHD whose holes read from a parent.
     Differencing,
+    /// A VHDX file (Hyper-V's format), read-only; [`Image::vhdx`] gives
+    /// its structures and its own disk type.
+    Vhdx,
 }
 
 impl Format {
-    /// The name used in the CLI and its JSON: `raw`, `fixed`, `dynamic`, `differencing`.
+    /// The name used in the CLI and its JSON: `raw`, `fixed`, `dynamic`,
+    /// `differencing`, `vhdx`.
     pub fn name(self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Fixed => "fixed",
             Format::Dynamic => "dynamic",
             Format::Differencing => "differencing",
+            Format::Vhdx => "vhdx",
         }
     }
 }
@@ -206,6 +212,9 @@ pub(crate) enum Layout {
     Dynamic(Vhd, Box<Dynamic>),
     /// A dynamic layout whose holes read from a parent.
     Differencing(Vhd, Box<Dynamic>),
+    /// A VHDX file; the image's storage is the file with its replayed log
+    /// laid over it, so data extents read the right bytes.
+    Vhdx(Arc<crate::vhdx::Vhdx>),
 }
 
 /// The footer in force and where it was read.
@@ -400,7 +409,7 @@ impl Image {
             Ok(())
         };
         let mut result = detected.map(|_| ());
-        if result.is_ok() && img.disk_type() == Format::Differencing && !opts.shallow {
+        if result.is_ok() && img.is_differencing() && !opts.shallow {
             visited.path.push(parent::storage_id(&img.storage));
             result = parent::resolve(&mut img, opts, depth, visited);
             visited.path.pop();
@@ -452,6 +461,16 @@ impl Image {
     /// Finds and validates the footer, then the dynamic structures.
     fn detect(&mut self, opts: &OpenOptions) -> Result<()> {
         let len = self.file_len;
+        if len >= 8 && &read_array::<8>(&*self.storage, 0).map_err(self.io("read"))? == b"vhdxfile"
+        {
+            return self.load_vhdx(opts);
+        }
+        if opts.format == Some(Format::Vhdx) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: no VHDX file identifier at offset 0, so not vhdx",
+                self.path.display()
+            )));
+        }
         // The end footer: the last 512 bytes, or the last 511.
         let mut tail: Option<([u8; FOOTER_SIZE], u64, FooterSource)> = None;
         if len >= 511 {
@@ -602,6 +621,40 @@ impl Image {
             }
         }
         self.load_dynamic(opts, foot_at, Vhd { footer, source }, format)
+    }
+
+    /// Opens the file as a VHDX, whose reads then go through its replayed log.
+    fn load_vhdx(&mut self, opts: &OpenOptions) -> Result<()> {
+        if let Some(forced) = opts.format.filter(|&f| f != Format::Vhdx) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: a VHDX file, not {forced}",
+                self.path.display()
+            )));
+        }
+        let vopts =
+            crate::vhdx::VhdxOptions::new().max_bat_entries(opts.max_bat_entries.saturating_mul(2));
+        let src = vhdx::Source(Arc::clone(&self.storage));
+        let v = Arc::new(crate::vhdx::Vhdx::from_source_named(
+            Box::new(src),
+            &self.path,
+            &vopts,
+        )?);
+        self.virtual_size = v.virtual_size();
+        self.data_end = self.file_len;
+        self.warnings.extend(v.warnings().iter().cloned());
+        if let Some(r) = v.log_replay() {
+            self.warnings.push(format!(
+                "the disk was not closed cleanly: {} log entries were replayed in memory \
+                 (the file was not changed)",
+                r.entries
+            ));
+        }
+        self.storage = Arc::new(vhdx::OverlaidStorage {
+            vhdx: Arc::clone(&v),
+            inner: Arc::clone(&self.storage),
+        });
+        self.layout = Layout::Vhdx(v);
+        Ok(())
     }
 
     /// Reads and validates the dynamic header and the BAT.
@@ -917,14 +970,21 @@ impl Image {
     pub(crate) fn dynamic(&self) -> Option<&Dynamic> {
         match &self.layout {
             Layout::Dynamic(_, d) | Layout::Differencing(_, d) => Some(d),
-            Layout::Raw | Layout::Fixed(_) => None,
+            Layout::Raw | Layout::Fixed(_) | Layout::Vhdx(_) => None,
+        }
+    }
+    /// The VHDX structures of an image opened from a VHDX file.
+    pub fn vhdx(&self) -> Option<&crate::vhdx::Vhdx> {
+        match &self.layout {
+            Layout::Vhdx(v) => Some(v),
+            _ => None,
         }
     }
     /// The footer in force and its source (VHDs).
     fn vhd(&self) -> Option<&Vhd> {
         match &self.layout {
             Layout::Fixed(v) | Layout::Dynamic(v, _) | Layout::Differencing(v, _) => Some(v),
-            Layout::Raw => None,
+            Layout::Raw | Layout::Vhdx(_) => None,
         }
     }
     fn not_a(&self, what: &str) -> Error {
@@ -954,6 +1014,16 @@ impl Image {
             Layout::Fixed(_) => Format::Fixed,
             Layout::Dynamic(..) => Format::Dynamic,
             Layout::Differencing(..) => Format::Differencing,
+            Layout::Vhdx(_) => Format::Vhdx,
+        }
+    }
+    /// True for a disk whose holes read from a parent: a differencing VHD,
+    /// or a VHDX whose file parameters say it has a parent.
+    pub fn is_differencing(&self) -> bool {
+        match &self.layout {
+            Layout::Differencing(..) => true,
+            Layout::Vhdx(v) => v.disk_type() == crate::vhdx::DiskType::Differencing,
+            _ => false,
         }
     }
     /// The virtual disk's size in bytes: the footer's current size (the
@@ -985,8 +1055,12 @@ impl Image {
     pub fn bat(&self) -> Option<&Bat> {
         self.dynamic().map(|d| &d.bat)
     }
-    /// Bytes of data per block (0 for raw and fixed images).
+    /// Bytes of data per block (0 for raw and fixed images; a VHDX's
+    /// payload block size).
     pub fn block_size(&self) -> u64 {
+        if let Layout::Vhdx(v) = &self.layout {
+            return v.block_size();
+        }
         self.dynamic().map_or(0, |d| d.block_size)
     }
     /// Bytes of sector bitmap in front of each block.
@@ -1046,6 +1120,8 @@ impl Image {
             "footer-copy-differs"
         } else if message.contains("bytes, the child") {
             "parent-size-differs"
+        } else if message.contains("log entries were replayed in memory") {
+            "vhdx-log-replayed"
         } else if message.contains("reads as zeros") {
             "parent-missing"
         } else {

@@ -275,6 +275,9 @@ pub(crate) fn resolve(
             limit: opts.max_chain_depth as u64,
         });
     }
+    if img.vhdx().is_some() {
+        return resolve_with(img, opts, depth, walk, vhdx_wants(img)?);
+    }
     let Some(header) = img.header().cloned() else {
         return Err(Error::corrupt(
             Structure::DynamicHeader,
@@ -284,23 +287,7 @@ pub(crate) fn resolve(
             "a differencing disk's dynamic header",
         ));
     };
-    // An image over a storage other than a local file has no folder of its
-    // own to look for its parent in.
-    let local = img.storage.file().is_some();
     let want = header.parent_unique_id;
-    let child_dir = img
-        .path
-        .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                p
-            }
-        })
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-
     // Hints in order of preference.
     let mut hints: Vec<(String, String)> = Vec::new();
     let order = [
@@ -340,6 +327,92 @@ pub(crate) fn resolve(
     if !name.is_empty() {
         hints.push(("parent unicode name".to_string(), name));
     }
+    let wants = Wants {
+        id: want.to_string(),
+        vhdx: false,
+        hints,
+        tried,
+        id_at: img.header_offset() + crate::ondisk::header_fields::PARENT_UNIQUE_ID as u64,
+    };
+    resolve_with(img, opts, depth, walk, wants)
+}
+
+/// What a differencing disk asks of its parent: the identity it must have
+/// (a VHD's unique id, or a VHDX's data write GUID), where to look for it
+/// in order, and what was already ruled out.
+struct Wants {
+    id: String,
+    /// The parent must be a VHDX (whose data write GUID is `id`).
+    vhdx: bool,
+    hints: Vec<(String, String)>,
+    tried: Vec<String>,
+    /// Where the child names the parent's identity (for a loop's error).
+    id_at: u64,
+}
+
+/// A differencing VHDX's wants: `parent_linkage` as the parent's data write
+/// GUID, and its locator's paths in the specification's order.
+fn vhdx_wants(img: &Image) -> Result<Wants> {
+    let corrupt = |found: &str| {
+        Error::corrupt(
+            Structure::Vhdx(crate::vhdx::VhdxStructure::ParentLocator),
+            "parent_linkage",
+            0,
+            found,
+            "the parent's data write GUID, as {GUID} text",
+        )
+        .with_path(&img.path)
+    };
+    let Some(loc) = img.vhdx().and_then(|v| v.parent_locator()) else {
+        return Err(corrupt("no parent locator"));
+    };
+    let Some(id) = loc.parent_linkage_guid() else {
+        return Err(corrupt(loc.parent_linkage().unwrap_or("no parent_linkage")));
+    };
+    let hints = loc
+        .paths()
+        .into_iter()
+        .map(|(k, v)| (format!("parent locator {k}"), v.to_string()))
+        .collect();
+    Ok(Wants {
+        id: id.to_string(),
+        vhdx: true,
+        hints,
+        tried: Vec::new(),
+        id_at: 0,
+    })
+}
+
+/// Finds the parent `wants` describes among the allowed places.
+fn resolve_with(
+    img: &mut Image,
+    opts: &OpenOptions,
+    depth: usize,
+    walk: &mut Walk,
+    wants: Wants,
+) -> Result<()> {
+    let Wants {
+        id: want,
+        vhdx: want_vhdx,
+        hints,
+        mut tried,
+        id_at,
+    } = wants;
+    // An image over a storage other than a local file has no folder of its
+    // own to look for its parent in.
+    let local = img.storage.file().is_some();
+    let child_dir = img
+        .path
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
 
     // The allowed folders, opened once: the child's, then the caller's.
     let folders: Vec<Folder> = std::iter::once(&child_dir)
@@ -454,7 +527,30 @@ pub(crate) fn resolve(
                 continue;
             }
         };
-        let got = parent.footer().map(|f| f.unique_id).unwrap_or_default();
+        let got = match (want_vhdx, parent.vhdx()) {
+            (true, Some(v)) => v.data_write_guid().to_string(),
+            (false, None) => parent
+                .footer()
+                .map(|f| f.unique_id)
+                .unwrap_or_default()
+                .to_string(),
+            (true, None) => {
+                tried.push(format!(
+                    "{}: {} is not a VHDX (a VHDX's parent is a VHDX)",
+                    source,
+                    real.display()
+                ));
+                continue;
+            }
+            (false, Some(_)) => {
+                tried.push(format!(
+                    "{}: {} is a VHDX, not a VHD",
+                    source,
+                    real.display()
+                ));
+                continue;
+            }
+        };
         if got != want {
             wrong_id.push(real.clone());
             tried.push(format!(
@@ -471,14 +567,18 @@ pub(crate) fn resolve(
         if walk.path.contains(&id) {
             return Err(Error::corrupt(
                 Structure::ParentChain,
-                "parent unique id",
-                img.header_offset() + crate::ondisk::header_fields::PARENT_UNIQUE_ID as u64,
+                if want_vhdx {
+                    "parent_linkage"
+                } else {
+                    "parent unique id"
+                },
+                id_at,
                 format!("a loop back to {}", real.display()),
                 "a chain that ends in a non-differencing disk",
             )
             .with_path(&img.path));
         }
-        if parent.disk_type() == super::Format::Differencing {
+        if parent.is_differencing() {
             walk.path.push(id);
             let r = resolve(&mut parent, &popts, depth + 1, walk);
             walk.path.pop();
@@ -526,7 +626,7 @@ pub(crate) fn resolve(
     }
     Err(Error::ParentNotFound {
         path: img.path.clone(),
-        parent_id: want.to_string(),
+        parent_id: want,
         tried,
         wrong_id,
     })

@@ -82,6 +82,12 @@ pub fn plan_resize(
 ) -> Result<Option<InPlacePlan>> {
     let path = img.path();
     let size = img.virtual_size();
+    if img.disk_type() == Format::Vhdx {
+        return Err(Error::InvalidArgument(format!(
+            "{}: a VHDX file is read-only to vhdkit: convert it to resize the disk",
+            path.display()
+        )));
+    }
     if img.disk_type() == Format::Differencing {
         return Err(Error::InvalidArgument(format!(
             "{}: a differencing disk cannot be resized: its parent fixes the size",
@@ -264,7 +270,7 @@ pub fn plan_resize(
             steps.push(Step::Write(0, fb));
             steps.push(Step::Sync);
         }
-        Format::Differencing => unreachable!("refused above"),
+        Format::Differencing | Format::Vhdx => unreachable!("refused above"),
     }
     Ok(Some(InPlacePlan {
         path: path.to_path_buf(),

@@ -118,6 +118,12 @@ pub fn sparsify_with(
                 freed_blocks: Some(freed),
             });
         }
+        Format::Vhdx => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: a VHDX file is read-only to vhdkit: convert it to sparsify the disk",
+                path.display()
+            )))
+        }
         Format::Differencing => {
             return Err(Error::InvalidArgument(format!(
             "{}: a differencing disk cannot be sparsified: its zero blocks hide the parent's data",

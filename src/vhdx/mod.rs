@@ -263,6 +263,15 @@ impl Vhdx {
         Self::open_source(source, PathBuf::from("(VHDX in memory)"), opts)
     }
 
+    /// [`Vhdx::from_source`] naming the file `path` in errors.
+    pub(crate) fn from_source_named(
+        source: Box<dyn ReadAt + Send>,
+        path: &Path,
+        opts: &VhdxOptions,
+    ) -> Result<Vhdx> {
+        Self::open_source(source, path.to_path_buf(), opts)
+    }
+
     fn open_source(src: Box<dyn ReadAt + Send>, path: PathBuf, opts: &VhdxOptions) -> Result<Vhdx> {
         let file_len = src.len().map_err(Error::RawIo)?;
         let mut v = Vhdx {
@@ -1328,6 +1337,12 @@ impl Vhdx {
     pub fn is_plain(&self, file_offset: u64, len: u64) -> bool {
         within(file_offset, len, self.file_len)
             && !self.overlay.touches(file_offset, file_offset + len)
+    }
+
+    /// The file's length as the replayed log leaves it (its length when no
+    /// log was replayed): what [`Vhdx::read_file_at`] reads.
+    pub fn logical_file_len(&self) -> u64 {
+        self.logical_len
     }
 }
 

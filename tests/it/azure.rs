@@ -601,6 +601,42 @@ fn every_testdata_form_uploads_and_reads_back_equal() {
     }
 }
 
+/// A VHDX (made by qemu-img from a scattered raw disk) uploads as the
+/// fixed VHD of the same disk, through the same reading path.
+#[test]
+fn a_vhdx_uploads_as_the_disk_it_holds() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let want = scattered_raw(5 << 20, 13);
+    std::fs::write(&raw, &want).unwrap();
+    let vhdx = dir.path().join("disk.vhdx");
+    let out = std::process::Command::new(crate::common::qemu_img())
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vhdx",
+            "-o",
+            "subformat=dynamic,block_size=1M",
+        ])
+        .arg(&raw)
+        .arg(&vhdx)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        Image::open(&vhdx).unwrap().disk_type(),
+        vhdkit::Format::Vhdx
+    );
+    assert_eq!(content(&vhdx), want);
+    let url = az.blob("from-vhdx.vhd");
+    let r = vhdkit::azure::upload(&vhdx, &url, &UploadOptions::new()).unwrap();
+    assert_eq!(r.blob_size, r.virtual_size + 512);
+    check_blob(&url, &want, "vhdx");
+}
+
 #[test]
 fn a_sparse_large_disk_sends_only_its_data() {
     // A 64 GiB dynamic disk with three data blocks: a few requests.

@@ -150,7 +150,6 @@ const FOREIGN: &[(&str, &[&str], &str, Option<&str>)] = &[
         Some("1"),
     ),
     ("disk.vdi", &["-f", "vdi"], "VDI", Some("1.1")),
-    ("disk.vhdx", &["-f", "vhdx"], "VHDX", Some("1")),
     ("disk.hdd", &["-f", "parallels"], "Parallels", Some("2")),
 ];
 
@@ -212,11 +211,11 @@ fn foreign_formats_are_refused_by_name_unless_raw_is_stated() {
                 assert_eq!(v.as_deref(), *version, "{what}");
                 let want = match version {
                     Some(v) => format!(
-                        "{} is a {format} (version {v}) image; vhdkit reads VHD and raw disks",
+                        "{} is a {format} (version {v}) image; vhdkit reads VHD, VHDX and raw disks",
                         path.display()
                     ),
                     None => format!(
-                        "{} is a {format} image; vhdkit reads VHD and raw disks",
+                        "{} is a {format} image; vhdkit reads VHD, VHDX and raw disks",
                         path.display()
                     ),
                 };
@@ -787,7 +786,7 @@ mod cli {
         let r = expect(2, &[&"convert", &q, &out, &"--to", &"dynamic"]);
         assert!(
             r.stderr.contains(&format!(
-                "{} is a qcow2 (version 3) image; vhdkit reads VHD and raw disks",
+                "{} is a qcow2 (version 3) image; vhdkit reads VHD, VHDX and raw disks",
                 q.display()
             )),
             "{}",

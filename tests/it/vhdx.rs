@@ -1364,6 +1364,8 @@ fn mutate(base: &[u8], muts: &[Mutation], reseal: bool) -> Vec<u8> {
 fn exercise(bytes: Vec<u8>) -> (Result<(), String>, usize) {
     let len = bytes.len();
     let (tx, rx) = std::sync::mpsc::channel();
+    let bytes2 = bytes.clone();
+    let bytes3 = bytes.clone();
     let worker = std::thread::spawn(move || {
         let t = Instant::now();
         let r = largest_allocation(|| {
@@ -1395,6 +1397,28 @@ fn exercise(bytes: Vec<u8>) -> (Result<(), String>, usize) {
                 off += n as u64;
             }
             let _ = format!("{d:?} {:?}", d.parent_locator());
+            drop(d);
+            // The same bytes as an image: map, read and check.
+            if let Ok(img) = vhdkit::Image::from_bytes(bytes2) {
+                let size = img.virtual_size();
+                let map = img
+                    .map_all()
+                    .unwrap_or_else(|e| panic!("image map after a good open: {e}"));
+                assert_tiles(&map, size);
+                let n = size.min(MIB) as usize;
+                let mut buf = vec![0u8; n];
+                img.read_exact_at(&mut buf, 0)
+                    .unwrap_or_else(|e| panic!("image read after a good open: {e}"));
+            }
+            let r = vhdkit::check_storage(
+                vhdkit::MemoryStorage::new(bytes3),
+                &vhdkit::CheckOptions {
+                    open: vhdkit::OpenOptions::new(),
+                    azure: false,
+                },
+            )
+            .unwrap_or_else(|e| panic!("check: {e}"));
+            assert!(!r.is_clean() || r.format == Some(vhdkit::Format::Vhdx));
             Ok(())
         });
         let _ = tx.send(t.elapsed());
@@ -1448,5 +1472,336 @@ proptest! {
         let (_, largest) = exercise(bytes);
         let bound = 4 * len.max(1 << 20) + (1 << 20);
         prop_assert!(largest <= bound, "largest allocation {} for a {}-byte file", largest, len);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A VHDX as an image: Image, the CLI, check, convert (issue 11)
+// ---------------------------------------------------------------------------
+
+fn vhdkit_cli(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vhdkit"));
+    for a in args {
+        c.arg(a);
+    }
+    c.output().unwrap_or_else(|e| panic!("vhdkit: {e}"))
+}
+
+#[track_caller]
+fn qemu_compare(fmt_b: &str, a: &Path, b: &Path) {
+    let out = Command::new(qemu_img())
+        .args(["compare", "-q", "-f", "vhdx", "-F", fmt_b])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare {} {}: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn check_report(path: &Path) -> vhdkit::CheckReport {
+    vhdkit::check(
+        path,
+        &vhdkit::CheckOptions {
+            open: vhdkit::OpenOptions::new(),
+            azure: false,
+        },
+    )
+    .unwrap()
+}
+
+fn codes(r: &vhdkit::CheckReport) -> Vec<&'static str> {
+    r.problems.iter().map(|p| p.code).collect()
+}
+
+#[test]
+fn qemu_vhdx_converts_to_raw_fixed_azure_and_dynamic_as_qemu_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let writes = [
+        (0xa1, 0, 4096),
+        (0xb2, MIB + 512, 3 * MIB),
+        (0xc3, 20 * MIB - 4096, 8192),
+        (0xd4, 40 * MIB, 64 * KIB),
+    ];
+    let cases = [
+        ("subformat=dynamic,block_size=1M", "dyn1m"),
+        ("subformat=dynamic,block_size=8M,log_size=2M", "dyn8m"),
+        ("subformat=dynamic,block_size=32M", "dyn32m"),
+        ("subformat=fixed", "fixed"),
+    ];
+    for (opts, name) in cases {
+        let src = dir.path().join(format!("{name}.vhdx"));
+        let want = qemu_vhdx(&src, opts, "48M", &writes);
+        let img = vhdkit::Image::open(&src).unwrap();
+        assert_eq!(img.disk_type(), vhdkit::Format::Vhdx, "{name}");
+        assert_eq!(img.virtual_size(), 48 * MIB, "{name}");
+        let mut got = vec![0u8; want.len()];
+        img.read_exact_at(&mut got, 0).unwrap();
+        assert_same(name, &got, &want);
+        for (to, ext, qfmt, extra) in [
+            ("raw", "raw.out", "raw", None),
+            ("fixed", "fixed.vhd", "vpc", Some("--azure")),
+            ("dynamic", "dyn.vhd", "vpc", None),
+        ] {
+            let out = dir.path().join(format!("{name}.{ext}"));
+            let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+                vec![&"convert", &src, &out, &"--to", &to];
+            if let Some(x) = &extra {
+                args.push(x);
+            }
+            let o = vhdkit_cli(&args);
+            assert!(
+                o.status.success(),
+                "{name} -> {to}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            qemu_compare(qfmt, &src, &out);
+            if to == "fixed" {
+                let f = vhdkit::Image::open(&out).unwrap();
+                assert_eq!(f.disk_type(), vhdkit::Format::Fixed);
+                assert_eq!(f.virtual_size() % MIB, 0);
+            }
+        }
+        // checksum and compare read the same disk.
+        let o = vhdkit_cli(&[
+            &"compare",
+            &src,
+            &dir.path().join(format!("{name}.raw.out")),
+        ]);
+        assert!(o.status.success(), "{name}: compare: {o:?}");
+        let raw_sum = vhdkit_cli(&[&"checksum", &dir.path().join(format!("{name}.raw.out"))]);
+        let vhdx_sum = vhdkit_cli(&[&"checksum", &src]);
+        let first = |o: &std::process::Output| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(vhdx_sum.status.success(), "{vhdx_sum:?}");
+        assert_eq!(first(&raw_sum), first(&vhdx_sum), "{name}: checksums");
+        // The map has data exactly where qemu wrote (dynamic disks hold
+        // nothing else).
+        if name.starts_with("dyn") {
+            let map = img.map_all().unwrap();
+            assert_tiles(&map, img.virtual_size());
+            for e in map.iter().filter(|e| !e.is_data()) {
+                let s = &want[e.offset as usize..e.end() as usize];
+                assert!(s.iter().all(|&b| b == 0), "{name}: zero extent {e:?}");
+            }
+        }
+        assert!(
+            check_report(&src).is_clean(),
+            "{name}: {:?}",
+            check_report(&src).problems
+        );
+    }
+}
+
+#[test]
+fn info_json_gives_the_vhdx_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.vhdx");
+    qemu_vhdx(
+        &p,
+        "subformat=dynamic,block_size=2M",
+        "16M",
+        &[(0x5a, 0, 3 * MIB)],
+    );
+    let o = vhdkit_cli(&[&"info", &"--json", &p]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["format"], "vhdx");
+    assert_eq!(v["virtual_size"], 16 * MIB);
+    let x = &v["vhdx"];
+    assert_eq!(x["disk_type"], "dynamic");
+    assert_eq!(x["block_size"], 2 * MIB);
+    assert_eq!(x["logical_sector_size"], 512);
+    assert_eq!(x["physical_sector_size"], 512);
+    assert_eq!(x["log_replayed"], false);
+    assert_eq!(x["log_entries_replayed"], 0);
+    assert_eq!(x["allocated_blocks"], 2);
+    let d = Vhdx::open(&p, &VhdxOptions::new()).unwrap();
+    assert_eq!(x["header_sequence_number"], d.header_sequence());
+    assert_eq!(x["page83_id"], d.page83_id().to_string());
+    assert_eq!(x["data_write_guid"], d.data_write_guid().to_string());
+    // The text form says it too.
+    let o = vhdkit_cli(&[&"info", &p]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("format:         vhdx"), "{text}");
+    assert!(text.contains("vhdx type:      dynamic"), "{text}");
+    assert!(text.contains("log:            clean"), "{text}");
+}
+
+#[test]
+fn check_names_vhdx_damage_with_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, b: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let (_, good) = small_dynamic();
+    let r = check_report(&write("good.vhdx", &good));
+    assert!(r.is_clean() && r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.format, Some(vhdkit::Format::Vhdx));
+
+    let mut b = good.clone();
+    b[64 * KIB as usize] ^= 0xff;
+    b[128 * KIB as usize] ^= 0xff;
+    let r = check_report(&write("headers.vhdx", &b));
+    assert!(!r.is_clean());
+    assert_eq!(codes(&r), ["vhdx-header"], "{:?}", r.problems);
+
+    let mut b = good.clone();
+    b[192 * KIB as usize] ^= 0xff;
+    b[256 * KIB as usize] ^= 0xff;
+    let r = check_report(&write("regions.vhdx", &b));
+    assert_eq!(codes(&r), ["vhdx-region-table"], "{:?}", r.problems);
+
+    // Block 1's BAT entry pointing past the file.
+    let mut b = good.clone();
+    put64(&mut b, BAT_AT + 8, 400 << 20 | 6);
+    let r = check_report(&write("bat.vhdx", &b));
+    assert_eq!(codes(&r), ["vhdx-bat"], "{:?}", r.problems);
+
+    // A dirty log: a warning that says it was replayed in memory.
+    let (dirty, _, _) = dirty_log(0, 0);
+    let r = check_report(&write("dirty.vhdx", &dirty));
+    assert!(r.is_clean(), "{:?}", r.problems);
+    assert_eq!(codes(&r), ["vhdx-log-replayed"], "{:?}", r.problems);
+    assert!(r.problems[0].message.contains("not closed cleanly"));
+
+    // A log that cannot be replayed.
+    let (mut b, _, [_, _, e3_at]) = dirty_log(0, 0);
+    let at = LOG_AT + e3_at;
+    put64(&mut b, at + 48, 6 * MIB);
+    let len = u32::from_le_bytes(b[at as usize + 8..at as usize + 12].try_into().unwrap());
+    seal(&mut b[at as usize..(at + u64::from(len)) as usize]);
+    let r = check_report(&write("badlog.vhdx", &b));
+    assert_eq!(codes(&r), ["vhdx-log"], "{:?}", r.problems);
+}
+
+#[test]
+fn a_dirty_log_reads_replayed_through_image_and_converts() {
+    let (b, want, _) = dirty_log(0, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("dirty.vhdx");
+    std::fs::write(&p, &b).unwrap();
+    let img = vhdkit::Image::open(&p).unwrap();
+    assert_eq!(img.disk_type(), vhdkit::Format::Vhdx);
+    assert!(img
+        .warnings()
+        .iter()
+        .any(|w| w.contains("replayed in memory")));
+    let mut got = vec![0u8; want.len()];
+    img.read_exact_at(&mut got, 0).unwrap();
+    assert_same("replayed through Image", &got, &want);
+    for (target, name) in [
+        (vhdkit::Target::Raw, "out.raw"),
+        (vhdkit::Target::Fixed, "out.vhd"),
+        (vhdkit::Target::Dynamic, "dyn.vhd"),
+    ] {
+        let out = dir.path().join(name);
+        vhdkit::convert(&p, &out, &vhdkit::ConvertOptions::new(target)).unwrap();
+        let o = vhdkit::Image::open(&out).unwrap();
+        let mut got = vec![0u8; want.len()];
+        o.read_exact_at(&mut got, 0).unwrap();
+        assert_same(name, &got, &want);
+    }
+    // The input was not written.
+    assert_eq!(std::fs::read(&p).unwrap(), b);
+}
+
+const PARENT_GUID: &str = "DEADBEEF-0000-4000-8000-0000000000AA";
+
+/// The parent `differencing()`'s locator names: 3 MiB, block 1 present.
+fn diff_parent(data_write_guid: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut d = Disk::new(3 * MIB, MIB as u32, 512);
+    d.payload = vec![(1, 6, 4)];
+    d.file_len = 5 * MIB;
+    d.data_write_guid = guid(data_write_guid);
+    let mut b = d.build();
+    fill_pattern(&mut b, 4 * MIB, MIB, 0x40);
+    let mut disk = vec![0u8; 3 * MIB as usize];
+    disk[MIB as usize..2 * MIB as usize].copy_from_slice(&b[4 * MIB as usize..5 * MIB as usize]);
+    (b, disk)
+}
+
+#[test]
+fn a_differencing_vhdx_reads_through_its_vhdx_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, extents) = differencing(512);
+    let (parent, parent_disk) = diff_parent(PARENT_GUID);
+    let cp = dir.path().join("child.vhdx");
+    std::fs::write(&cp, &child).unwrap();
+    // No parent yet: not found, and check says so.
+    match vhdkit::Image::open(&cp) {
+        Err(Error::ParentNotFound { parent_id, .. }) => assert_eq!(parent_id, PARENT_GUID),
+        other => panic!("{other:?}"),
+    }
+    assert!(codes(&check_report(&cp)).contains(&"parent-not-found"));
+    let info = |p: &Path| -> serde_json::Value {
+        let o = vhdkit_cli(&[&"info", &"--json", &p]);
+        assert!(o.status.success(), "{o:?}");
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let v = info(&cp);
+    assert_eq!(v["vhdx"]["disk_type"], "differencing");
+    assert_eq!(v["vhdx"]["parent"]["found"], false);
+    assert_eq!(
+        v["vhdx"]["parent"]["parent_linkage"],
+        format!("{{{PARENT_GUID}}}")
+    );
+    assert_eq!(
+        v["vhdx"]["parent"]["paths"]["relative_path"],
+        "..\\base.vhdx"
+    );
+    // The locator's paths reduce to base.vhdx in the child's folder.
+    std::fs::write(dir.path().join("base.vhdx"), &parent).unwrap();
+    let img = vhdkit::Image::open(&cp).unwrap();
+    assert!(img.is_differencing());
+    assert_eq!(img.chain().len(), 2);
+    let v = info(&cp);
+    assert_eq!(v["vhdx"]["parent"]["found"], true);
+    assert_eq!(
+        v["vhdx"]["parent"]["path"],
+        dir.path().join("base.vhdx").display().to_string()
+    );
+    let mut want = vec![0u8; 3 * MIB as usize];
+    for e in &extents {
+        let r = e.offset as usize..e.end() as usize;
+        match e.kind {
+            ExtentKind::Data { file_offset, .. } => want[r]
+                .copy_from_slice(&child[file_offset as usize..(file_offset + e.length) as usize]),
+            _ => want[r.clone()].copy_from_slice(&parent_disk[r]),
+        }
+    }
+    let mut got = vec![0u8; want.len()];
+    img.read_exact_at(&mut got, 0).unwrap();
+    assert_same("child over parent", &got, &want);
+    let out = dir.path().join("flat.raw");
+    vhdkit::convert(&cp, &out, &vhdkit::ConvertOptions::new(vhdkit::Target::Raw)).unwrap();
+    assert_same("converted chain", &std::fs::read(&out).unwrap(), &want);
+    assert!(
+        check_report(&cp).is_clean(),
+        "{:?}",
+        check_report(&cp).problems
+    );
+
+    // A parent with another data write GUID is not the parent.
+    let (other, _) = diff_parent("DEADBEEF-0000-4000-8000-0000000000BB");
+    std::fs::write(dir.path().join("base.vhdx"), &other).unwrap();
+    match vhdkit::Image::open(&cp) {
+        Err(Error::ParentNotFound { wrong_id, .. }) => {
+            assert_eq!(wrong_id, [dir.path().join("base.vhdx")])
+        }
+        other => panic!("{other:?}"),
     }
 }
