@@ -137,7 +137,7 @@ enum Cmd {
         /// Block size of a dynamic output (power of two, 512K to 256M; default 2M); only with --to dynamic
         #[arg(long, value_parser = parse_size)]
         block_size: Option<u64>,
-        /// Worker threads (default: all cores; at most 256, or 4 per core where that is more)
+        /// Worker threads (default: all cores, 8 for a blob URL input; at most 256, or 4 per core where that is more)
         #[arg(long)]
         threads: Option<usize>,
         /// Write zeros out: raw and fixed outputs are allocated whole; a dynamic
@@ -534,6 +534,23 @@ fn refuse_url_inputs(cmd: &Cmd) -> vhdkit::Result<()> {
     Ok(())
 }
 
+/// Worker threads of a conversion from a blob URL, by default: each has one
+/// ranged GET of a chunk in flight.
+const URL_READERS: usize = 8;
+
+/// True when `s` is written as a blob URL.
+fn is_url_arg(s: &str) -> bool {
+    #[cfg(feature = "azure")]
+    {
+        vhdkit::azure::is_url(s)
+    }
+    #[cfg(not(feature = "azure"))]
+    {
+        let _ = s;
+        false
+    }
+}
+
 /// The blob URL `path` is written as, if it is one.
 #[cfg(feature = "azure")]
 fn as_url(path: &Path) -> Option<&str> {
@@ -689,6 +706,10 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                 .open_options(open.options());
             if let Some(t) = threads {
                 opts = opts.threads(t);
+            } else if cfg!(feature = "azure") && input.to_str().is_some_and(is_url_arg) {
+                // Reading a blob, each worker waits on its ranged GET: more
+                // of them keep the connection busy (as uploads' --parallel).
+                opts = opts.threads(URL_READERS);
             }
             if let Some(b) = block_size {
                 let bs = u32::try_from(b).map_err(|_| {
