@@ -40,7 +40,7 @@ pub fn open_counted(url: &BlobUrl, opts: &OpenOptions) -> Result<(Image, FetchCo
     Ok((img, counter))
 }
 
-/// Checks the image in the blob at `url`, as [`crate::check`] checks a file.
+/// Checks the image in the blob at `url`, as [`crate::check()`] checks a file.
 ///
 /// # Errors
 /// As [`open`] when the blob cannot be read at all; every problem of the
