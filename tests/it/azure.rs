@@ -1150,6 +1150,25 @@ fn blob_sources_read_by_ranges_and_name_what_is_missing() {
     assert!(e.to_string().contains("past the end"), "{e}");
     let (requests, _) = src.requests();
     assert!(requests > 0);
+    // As an image's storage: the page ranges, clipped to what is asked;
+    // nothing in a hole.
+    {
+        use vhdkit::storage::Storage;
+        let all = src.data_ranges().unwrap().to_vec();
+        assert!(all.len() >= 3, "{all:?}");
+        let (s0, e0) = all[0];
+        let s1 = all[1].0;
+        assert!(e0 < s1, "merged ranges leave a hole: {all:?}");
+        let mid = (s0 + e0) / 2;
+        assert_eq!(
+            Storage::data_ranges(&src, mid, s1 + 1).unwrap(),
+            vec![mid..e0, s1..s1 + 1]
+        );
+        assert!(Storage::data_ranges(&src, e0, s1).unwrap().is_empty());
+        let whole = Storage::data_ranges(&src, 0, u64::MAX).unwrap();
+        assert_eq!(whole.len(), all.len());
+        assert_eq!(whole.last().unwrap().end, src.len());
+    }
     // A block blob is one range, read by ranged GETs too.
     az.create_block_blob("block.bin");
     let b = BlobSource::open(&az.blob("block.bin")).unwrap();
