@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Upload benchmark on the Azure Storage emulator (Azurite), one run.
+"""Upload and download benchmark on the Azure Storage emulator (Azurite), one run.
 
 Input (built in the work folder, default ./bench-work/azure): a SIZE disk
 (default 1 GiB) holding DATA bytes (default 256 MiB) of random data scattered
@@ -12,10 +12,15 @@ requests from the client to the emulator):
   recipe       qemu-img convert -O vpc -o subformat=fixed,force_size raw
                -> fixed.vhd, then the Python SDK's
                upload_blob(blob_type="PageBlob", max_concurrency=8)
-Every blob is read back and compared with the input's content.
+  vhdkit get   vhdkit convert URL out.raw --to raw (the vhdkit upload's blob
+               back to a sparse raw file)
+  SDK get      the Python SDK's download_blob(max_concurrency=8) of the same
+               blob into a file
+Every blob is read back and compared with the input's content, and every
+download is compared with the input.
 
-Prints, per job: bytes sent, requests, seconds (the recipe's split into its
-two steps), peak RSS.
+Prints, per job: bytes sent (uploads: request bytes; downloads: answer bytes
+fetched), requests, seconds (the recipe's split into its two steps), peak RSS.
 
 Needs: azurite (npm; target/azurite as .ci/run installs it, or
 VHDKIT_AZURITE), qemu-img, `pip install azure-storage-blob`, a release build
@@ -88,6 +93,7 @@ class Proxy:
         self.upstream = upstream
         self.requests = 0
         self.bytes = 0
+        self.answers = 0
         self.lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -100,6 +106,7 @@ class Proxy:
         with self.lock:
             self.requests = 0
             self.bytes = 0
+            self.answers = 0
 
     def accept(self):
         while True:
@@ -115,6 +122,8 @@ class Proxy:
                     b = u.recv(1 << 16)
                     if not b:
                         break
+                    with self.lock:
+                        self.answers += len(b)
                     c.sendall(b)
             except OSError:
                 pass
@@ -193,6 +202,26 @@ with open(path, "rb") as f:
 """
 
 
+SDK_DOWNLOAD = r"""
+import sys
+from azure.storage.blob import BlobClient
+url, path = sys.argv[1], sys.argv[2]
+with open(path, "wb") as f:
+    BlobClient.from_blob_url(url).download_blob(max_concurrency=8).readinto(f)
+"""
+
+
+def same_prefix(path, raw, size):
+    """The first SIZE bytes of PATH equal the raw disk."""
+    with open(path, "rb") as a, open(raw, "rb") as b:
+        pos = 0
+        while pos < size:
+            n = min(64 * MIB, size - pos)
+            if a.read(n) != b.read(n):
+                sys.exit(f"MISMATCH in {path} at {pos}")
+            pos += n
+
+
 def check(url, raw, size):
     """The blob's first SIZE bytes equal the raw disk (read back with the SDK)."""
     from azure.storage.blob import BlobClient
@@ -261,6 +290,23 @@ def main():
         check(f"http://127.0.0.1:{port}/{ACCOUNT}/vhds/recipe.vhd?{sas}", raw, size)
         os.remove(fixed)
 
+        downs = []
+        out = os.path.join(a.work, "down.raw")
+        for name, cmd in [
+            ("vhdkit convert URL out.raw --to raw",
+             [a.vhdkit, "convert", f"{base}/vhdkit.vhd?{sas}", out, "--to", "raw", "--force",
+              "-q"]),
+            ("SDK download_blob(max_concurrency=8)",
+             [sys.executable, "-c", SDK_DOWNLOAD, f"{base}/vhdkit.vhd?{sas}", out]),
+        ]:
+            if os.path.exists(out):
+                os.remove(out)
+            proxy.reset()
+            secs, rss, _ = timed(cmd)
+            same_prefix(out, raw, size)
+            downs.append((name, proxy.answers, proxy.requests, secs, "", rss))
+            os.remove(out)
+
         print(f"disk {size / MIB:.0f} MiB, data {data / MIB:.0f} MiB in 4 KiB-1 MiB runs; "
               "Azurite on loopback")
         print("| job | bytes sent | vs data | requests | seconds | peak RSS |")
@@ -270,6 +316,12 @@ def main():
             print(f"| {name} | {b:,} | {b / data:.3f}x | {r} | {s:.2f}{sp} | "
                   f"{m / MIB:.1f} MiB |")
         print(f"speed-up: {rows[1][3] / rows[0][3]:.1f}x")
+        print()
+        print("| download | bytes fetched | vs data | requests | seconds | peak RSS |")
+        print("|---|---|---|---|---|---|")
+        for name, b, r, s, _, m in downs:
+            print(f"| {name} | {b:,} | {b / data:.3f}x | {r} | {s:.2f} | {m / MIB:.1f} MiB |")
+        print(f"speed-up: {downs[1][3] / downs[0][3]:.1f}x")
     finally:
         az.terminate()
         az.wait()

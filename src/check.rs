@@ -251,8 +251,21 @@ pub fn check_storage(
     storage: impl crate::storage::Storage + 'static,
     opts: &CheckOptions,
 ) -> Result<CheckReport> {
-    let (img, errors) = Image::from_storage_collect(std::sync::Arc::new(storage), &opts.open);
-    check_opened(Path::new(crate::image::STORAGE_NAME), img, errors, opts)
+    check_storage_named(
+        std::sync::Arc::new(storage),
+        Path::new(crate::image::STORAGE_NAME),
+        opts,
+    )
+}
+
+/// [`check_storage`], the storage named `name` in the report.
+pub(crate) fn check_storage_named(
+    storage: std::sync::Arc<dyn crate::storage::Storage>,
+    name: &Path,
+    opts: &CheckOptions,
+) -> Result<CheckReport> {
+    let (img, errors) = Image::from_storage_collect(storage, name, &opts.open);
+    check_opened(name, img, errors, opts)
 }
 
 fn check_opened(

@@ -1,5 +1,6 @@
-//! Azure page blobs as a destination (and, through [`BlobSource`], a
-//! source): upload any image as a fixed VHD sending only its data.
+//! Azure page blobs as a destination and a source: upload any image as a
+//! fixed VHD sending only its data ([`upload`]); open a blob as an image
+//! ([`open`]) that fetches only the ranges holding data.
 //!
 //! Behind the `azure` cargo feature. The blob is reached through the
 //! official Azure SDK for Rust (`azure_storage_blob`, with `azure_core`'s
@@ -11,11 +12,13 @@
 //! `sig=` redacted, and every message from the HTTP stack is redacted too.
 
 mod client;
+mod download;
 mod source;
 mod upload;
 mod url;
 
-pub use self::source::BlobSource;
+pub use self::download::{check, open, open_counted};
+pub use self::source::{BlobSource, FetchCounter};
 pub use self::upload::{blob_size, upload, upload_stream, UploadOptions, UploadReport};
 pub use self::url::{is_url, redact, BlobUrl};
 

@@ -5,7 +5,8 @@
 use super::client::Blob;
 use super::{AzureError, AzureErrorKind, BlobUrl};
 use crate::error::Result;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// The largest ranged GET one read is cut into.
 const MAX_GET: u64 = 4 << 20;
@@ -13,7 +14,8 @@ const MAX_GET: u64 = 4 << 20;
 /// A page or block blob read by ranges.
 pub struct BlobSource {
     rt: tokio::runtime::Runtime,
-    blob: Blob,
+    blob: Arc<Blob>,
+    fetched: Arc<AtomicU64>,
     len: u64,
     page_blob: bool,
     ranges: OnceLock<Vec<(u64, u64)>>,
@@ -61,7 +63,8 @@ impl BlobSource {
         };
         Ok(BlobSource {
             rt,
-            blob,
+            blob: Arc::new(blob),
+            fetched: Arc::new(AtomicU64::new(0)),
             len: p.len,
             page_blob: p.page_blob,
             ranges: OnceLock::new(),
@@ -125,7 +128,12 @@ impl BlobSource {
             })?;
         buf.fill(0);
         let mut pieces = Vec::new();
-        for &(s, e) in self.data_ranges()? {
+        let ranges = self.data_ranges()?;
+        let first = ranges.partition_point(|&(_, e)| e <= offset);
+        for &(s, e) in &ranges[first..] {
+            if s >= end {
+                break;
+            }
             let (s, e) = (s.max(offset), e.min(end));
             let mut p = s;
             while p < e {
@@ -142,6 +150,8 @@ impl BlobSource {
         for ((p, _), bytes) in pieces.iter().zip(got) {
             let at = (p - offset) as usize;
             buf[at..at + bytes.len()].copy_from_slice(&bytes);
+            self.fetched
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -149,6 +159,47 @@ impl BlobSource {
     /// Requests made so far, and retries among them.
     pub fn requests(&self) -> (u64, u64) {
         (self.blob.calls(), self.blob.retries())
+    }
+
+    /// A counter of this blob's traffic that stays readable after the
+    /// source has moved into an image.
+    pub fn counter(&self) -> FetchCounter {
+        FetchCounter {
+            blob: self.blob.clone(),
+            fetched: self.fetched.clone(),
+        }
+    }
+}
+
+/// The traffic of a [`BlobSource`]: requests, retries and bytes fetched.
+#[derive(Clone)]
+pub struct FetchCounter {
+    blob: Arc<Blob>,
+    fetched: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for FetchCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchCounter")
+            .field("requests", &self.requests())
+            .field("retries", &self.retries())
+            .field("bytes_fetched", &self.bytes_fetched())
+            .finish()
+    }
+}
+
+impl FetchCounter {
+    /// Requests made (each counted once however often it was tried).
+    pub fn requests(&self) -> u64 {
+        self.blob.calls()
+    }
+    /// Tries beyond the first of each request.
+    pub fn retries(&self) -> u64 {
+        self.blob.retries()
+    }
+    /// Bytes of the blob fetched by ranged GETs.
+    pub fn bytes_fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
     }
 }
 
@@ -159,5 +210,27 @@ impl crate::io::ReadAt for BlobSource {
     }
     fn len(&self) -> std::io::Result<u64> {
         Ok(self.len)
+    }
+}
+
+/// A blob as an image's storage: the page ranges (or the whole of a block
+/// blob) are the data hint, so the walk never fetches a page blob's holes.
+impl crate::storage::Storage for BlobSource {
+    fn data_ranges(&self, start: u64, end: u64) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+        let end = end.min(self.len);
+        let mut v = Vec::new();
+        if start >= end {
+            return Ok(v);
+        }
+        let ranges = BlobSource::data_ranges(self).map_err(std::io::Error::from)?;
+        // The first range that ends after `start`.
+        let first = ranges.partition_point(|&(_, e)| e <= start);
+        for &(s, e) in &ranges[first..] {
+            if s >= end {
+                break;
+            }
+            v.push(s.max(start)..e.min(end));
+        }
+        Ok(v)
     }
 }

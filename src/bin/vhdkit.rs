@@ -40,6 +40,10 @@ struct OpenArgs {
     /// as they are, even when they look like a VHD, qcow2, VMDK...)
     #[arg(long, value_enum, value_name = "FORMAT")]
     format: Option<FormatArg>,
+    /// Blob URLs: allow plain http:// to a host that is not a loopback
+    /// address (the SAS then travels unencrypted)
+    #[arg(long)]
+    allow_http: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -133,7 +137,7 @@ enum Cmd {
         /// Block size of a dynamic output (power of two, 512K to 256M; default 2M); only with --to dynamic
         #[arg(long, value_parser = parse_size)]
         block_size: Option<u64>,
-        /// Worker threads (default: all cores; at most 256, or 4 per core where that is more)
+        /// Worker threads (default: all cores, 8 for a blob URL input; at most 256, or 4 per core where that is more)
         #[arg(long)]
         threads: Option<usize>,
         /// Write zeros out: raw and fixed outputs are allocated whole; a dynamic
@@ -168,10 +172,6 @@ enum Cmd {
         /// only what is missing or differs
         #[arg(long)]
         resume: bool,
-        /// Blob URL output: allow plain http:// to a host that is not a loopback
-        /// address (the SAS then travels unencrypted)
-        #[arg(long)]
-        allow_http: bool,
         /// Input `-`: the virtual size of the streamed disk, when known (else it is
         /// learnt at the end of the stream); bytes, or with K/M/G/T
         #[arg(long, value_parser = parse_size)]
@@ -418,6 +418,7 @@ static NO_OPEN_ARGS: OpenArgs = OpenArgs {
     parent_dirs: Vec::new(),
     ignore_checksums: false,
     format: None,
+    allow_http: false,
 };
 
 /// What ran, as far as the advice after an error depends on it.
@@ -469,15 +470,19 @@ fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
             Some("add --force to merge anyway".into())
         }
         #[cfg(feature = "azure")]
+        vhdkit::Error::Azure(a)
+            if a.kind == vhdkit::azure::AzureErrorKind::InvalidUrl
+                && a.message.contains("plain HTTP") =>
+        {
+            Some("--allow-http permits plain HTTP to other hosts".into())
+        }
+        #[cfg(feature = "azure")]
         vhdkit::Error::Azure(a) if ctx.convert => match a.kind {
             vhdkit::azure::AzureErrorKind::Exists => Some(
                 "add --force to replace it, or --resume to continue an interrupted upload".into(),
             ),
             vhdkit::azure::AzureErrorKind::WrongSize { .. } => {
                 Some("`vhdkit info --azure IMAGE` prints the size a blob must have for it".into())
-            }
-            vhdkit::azure::AzureErrorKind::InvalidUrl if a.message.contains("plain HTTP") => {
-                Some("--allow-http permits plain HTTP to other hosts".into())
             }
             vhdkit::azure::AzureErrorKind::Interrupted => {
                 Some("run the same command with --resume to continue".into())
@@ -491,33 +496,85 @@ fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
     }
 }
 
-/// Refuses a blob URL where an image is read: reading blobs is not done yet
-/// (only convert's output may be one). The URL is named with its SAS
-/// signature redacted, as everywhere.
+/// Refuses a blob URL where a command changes an image in place or makes
+/// a local file (sparsify, resize, create, merge, convert --in-place): blob
+/// URLs are images to read, and convert's output. The URL is named with its
+/// SAS signature redacted, as everywhere.
 #[cfg(feature = "azure")]
 fn refuse_url_inputs(cmd: &Cmd) -> vhdkit::Result<()> {
     let inputs: Vec<&PathBuf> = match cmd {
-        Cmd::Info { image, .. }
-        | Cmd::Check { image, .. }
-        | Cmd::Map { image, .. }
-        | Cmd::Checksum { image, .. }
-        | Cmd::Sparsify { image, .. }
-        | Cmd::Resize { image, .. } => vec![image],
-        Cmd::Compare { a, b, .. } => vec![a, b],
-        Cmd::Convert { input, .. } => vec![input],
+        Cmd::Info { .. }
+        | Cmd::Check { .. }
+        | Cmd::Map { .. }
+        | Cmd::Checksum { .. }
+        | Cmd::Compare { .. } => vec![],
+        Cmd::Convert {
+            input, in_place, ..
+        } => {
+            if *in_place {
+                vec![input]
+            } else {
+                vec![]
+            }
+        }
+        Cmd::Sparsify { image, .. } | Cmd::Resize { image, .. } => vec![image],
         Cmd::Create { output, parent, .. } => std::iter::once(output).chain(parent).collect(),
         Cmd::Merge { child, into, .. } => std::iter::once(child).chain(into).collect(),
     };
     for p in inputs {
         if let Some(s) = p.to_str().filter(|s| vhdkit::azure::is_url(s)) {
             return Err(vhdkit::Error::InvalidArgument(format!(
-                "{}: reading an image from a blob URL is not supported yet (a blob URL can be \
+                "{}: a blob URL cannot be changed in place or be this command's file (blob URLs \
+                 are read by info, check, map, checksum, compare and convert, and can be \
                  convert's output)",
                 vhdkit::azure::redact(s)
             )));
         }
     }
     Ok(())
+}
+
+/// Worker threads of a conversion from a blob URL, by default: each has one
+/// ranged GET of a chunk in flight.
+const URL_READERS: usize = 8;
+
+/// True when `s` is written as a blob URL.
+fn is_url_arg(s: &str) -> bool {
+    #[cfg(feature = "azure")]
+    {
+        vhdkit::azure::is_url(s)
+    }
+    #[cfg(not(feature = "azure"))]
+    {
+        let _ = s;
+        false
+    }
+}
+
+/// The blob URL `path` is written as, if it is one.
+#[cfg(feature = "azure")]
+fn as_url(path: &Path) -> Option<&str> {
+    path.to_str().filter(|s| vhdkit::azure::is_url(s))
+}
+
+/// Opens an image: a file, or a blob URL.
+fn open_image(path: &Path, open: &OpenArgs, opts: &OpenOptions) -> vhdkit::Result<Image> {
+    #[cfg(feature = "azure")]
+    if let Some(u) = as_url(path) {
+        let url = vhdkit::azure::BlobUrl::parse(u, open.allow_http)?;
+        return vhdkit::azure::open(&url, opts);
+    }
+    let _ = open;
+    Image::open_with(path, opts)
+}
+
+/// `path` as shown to the user: a blob URL with its signature redacted.
+fn shown(path: &Path) -> String {
+    #[cfg(feature = "azure")]
+    if let Some(u) = as_url(path) {
+        return vhdkit::azure::redact(u);
+    }
+    path.display().to_string()
 }
 
 fn run(cli: Cli) -> vhdkit::Result<u8> {
@@ -558,7 +615,6 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             exact_size,
             parallel,
             resume,
-            allow_http,
             size,
             quiet,
             json,
@@ -589,7 +645,7 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                         "--size goes with the input - (a stream); a file's size is known".into(),
                     ));
                 }
-                let url = vhdkit::azure::BlobUrl::parse(url, allow_http)?;
+                let url = vhdkit::azure::BlobUrl::parse(url, open.allow_http)?;
                 let mut o = vhdkit::azure::UploadOptions::new()
                     .exact_size(exact_size)
                     .overwrite(force)
@@ -603,10 +659,9 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                 }
                 return upload_cmd(&input, &url, o, quiet, json);
             }
-            if exact_size || parallel.is_some() || resume || allow_http || size.is_some() {
+            if exact_size || parallel.is_some() || resume || size.is_some() {
                 return Err(vhdkit::Error::InvalidArgument(
-                    "--exact-size, --parallel, --resume, --allow-http and --size go with a blob \
-                     URL output"
+                    "--exact-size, --parallel, --resume and --size go with a blob URL output"
                         .into(),
                 ));
             }
@@ -663,6 +718,10 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                 .open_options(open.options());
             if let Some(t) = threads {
                 opts = opts.threads(t);
+            } else if cfg!(feature = "azure") && input.to_str().is_some_and(is_url_arg) {
+                // Reading a blob, each worker waits on its ranged GET: more
+                // of them keep the connection busy (as uploads' --parallel).
+                opts = opts.threads(URL_READERS);
             }
             if let Some(b) = block_size {
                 let bs = u32::try_from(b).map_err(|_| {
@@ -672,7 +731,7 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                 })?;
                 opts = opts.block_size(bs);
             }
-            convert(&input, &output, opts, quiet, json)
+            convert(&input, &output, opts, quiet, json, &open)
         }
         Cmd::Map {
             image,
@@ -822,7 +881,7 @@ fn out_failed(e: std::io::Error) -> ! {
 
 fn map_cmd(path: &Path, as_json: bool, scan: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     use std::io::Write as _;
-    let img = Image::open_with(path, &open.options())?;
+    let img = open_image(path, open, &open.options())?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if as_json {
         // One document, streamed: each extent is printed as the walk
@@ -917,6 +976,11 @@ const SCHEMA: u64 = 1;
 /// `{name}_bytes`: the path's bytes as a list of integers, from which a
 /// consumer gets the exact name back.
 fn put_path(v: &mut Value, name: &str, path: &Path) {
+    #[cfg(feature = "azure")]
+    if let Some(u) = as_url(path) {
+        v[name] = json!(vhdkit::azure::redact(u));
+        return;
+    }
     v[name] = json!(path.to_string_lossy());
     if path.to_str().is_none() {
         v[format!("{name}_bytes").as_str()] = json!(path.as_os_str().as_bytes());
@@ -1013,8 +1077,8 @@ fn compare_cmd(
     as_json: bool,
     open: &OpenArgs,
 ) -> vhdkit::Result<u8> {
-    let ia = Image::open_with(a, &open.options())?;
-    let ib = Image::open_with(b, &open.options())?;
+    let ia = open_image(a, open, &open.options())?;
+    let ib = open_image(b, open, &open.options())?;
     let c = vhdkit::ops::compare(&ia, &ib, strict)?;
     if as_json {
         let mut v = json!({"equal": c.equal(), "first_difference": c.first_difference, "size_a": c.size_a, "size_b": c.size_b});
@@ -1039,14 +1103,14 @@ fn compare_cmd(
 }
 
 fn checksum_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
-    let img = Image::open_with(path, &open.options())?;
+    let img = open_image(path, open, &open.options())?;
     let (crc, size) = vhdkit::ops::checksum(&img)?;
     if as_json {
         let mut v = json!({"crc32": format!("{crc:08x}"), "size": size});
         put_path(&mut v, "path", path);
         print_doc(&v);
     } else {
-        outln!("{crc:08x} {size} {}", path.display());
+        outln!("{crc:08x} {size} {}", shown(path));
     }
     Ok(OK)
 }
@@ -1177,10 +1241,10 @@ fn human(bytes: u64) -> String {
 /// The image, and whether naming its missing parent could help (a
 /// candidate with another unique id is not its parent).
 fn open_for_info(path: &Path, open: &OpenArgs) -> vhdkit::Result<(Image, bool)> {
-    match Image::open_with(path, &open.options()) {
+    match open_image(path, open, &open.options()) {
         Err(vhdkit::Error::ParentNotFound { wrong_id, .. }) => {
             // Describe the child even when its parent is missing.
-            let img = Image::open_with(path, &open.options().missing_parent_as_zero(true))?;
+            let img = open_image(path, open, &open.options().missing_parent_as_zero(true))?;
             Ok((img, wrong_id.is_empty()))
         }
         other => other.map(|i| (i, false)),
@@ -1442,13 +1506,19 @@ fn azure_upload_size(img: &Image, azure: bool) -> vhdkit::Result<Option<u64>> {
 }
 
 fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
-    let report = vhdkit::check(
-        path,
-        &vhdkit::CheckOptions {
-            open: open.options(),
-            azure,
-        },
-    )?;
+    let opts = vhdkit::CheckOptions {
+        open: open.options(),
+        azure,
+    };
+    #[cfg(feature = "azure")]
+    let report = match as_url(path) {
+        Some(u) => {
+            vhdkit::azure::check(&vhdkit::azure::BlobUrl::parse(u, open.allow_http)?, &opts)?
+        }
+        None => vhdkit::check(path, &opts)?,
+    };
+    #[cfg(not(feature = "azure"))]
+    let report = vhdkit::check(path, &opts)?;
     let code = if report.is_clean() { OK } else { PROBLEM };
     if as_json {
         let mut v = json!({
@@ -1618,12 +1688,30 @@ fn convert(
     mut opts: ConvertOptions,
     quiet: bool,
     as_json: bool,
+    open: &OpenArgs,
 ) -> vhdkit::Result<u8> {
     let bar = progress_bar(quiet || as_json);
     if let Some(b) = &bar {
         opts = opts.progress(b.clone());
     }
-    let result = vhdkit::convert(input, output, &opts);
+    #[cfg(feature = "azure")]
+    let mut fetched = None;
+    #[cfg(feature = "azure")]
+    let result = match as_url(input) {
+        Some(u) => {
+            let url = vhdkit::azure::BlobUrl::parse(u, open.allow_http)?;
+            vhdkit::azure::open_counted(&url, &open.options()).and_then(|(img, c)| {
+                fetched = Some(c);
+                vhdkit::convert::convert_image(&img, output, &opts)
+            })
+        }
+        None => vhdkit::convert(input, output, &opts),
+    };
+    #[cfg(not(feature = "azure"))]
+    let result = {
+        let _ = open;
+        vhdkit::convert(input, output, &opts)
+    };
     if let Some(b) = &bar {
         if result.is_ok() {
             // The last frame stays above the summary line, drawn as it is
@@ -1649,13 +1737,19 @@ fn convert(
             "rounded_from": r.rounded_from,
             "warnings": r.warnings,
         });
+        #[cfg(feature = "azure")]
+        if let Some(c) = &fetched {
+            v["bytes_fetched"] = json!(c.bytes_fetched());
+            v["requests"] = json!(c.requests());
+            v["retries"] = json!(c.retries());
+        }
         put_path(&mut v, "input", input);
         put_path(&mut v, "output", output);
         print_doc(&v);
     } else if !quiet {
         outln!(
             "{} -> {}: {} virtual, read {}, wrote {}, skipped {} as zero, {:.3} s",
-            input.display(),
+            shown(input),
             output.display(),
             human(r.virtual_size),
             human(r.bytes_read),

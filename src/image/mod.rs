@@ -292,27 +292,27 @@ impl Image {
     /// # Errors
     /// As for [`Image::open_with`].
     pub fn from_storage(storage: impl Storage + 'static, opts: &OpenOptions) -> Result<Image> {
-        let storage: Arc<dyn Storage> = Arc::new(storage);
-        let len =
-            ReadAt::len(&*storage).map_err(|e| Error::io(Path::new(STORAGE_NAME), "stat", e))?;
+        Self::from_storage_named(Arc::new(storage), Path::new(STORAGE_NAME), opts)
+    }
+
+    /// [`Image::from_storage`], named `name` in messages and by
+    /// `Image::path()` (a blob's URL, its signature redacted).
+    pub(crate) fn from_storage_named(
+        storage: Arc<dyn Storage>,
+        name: &Path,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let len = ReadAt::len(&*storage).map_err(|e| Error::io(name, "stat", e))?;
         let mut visited = parent::Walk::default();
-        Self::open_file(
-            Path::new(STORAGE_NAME),
-            storage,
-            len,
-            opts,
-            0,
-            &mut visited,
-            None,
-        )
+        Self::open_file(name, storage, len, opts, 0, &mut visited, None)
     }
 
     /// [`Image::from_storage`] in check mode (see `open_collect`).
     pub(crate) fn from_storage_collect(
         storage: Arc<dyn Storage>,
+        path: &Path,
         opts: &OpenOptions,
     ) -> (Option<Image>, Vec<Error>) {
-        let path = Path::new(STORAGE_NAME);
         let len = match ReadAt::len(&*storage) {
             Ok(l) => l,
             Err(e) => return (None, vec![Error::io(path, "stat", e)]),

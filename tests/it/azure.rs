@@ -1186,6 +1186,25 @@ fn blob_sources_read_by_ranges_and_name_what_is_missing() {
     assert!(e.to_string().contains("past the end"), "{e}");
     let (requests, _) = src.requests();
     assert!(requests > 0);
+    // As an image's storage: the page ranges, clipped to what is asked;
+    // nothing in a hole.
+    {
+        use vhdkit::storage::Storage;
+        let all = src.data_ranges().unwrap().to_vec();
+        assert!(all.len() >= 3, "{all:?}");
+        let (s0, e0) = all[0];
+        let s1 = all[1].0;
+        assert!(e0 < s1, "merged ranges leave a hole: {all:?}");
+        let mid = (s0 + e0) / 2;
+        assert_eq!(
+            Storage::data_ranges(&src, mid, s1 + 1).unwrap(),
+            vec![mid..e0, s1..s1 + 1]
+        );
+        assert!(Storage::data_ranges(&src, e0, s1).unwrap().is_empty());
+        let whole = Storage::data_ranges(&src, 0, u64::MAX).unwrap();
+        assert_eq!(whole.len(), all.len());
+        assert_eq!(whole.last().unwrap().end, src.len());
+    }
     // A block blob is one range, read by ranged GETs too.
     az.create_block_blob("block.bin");
     let b = BlobSource::open(&az.blob("block.bin")).unwrap();
@@ -1195,4 +1214,416 @@ fn blob_sources_read_by_ranges_and_name_what_is_missing() {
     let e = BlobSource::open(&az.blob("nosuch.vhd")).unwrap_err();
     assert!(e.to_string().contains("\"nosuch.vhd\" not found"), "{e}");
     assert!(!e.to_string().contains(&sig_of(&az.sas())));
+}
+
+// ------------------------------------------------------------ downloads
+
+/// Puts `data` as a block blob with one plain PUT.
+fn put_block_blob(az: &Azurite, name: &str, data: &[u8]) {
+    let mut s = TcpStream::connect(("127.0.0.1", az.port)).unwrap();
+    let req = format!(
+        "PUT /{ACCOUNT}/vhds/{name}?{} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nx-ms-version: \
+         2021-08-06\r\nx-ms-blob-type: BlockBlob\r\nContent-Length: {}\r\nConnection: \
+         close\r\n\r\n",
+        az.sas(),
+        az.port,
+        data.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(data).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    assert!(line.contains(" 201 "), "putting block blob {name}: {line}");
+}
+
+/// The data extents of a `map --json` document: (offset, length) of each
+/// extent with data, merged where they touch.
+fn data_extents(doc: &serde_json::Value) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = Vec::new();
+    for e in doc["extents"].as_array().unwrap() {
+        if e["data"].as_bool().unwrap() {
+            let (o, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            match v.last_mut() {
+                Some(last) if last.0 + last.1 == o => last.1 += l,
+                _ => v.push((o, l)),
+            }
+        }
+    }
+    v
+}
+
+/// Bytes in the 4 KiB pages of `data` that are not all zero.
+fn data_page_bytes(data: &[u8]) -> u64 {
+    data.chunks(4096)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .map(|p| p.len() as u64)
+        .sum()
+}
+
+#[test]
+fn every_testdata_form_downloads_back_to_every_target_equal() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, scattered_raw(5 << 20, 41)).unwrap();
+    let fixed = unpack("qemu-fixed-3M.vhd.gz", dir.path());
+    let dynamic = unpack("qemu-dynamic-5M.vhd.gz", dir.path());
+    let chaindir = tempfile::tempdir().unwrap();
+    for f in ["hand-chain-base.vhd.gz", "hand-chain-child.vhd.gz"] {
+        unpack(f, chaindir.path());
+    }
+    let chain = unpack("hand-chain-grandchild.vhd.gz", chaindir.path());
+    let qemu = crate::common::qemu_img();
+    for (name, path) in [
+        ("raw", &raw),
+        ("fixed", &fixed),
+        ("dynamic", &dynamic),
+        ("chain", &chain),
+    ] {
+        let url = az.url(&format!("{name}.vhd"));
+        vhdkit::azure::upload(
+            path,
+            &az.blob(&format!("{name}.vhd")),
+            &UploadOptions::new(),
+        )
+        .unwrap();
+        let want = content(path);
+        let in_ranges: u64 = BlobSource::open(&az.blob(&format!("{name}.vhd")))
+            .unwrap()
+            .data_ranges()
+            .unwrap()
+            .iter()
+            .map(|r| r.1 - r.0)
+            .sum();
+        let want_raw = dir.path().join(format!(".{name}-want.raw"));
+        std::fs::write(&want_raw, &want).unwrap();
+        for to in ["raw", "fixed", "dynamic"] {
+            let out = dir.path().join(format!("{name}-back.{to}"));
+            let r = vhdkit(
+                &["convert", &url, out.to_str().unwrap(), "--to", to, "--json"],
+                None,
+            );
+            assert_eq!(r.code, 0, "{name} -> {to}: {}", r.stderr);
+            let j = json(&r.stdout);
+            assert!(
+                !r.stdout.contains(&sig_of(&az.sas())),
+                "{name} -> {to}: {}",
+                r.stdout
+            );
+            assert!(j["input"].as_str().unwrap().contains("sig=REDACTED"));
+            // Only the page ranges were fetched (the data pages, the gaps
+            // the upload merged, the footer), and a few metadata reads.
+            let data = data_page_bytes(&want);
+            let fetched = j["bytes_fetched"].as_u64().unwrap();
+            assert!(
+                fetched >= data && fetched <= in_ranges + 32768,
+                "{name} -> {to}: fetched {fetched} for {data} bytes of data pages, \
+                 {in_ranges} in page ranges"
+            );
+            let mut got = content(&out);
+            // The blob is rounded up to a whole MiB: the rest is zero.
+            assert!(got.len() >= want.len(), "{name} -> {to}");
+            assert!(got[want.len()..].iter().all(|&b| b == 0), "{name} -> {to}");
+            got.truncate(want.len());
+            vhdkit_common::assert_same(&format!("{name} -> {to}"), &got, &want);
+            // The local copy equals the local input, by vhdkit and qemu-img.
+            let c = vhdkit(
+                &["compare", path.to_str().unwrap(), out.to_str().unwrap()],
+                None,
+            );
+            assert_eq!(c.code, 0, "{name} -> {to}: {}{}", c.stdout, c.stderr);
+            // qemu-img (which reads no differencing VHD) against the
+            // content as a raw file: -f names A's format, -F B's.
+            let fb = if to == "raw" { "raw" } else { "vpc" };
+            let q = Command::new(&qemu)
+                .args(["compare", "-f", "raw", "-F", fb])
+                .args([want_raw.as_os_str(), out.as_os_str()])
+                .output()
+                .unwrap();
+            assert!(
+                q.status.success(),
+                "qemu-img compare {name} -> {to}: {}",
+                String::from_utf8_lossy(&q.stdout)
+            );
+        }
+    }
+    // No temp file was left beside the outputs.
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            !n.starts_with('.') || n.ends_with("-want.raw"),
+            "left behind: {n}"
+        );
+    }
+}
+
+#[test]
+fn urls_are_images_for_info_map_checksum_compare_and_check() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let data = scattered_raw(6 << 20, 43);
+    std::fs::write(&raw, &data).unwrap();
+    let fixed = dir.path().join("disk.vhd");
+    vhdkit::convert(
+        &raw,
+        &fixed,
+        &ConvertOptions::new(Target::Fixed).azure(true),
+    )
+    .unwrap();
+    vhdkit::azure::upload(&fixed, &az.blob("d.vhd"), &UploadOptions::new()).unwrap();
+    let url = az.url("d.vhd");
+    let sig = sig_of(&az.sas());
+    let local = fixed.to_str().unwrap();
+
+    // map --json: the same data ranges as the local map, path redacted.
+    let m_url = vhdkit(&["map", "--json", &url], None);
+    assert_eq!(m_url.code, 0, "{}", m_url.stderr);
+    assert!(!m_url.stdout.contains(&sig), "{}", m_url.stdout);
+    let m_loc = vhdkit(&["map", "--json", local], None);
+    let (ju, jl) = (json(&m_url.stdout), json(&m_loc.stdout));
+    assert!(ju["path"].as_str().unwrap().contains("sig=REDACTED"));
+    assert_eq!(data_extents(&ju), data_extents(&jl));
+    assert!(!data_extents(&ju).is_empty());
+
+    // checksum: the same as the local one, fetching only allocated pages.
+    let c_url = vhdkit(&["checksum", "--json", &url], None);
+    assert_eq!(c_url.code, 0, "{}", c_url.stderr);
+    let c_loc = vhdkit(&["checksum", "--json", local], None);
+    assert_eq!(json(&c_url.stdout)["crc32"], json(&c_loc.stdout)["crc32"]);
+    assert!(!c_url.stdout.contains(&sig));
+    let (img, counter) =
+        vhdkit::azure::open_counted(&az.blob("d.vhd"), &Default::default()).unwrap();
+    let (crc, _) = vhdkit::ops::checksum(&img).unwrap();
+    assert_eq!(format!("{crc:08x}"), json(&c_loc.stdout)["crc32"]);
+    let pages = data_page_bytes(&data);
+    assert!(
+        counter.bytes_fetched() <= pages + pages / 16 + 512 + 1024,
+        "fetched {} for {pages} bytes of data pages",
+        counter.bytes_fetched()
+    );
+    assert!(counter.bytes_fetched() >= pages);
+
+    // The same count seen on the wire, through the proxy: a few requests
+    // (properties, page ranges, the footer, the data), not one per page.
+    let proxy = Proxy::start(
+        az.port,
+        Faults {
+            every_503: 0,
+            every_drop: 0,
+            delay: Duration::ZERO,
+        },
+    );
+    let r = vhdkit(&["checksum", &proxy.url(&az, "d.vhd")], None);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r
+        .stdout
+        .starts_with(json(&c_loc.stdout)["crc32"].as_str().unwrap()));
+    let reqs = proxy.requests.load(Ordering::SeqCst);
+    let ranges = BlobSource::open(&az.blob("d.vhd"))
+        .unwrap()
+        .data_ranges()
+        .unwrap()
+        .len() as u64;
+    assert!(
+        reqs <= ranges + 8,
+        "{reqs} requests for {ranges} page ranges"
+    );
+
+    // compare: local against URL, either way, and URL against URL.
+    for (a, b) in [
+        (local, url.as_str()),
+        (url.as_str(), local),
+        (url.as_str(), url.as_str()),
+    ] {
+        let r = vhdkit(&["compare", "--json", a, b], None);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        assert!(json(&r.stdout)["equal"].as_bool().unwrap());
+        assert!(!r.stdout.contains(&sig));
+    }
+    let other = dir.path().join("other.raw");
+    let mut changed = data.clone();
+    changed[(5 << 20) + 7] ^= 0x55;
+    std::fs::write(&other, &changed).unwrap();
+    let r = vhdkit(&["compare", other.to_str().unwrap(), &url], None);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains(&format!("{}", (5 << 20) + 7)),
+        "{}",
+        r.stdout
+    );
+
+    // info and check.
+    let r = vhdkit(&["info", "--json", &url], None);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = json(&r.stdout);
+    assert_eq!(j["format"], "fixed");
+    assert_eq!(j["virtual_size"], 6 << 20);
+    assert!(j["path"].as_str().unwrap().contains("sig=REDACTED"));
+    assert!(!r.stdout.contains(&sig));
+    let r = vhdkit(&["check", "--azure", "--json", &url], None);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(json(&r.stdout)["clean"].as_bool().unwrap());
+    assert!(!r.stdout.contains(&sig));
+
+    // Writing commands still refuse a URL, naming it redacted.
+    let r = vhdkit(&["sparsify", &url], None);
+    assert_eq!(r.code, 2);
+    assert!(
+        !r.stderr.contains(&sig) && r.stderr.contains("REDACTED"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_dynamic_vhd_stored_as_a_block_blob_reads_by_ranges() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let data = scattered_raw(9 << 20, 47);
+    std::fs::write(&raw, &data).unwrap();
+    let dynamic = dir.path().join("disk.vhd");
+    vhdkit::convert(&raw, &dynamic, &ConvertOptions::new(Target::Dynamic)).unwrap();
+    let bytes = std::fs::read(&dynamic).unwrap();
+    put_block_blob(&az, "block.vhd", &bytes);
+    let (img, counter) =
+        vhdkit::azure::open_counted(&az.blob("block.vhd"), &Default::default()).unwrap();
+    assert_eq!(img.disk_type(), vhdkit::Format::Dynamic);
+    let opened = counter.requests();
+    // The metadata was read at open; a whole read fetches the blocks with
+    // no request per sector and no metadata again.
+    let mut got = vec![0u8; data.len()];
+    img.read_exact_at(&mut got, 0).unwrap();
+    vhdkit_common::assert_same("block blob", &got, &data);
+    let blocks = img.allocated_blocks();
+    let reads = counter.requests() - opened;
+    assert!(
+        reads <= 2 * blocks + 2,
+        "{reads} requests to read {blocks} blocks"
+    );
+    // The fetched bytes: the allocated blocks, not the whole blob twice.
+    assert!(counter.bytes_fetched() <= bytes.len() as u64 + 4096);
+    // Converted from the URL by the CLI: equal.
+    let out = dir.path().join("back.raw");
+    let r = vhdkit(
+        &[
+            "convert",
+            &az.url("block.vhd"),
+            out.to_str().unwrap(),
+            "--to",
+            "raw",
+        ],
+        None,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+}
+
+#[test]
+fn downloads_finish_correct_through_dropped_connections_and_503s() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let data = scattered_raw(10 << 20, 53);
+    std::fs::write(&raw, &data).unwrap();
+    vhdkit::azure::upload(&raw, &az.blob("f.vhd"), &UploadOptions::new()).unwrap();
+    let proxy = Proxy::start(
+        az.port,
+        Faults {
+            every_503: 3,
+            every_drop: 5,
+            delay: Duration::ZERO,
+        },
+    );
+    let out = dir.path().join("back.vhd");
+    let r = vhdkit(
+        &[
+            "convert",
+            &proxy.url(&az, "f.vhd"),
+            out.to_str().unwrap(),
+            "--to",
+            "dynamic",
+            "--json",
+        ],
+        None,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        json(&r.stdout)["retries"].as_u64().unwrap() > 0,
+        "{}",
+        r.stdout
+    );
+    assert!(proxy.faults_done.load(Ordering::SeqCst) >= 2);
+    let got = content(&out);
+    vhdkit_common::assert_same("through faults", &got[..data.len()], &data);
+}
+
+#[test]
+fn download_errors_name_the_problem_leave_nothing_and_hide_the_signature() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, scattered_raw(2 << 20, 59)).unwrap();
+    vhdkit::azure::upload(&raw, &az.blob("e.vhd"), &UploadOptions::new()).unwrap();
+    let out = dir.path().join("out.raw");
+    let out_s = out.to_str().unwrap();
+    // A write-only SAS: 403, "r" named.
+    let wsas = container_sas("vhds", "w", KEY);
+    let wurl = format!("{}/vhds/e.vhd?{wsas}", az.base());
+    // 404s: the blob, the container.
+    let nourl = az.url("nosuch.vhd");
+    // (An account SAS: the container SAS is for `vhds` only.)
+    let asas = account_sas("rl", KEY);
+    let nocont = format!("{}/nocontainer/e.vhd?{asas}", az.base());
+    // Unreachable: a closed port.
+    let closed = format!(
+        "http://127.0.0.1:{}/{ACCOUNT}/vhds/e.vhd?{}",
+        free_port(),
+        az.sas()
+    );
+    for (what, url, sig, words) in [
+        ("403", &wurl, sig_of(&wsas), "refused"),
+        (
+            "404 blob",
+            &nourl,
+            sig_of(&az.sas()),
+            "\"nosuch.vhd\" not found",
+        ),
+        ("404 container", &nocont, sig_of(&asas), "not found"),
+        ("unreachable", &closed, sig_of(&az.sas()), "cannot reach"),
+    ] {
+        for args in [
+            vec!["convert", url.as_str(), out_s, "--to", "raw"],
+            vec!["info", "--json", url.as_str()],
+            vec!["checksum", url.as_str()],
+            vec!["map", url.as_str()],
+            vec!["compare", raw.to_str().unwrap(), url.as_str()],
+        ] {
+            let r = vhdkit(&args, None);
+            assert_eq!(r.code, 2, "{what} {args:?}: {}{}", r.stdout, r.stderr);
+            assert!(r.stderr.contains(words), "{what} {args:?}: {}", r.stderr);
+            if what == "403" {
+                assert!(r.stderr.contains("r to read"), "{}", r.stderr);
+            }
+            for s in [&r.stdout, &r.stderr] {
+                assert!(!s.contains(&sig), "{what} {args:?}: {s}");
+            }
+            assert!(!out.exists(), "{what}: output left behind");
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(left.len(), 1, "{what}: only the input remains");
+        }
+    }
+    // Plain HTTP to a host that is not a loopback address: refused before
+    // any request, unless --allow-http.
+    let r = vhdkit(
+        &[
+            "info",
+            "http://example.invalid/devstoreaccount1/vhds/e.vhd?sig=SECRET",
+        ],
+        None,
+    );
+    assert_eq!(r.code, 2);
+    assert!(!r.stderr.contains("SECRET"), "{}", r.stderr);
+    assert!(r.stderr.contains("--allow-http"), "{}", r.stderr);
 }
