@@ -113,8 +113,17 @@ impl Azurite {
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    a.create_container("vhds");
-                    return a;
+                    // Listening; creating the container proves it is this
+                    // emulator (another one on a reused port already has it).
+                    let sas = account_sas("rwdlac", KEY);
+                    match a.try_request("PUT", &format!("vhds?restype=container&{sas}"), &[]) {
+                        Ok(201) => return a,
+                        // Another emulator's port: this one is dropped
+                        // (stopped) and another port tried.
+                        Ok(409) => break,
+                        // Not ready yet, or the port briefly someone else's.
+                        Ok(_) | Err(_) => {}
+                    }
                 }
                 if let Ok(Some(status)) = a.child.try_wait() {
                     let mut err = String::new();
@@ -154,7 +163,18 @@ impl Azurite {
 
     /// A raw HTTP request to the emulator (container creation, blob setup).
     pub fn request(&self, method: &str, path_query: &str, headers: &[(&str, String)]) -> u16 {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        self.try_request(method, path_query, headers)
+            .unwrap_or_else(|e| panic!("{method} {path_query}: {e}"))
+    }
+
+    /// [`Azurite::request`], with connection failures returned.
+    fn try_request(
+        &self,
+        method: &str,
+        path_query: &str,
+        headers: &[(&str, String)],
+    ) -> std::io::Result<u16> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
         let mut req = format!(
             "{method} /{ACCOUNT}/{path_query} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nx-ms-version: \
              2021-08-06\r\nContent-Length: 0\r\nConnection: close\r\n",
@@ -164,19 +184,13 @@ impl Azurite {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
         req.push_str("\r\n");
-        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(req.as_bytes())?;
         let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-
-    pub fn create_container(&self, name: &str) {
-        let code = self.request(
-            "PUT",
-            &format!("{name}?restype=container&{}", account_sas("rwdlac", KEY)),
-            &[],
-        );
-        assert_eq!(code, 201, "creating container {name}");
+        BufReader::new(s).read_line(&mut line)?;
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {line:?}")))
     }
 
     /// Creates an empty page blob of `len` bytes.
