@@ -117,6 +117,27 @@ impl std::fmt::Debug for VhdWriter {
     }
 }
 
+/// `len` bytes from virtual `offset` cut at block boundaries: (block, offset
+/// inside the block, the piece's range within the buffer).
+fn block_pieces(
+    offset: u64,
+    len: usize,
+    block_size: u64,
+) -> impl Iterator<Item = (u64, u64, std::ops::Range<usize>)> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let pos = offset + done as u64;
+        let in_block = pos % block_size;
+        let n = ((block_size - in_block) as usize).min(len - done);
+        let piece = (pos / block_size, in_block, done..done + n);
+        done += n;
+        Some(piece)
+    })
+}
+
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
     move |e| Error::io(path, op, e)
 }
@@ -294,15 +315,8 @@ impl VhdWriter {
         if self.format == Format::Fixed {
             return self.file_write(buf, offset);
         }
-        let bs = self.block_size;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let b = pos / bs;
-            let in_block = pos % bs;
-            let n = ((bs - in_block) as usize).min(buf.len() - done);
-            self.write_block(b, in_block, &buf[done..done + n])?;
-            done += n;
+        for (b, in_block, r) in block_pieces(offset, buf.len(), self.block_size) {
+            self.write_block(b, in_block, &buf[r])?;
         }
         Ok(())
     }
@@ -481,15 +495,8 @@ impl VhdWriter {
         if self.format == Format::Fixed {
             return self.file_read(buf, offset);
         }
-        let bs = self.block_size;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let b = pos / bs;
-            let in_block = pos % bs;
-            let n = ((bs - in_block) as usize).min(buf.len() - done);
-            self.read_block(b, in_block, &mut buf[done..done + n])?;
-            done += n;
+        for (b, in_block, r) in block_pieces(offset, buf.len(), self.block_size) {
+            self.read_block(b, in_block, &mut buf[r])?;
         }
         Ok(())
     }

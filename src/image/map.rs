@@ -80,18 +80,23 @@ pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
 const STATE_FULL: u8 = 1;
 const STATE_PARTIAL: u8 = 2;
 
+/// The end of `offset..offset + len`, or an error naming `path` when the
+/// range leaves a virtual disk of `size` bytes (or overflows).
+pub(crate) fn range_end(path: &std::path::Path, offset: u64, len: u64, size: u64) -> Result<u64> {
+    offset
+        .checked_add(len)
+        .filter(|&e| e <= size)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{}: range {offset}+{len} is outside the virtual disk of {size} bytes",
+                path.display()
+            ))
+        })
+}
+
 impl Image {
     fn check_range(&self, offset: u64, len: u64) -> Result<u64> {
-        offset
-            .checked_add(len)
-            .filter(|&e| e <= self.virtual_size)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "{}: range {offset}+{len} is outside the virtual disk of {} bytes",
-                    self.path.display(),
-                    self.virtual_size
-                ))
-            })
+        range_end(&self.path, offset, len, self.virtual_size)
     }
 
     /// The extents of `offset..offset + len` with parents resolved: only

@@ -10,7 +10,7 @@ mod parent;
 mod reader;
 mod vhdx;
 
-pub(crate) use map::push_extent;
+pub(crate) use map::{push_extent, range_end};
 pub use map::{Extent, ExtentKind};
 pub use reader::{OwnedReader, Reader};
 

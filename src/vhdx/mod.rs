@@ -1151,16 +1151,7 @@ impl Vhdx {
     // -----------------------------------------------------------------------
 
     fn check_range(&self, offset: u64, len: u64) -> Result<u64> {
-        offset
-            .checked_add(len)
-            .filter(|&e| e <= self.virtual_size)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "{}: range {offset}+{len} is outside the virtual disk of {} bytes",
-                    self.path.display(),
-                    self.virtual_size
-                ))
-            })
+        crate::image::range_end(&self.path, offset, len, self.virtual_size)
     }
 
     /// The extents of `offset..offset + len` of this file alone, adjacent
