@@ -103,6 +103,36 @@ def warm(paths):
                 pass
 
 
+
+def time_interleaved(vcmd, qcmd, out, runs, after=None):
+    """Runs qemu-img (then an fsync of its output), vhdkit, and vhdkit
+    --no-sync `runs` times each, interleaved (the order alternates), with
+    dirty pages flushed before each run and `out` removed. `after(who)` is
+    called after each vhdkit run (to check its output). Returns the times
+    {"q", "qs" (qemu-img + fsync), "v", "vn"} and peak RSS {"q", "v"} (KiB)."""
+    t = {"q": [], "qs": [], "v": [], "vn": []}
+    rss = {"q": 0, "v": 0}
+    for r in range(runs):
+        order = ["q", "v", "vn"] if r % 2 == 0 else ["vn", "v", "q"]
+        for who in order:
+            if os.path.exists(out):
+                os.unlink(out)
+            subprocess.run(["sync"])
+            if who == "q":
+                dt, m = run_timed(qcmd)
+                t0 = time.perf_counter()
+                fsync_file(out)
+                t["q"].append(dt)
+                t["qs"].append(dt + time.perf_counter() - t0)
+                rss["q"] = max(rss["q"], m)
+            else:
+                dt, m = run_timed(vcmd if who == "v" else vcmd + ["--no-sync"])
+                t[who].append(dt)
+                rss["v"] = max(rss["v"], m)
+                if after:
+                    after(who)
+    return t, rss
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="4G")
@@ -150,29 +180,7 @@ def main():
     print(f"inputs: {size} bytes, {size // 4 // MIB} MiB of random data in 2 MiB blocks; {a.runs} runs each, interleaved\n")
     rows = []
     for name, inp, ifmt, out, ofmt, vcmd, qcmd in jobs:
-        t = {"q": [], "qs": [], "v": [], "vn": []}
-        rss = {"q": 0, "v": 0}
-        for r in range(a.runs):
-            order = ["q", "v", "vn"] if r % 2 == 0 else ["vn", "v", "q"]
-            for who in order:
-                if os.path.exists(out):
-                    os.unlink(out)
-                subprocess.run(["sync"])
-                if who == "q":
-                    dt, m = run_timed(qcmd)
-                    t0 = time.perf_counter()
-                    fsync_file(out)
-                    t["q"].append(dt)
-                    t["qs"].append(dt + time.perf_counter() - t0)
-                    rss["q"] = max(rss["q"], m)
-                elif who == "v":
-                    dt, m = run_timed(vcmd)
-                    t["v"].append(dt)
-                    rss["v"] = max(rss["v"], m)
-                else:
-                    dt, m = run_timed(vcmd + ["--no-sync"])
-                    t["vn"].append(dt)
-                    rss["v"] = max(rss["v"], m)
+        t, rss = time_interleaved(vcmd, qcmd, out, a.runs)
         cmp = subprocess.run(["qemu-img", "compare", "-f", ifmt, "-F", ofmt, inp, out], capture_output=True, text=True)
         ok = "identical" if cmp.returncode == 0 else f"DIFFER ({cmp.stdout.strip()} {cmp.stderr.strip()})"
         alloc = os.stat(out).st_blocks * 512

@@ -17,10 +17,9 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import build_inputs, fsync_file, parse_size, run_timed, warm  # noqa: E402
+from compare import build_inputs, parse_size, time_interleaved, warm  # noqa: E402
 
 MIB = 1 << 20
 
@@ -62,32 +61,12 @@ def main():
     print(f"inputs: {size} bytes, {size // 4 // MIB} MiB of random data; {a.runs} runs each, interleaved\n")
     print(f"{'job':24} {'qemu':>8} {'vk-nosync':>10} {'ratio':>6} {'qemu+fsync':>11} {'vk':>8} {'ratio':>6} {'rss q/v MiB':>12}")
     for name, inp, ifmt, out, ofmt, vcmd, qcmd in jobs:
-        t = {"q": [], "qs": [], "v": [], "vn": []}
-        rss = {"q": 0, "v": 0}
-        for r in range(a.runs):
-            order = ["q", "v", "vn"] if r % 2 == 0 else ["vn", "v", "q"]
-            for who in order:
-                if os.path.exists(out):
-                    os.unlink(out)
-                subprocess.run(["sync"])
-                if who == "q":
-                    dt, m = run_timed(qcmd)
-                    t0 = time.perf_counter()
-                    fsync_file(out)
-                    t["q"].append(dt)
-                    t["qs"].append(dt + time.perf_counter() - t0)
-                    rss["q"] = max(rss["q"], m)
-                elif who == "v":
-                    dt, m = run_timed(vcmd)
-                    t["v"].append(dt)
-                    rss["v"] = max(rss["v"], m)
-                else:
-                    dt, m = run_timed(vcmd + ["--no-sync"])
-                    t["vn"].append(dt)
-                if who != "q":
-                    c = subprocess.run(["qemu-img", "compare", "-q", "-f", ifmt, "-F", ofmt, inp, out])
-                    if c.returncode != 0:
-                        sys.exit(f"{name}: output differs from the input")
+        def check(who, name=name, inp=inp, ifmt=ifmt, out=out, ofmt=ofmt):
+            c = subprocess.run(["qemu-img", "compare", "-q", "-f", ifmt, "-F", ofmt, inp, out])
+            if c.returncode != 0:
+                sys.exit(f"{name}: output differs from the input")
+
+        t, rss = time_interleaved(vcmd, qcmd, out, a.runs, after=check)
         m = {k: statistics.median(v) for k, v in t.items()}
         print(f"{name:24} {m['q']:8.3f} {m['vn']:10.3f} {m['q'] / m['vn']:6.2f} {m['qs']:11.3f} {m['v']:8.3f} "
               f"{m['qs'] / m['v']:6.2f} {rss['q'] // 1024:>5}/{rss['v'] // 1024:<5}")
