@@ -563,22 +563,30 @@ fn serve(
     }
 }
 
+/// Every form of disk, for the round trips: a raw disk of `raw_size` bytes
+/// with scattered data (made here, from `seed`), fixed and dynamic VHDs
+/// from testdata, and a three-level differencing chain unpacked into
+/// `chaindir` (its grandchild is returned).
+fn testdata_forms(dir: &Path, chaindir: &Path, raw_size: usize, seed: u64) -> [PathBuf; 4] {
+    let raw = dir.join("disk.raw");
+    std::fs::write(&raw, scattered_raw(raw_size, seed)).unwrap();
+    let fixed = unpack("qemu-fixed-3M.vhd.gz", dir);
+    let dynamic = unpack("qemu-dynamic-5M.vhd.gz", dir);
+    for f in ["hand-chain-base.vhd.gz", "hand-chain-child.vhd.gz"] {
+        unpack(f, chaindir);
+    }
+    let chain = unpack("hand-chain-grandchild.vhd.gz", chaindir);
+    [raw, fixed, dynamic, chain]
+}
+
 // ------------------------------------------------------------ tests
 
 #[test]
 fn every_testdata_form_uploads_and_reads_back_equal() {
     let az = Azurite::start();
     let dir = tempfile::tempdir().unwrap();
-    // Raw (made here), fixed and dynamic (testdata), a differencing chain.
-    let raw = dir.path().join("disk.raw");
-    std::fs::write(&raw, scattered_raw(7 << 20, 7)).unwrap();
-    let fixed = unpack("qemu-fixed-3M.vhd.gz", dir.path());
-    let dynamic = unpack("qemu-dynamic-5M.vhd.gz", dir.path());
     let chaindir = tempfile::tempdir().unwrap();
-    for f in ["hand-chain-base.vhd.gz", "hand-chain-child.vhd.gz"] {
-        unpack(f, chaindir.path());
-    }
-    let chain = unpack("hand-chain-grandchild.vhd.gz", chaindir.path());
+    let [raw, fixed, dynamic, chain] = testdata_forms(dir.path(), chaindir.path(), 7 << 20, 7);
     assert_eq!(
         Image::open(&chain).unwrap().chain().len(),
         3,
@@ -1278,15 +1286,8 @@ fn data_page_bytes(data: &[u8]) -> u64 {
 fn every_testdata_form_downloads_back_to_every_target_equal() {
     let az = Azurite::start();
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("disk.raw");
-    std::fs::write(&raw, scattered_raw(5 << 20, 41)).unwrap();
-    let fixed = unpack("qemu-fixed-3M.vhd.gz", dir.path());
-    let dynamic = unpack("qemu-dynamic-5M.vhd.gz", dir.path());
     let chaindir = tempfile::tempdir().unwrap();
-    for f in ["hand-chain-base.vhd.gz", "hand-chain-child.vhd.gz"] {
-        unpack(f, chaindir.path());
-    }
-    let chain = unpack("hand-chain-grandchild.vhd.gz", chaindir.path());
+    let [raw, fixed, dynamic, chain] = testdata_forms(dir.path(), chaindir.path(), 5 << 20, 41);
     let qemu = crate::common::qemu_img();
     for (name, path) in [
         ("raw", &raw),
