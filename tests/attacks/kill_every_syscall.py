@@ -85,6 +85,12 @@ def same(a, b):
     return run(["compare", a, b]).returncode == 0
 
 
+def format_of(path):
+    """The format `vhdkit info` detects, or None when it cannot read it."""
+    m = re.search(r'"format": "(\w+)"', run(["info", "--json", path]).stdout)
+    return m.group(1) if m else None
+
+
 def temps(folder):
     return [n for n in os.listdir(folder) if n.endswith(".vhdkit-tmp")]
 
@@ -132,6 +138,52 @@ def write_raw(path, size, seed):
             f.write(rnd.randbytes(min(4096 * rnd.randint(1, 64), size - at)))
 
 
+
+def attack_new_output(name, args, counts, outdir, dst, is_right, unchanged=lambda: True):
+    """Kills and full disks at every chosen call of an operation that writes
+    the new file `dst` in `outdir`: after a kill, `dst` is absent or right
+    (`is_right`), and a rerun succeeds leaving no temporary file; after an
+    ENOSPC, vhdkit exits 2 leaving no output and no new temporary file (or
+    exits 0 with a right output, when no thread made that many calls). The
+    input stays as it was (`unchanged`) throughout."""
+
+    def settle(label):
+        verdict(unchanged(), f"{name} {label}: input changed")
+        if os.path.exists(dst):
+            verdict(is_right(), f"{name} {label}: target exists but is not the right image")
+            os.unlink(dst)
+        # A later run succeeds and leaves no temporary file behind.
+        r = run(args)
+        verdict(r.returncode == 0, f"{name} {label}: rerun failed: {r.stderr.strip()}")
+        verdict(not temps(outdir), f"{name} {label}: temporary files left after a rerun: {temps(outdir)}")
+        if os.path.exists(dst):
+            os.unlink(dst)
+
+    for call, n in sorted(counts.items()):
+        if call in KILL_CALLS:
+            for k in invocations(n):
+                run(args, ["-e", f"inject={call}:signal=KILL:when={k}"])
+                settle(f"killed at {call} #{k}")
+        if call in FAIL_CALLS:
+            for k in invocations(n):
+                had = set(temps(outdir))
+                r = run(args, ["-e", f"inject={call}:error=ENOSPC:when={k}"])
+                if r.returncode == 0:
+                    # Counts are per thread: no thread made the k-th call,
+                    # or the call was one vhdkit may ignore (advice). The
+                    # output must then be complete.
+                    verdict(is_right(), f"{name}: ENOSPC at {call} #{k} exited 0 with a wrong output")
+                    os.unlink(dst)
+                    continue
+                verdict(r.returncode == 2, f"{name}: ENOSPC at {call} #{k} exited {r.returncode}, not 2")
+                verdict(not os.path.exists(dst), f"{name}: ENOSPC at {call} #{k} left an output")
+                left = set(temps(outdir)) - had
+                verdict(not left, f"{name}: ENOSPC at {call} #{k} left {left}")
+                verdict(unchanged(), f"{name}: ENOSPC at {call} #{k} changed the input")
+                if os.path.exists(dst):
+                    os.unlink(dst)
+
+
 class Conversion:
     """vhdkit convert INPUT OUTPUT ...: a new file beside the input."""
 
@@ -148,42 +200,9 @@ class Conversion:
         args = ["convert", src, dst, "--threads", "1", "-q"] + self.args
         counts = syscall_counts(args, base)
         os.unlink(dst)
-
-        def settle(label):
-            verdict(sha(src) == want_in, f"{self.name} {label}: input changed")
-            if os.path.exists(dst):
-                verdict(same(src, dst), f"{self.name} {label}: target exists but is not the input's content")
-                os.unlink(dst)
-            # A later run succeeds and leaves no temporary file behind.
-            r = run(args)
-            verdict(r.returncode == 0, f"{self.name} {label}: rerun failed: {r.stderr.strip()}")
-            verdict(not temps(outdir), f"{self.name} {label}: temporary files left after a rerun: {temps(outdir)}")
-            if os.path.exists(dst):
-                os.unlink(dst)
-
-        for call, n in sorted(counts.items()):
-            if call in KILL_CALLS:
-                for k in invocations(n):
-                    run(args, ["-e", f"inject={call}:signal=KILL:when={k}"])
-                    settle(f"killed at {call} #{k}")
-            if call in FAIL_CALLS:
-                for k in invocations(n):
-                    had = set(temps(outdir))
-                    r = run(args, ["-e", f"inject={call}:error=ENOSPC:when={k}"])
-                    if r.returncode == 0:
-                        # Counts are per thread: no thread made the k-th call,
-                        # or the call was one vhdkit may ignore (advice). The
-                        # output must then be complete.
-                        verdict(same(src, dst), f"{self.name}: ENOSPC at {call} #{k} exited 0 with a wrong output")
-                        os.unlink(dst)
-                        continue
-                    verdict(r.returncode == 2, f"{self.name}: ENOSPC at {call} #{k} exited {r.returncode}, not 2")
-                    verdict(not os.path.exists(dst), f"{self.name}: ENOSPC at {call} #{k} left an output")
-                    left = set(temps(outdir)) - had
-                    verdict(not left, f"{self.name}: ENOSPC at {call} #{k} left {left}")
-                    verdict(sha(src) == want_in, f"{self.name}: ENOSPC at {call} #{k} changed the input")
-                    if os.path.exists(dst):
-                        os.unlink(dst)
+        attack_new_output(self.name, args, counts, outdir, dst,
+                          is_right=lambda: same(src, dst),
+                          unchanged=lambda: sha(src) == want_in)
 
 
 class InPlace:
@@ -197,9 +216,7 @@ class InPlace:
         # The detected format, and the virtual content and size (a checksum
         # covers both). The file's length may differ between equal images
         # (padding before a footer).
-        r = run(["info", "--json", img])
-        fmt = re.search(r'"format": "(\w+)"', r.stdout)
-        return (fmt.group(1) if fmt else None, checksum(img, fmt_raw=raw))
+        return (format_of(img), checksum(img, fmt_raw=raw))
 
     def attack(self, base):
         pristine = os.path.join(base, "pristine")
@@ -271,45 +288,16 @@ class NewDisk:
         os.mkdir(outdir)
         dst = os.path.join(outdir, "new.vhd")
         if self.with_parent:
-            parent = os.path.join(outdir, "base.vhd")
-            dynamic_input(parent, base)
+            dynamic_input(os.path.join(outdir, "base.vhd"), base)
         args = ["create", dst] + [a.replace("PARENT", os.path.join(outdir, "base.vhd")) for a in self.args]
+        parent = os.path.join(outdir, "base.vhd")
+        want_parent = sha(parent) if self.with_parent else None
         counts = syscall_counts(args, base)
-        want = run(["info", "--json", dst]).stdout
-        want_fmt = re.search(r'"format": "(\w+)"', want).group(1)
-        want_sum = checksum(dst)
+        want = (format_of(dst), checksum(dst))
         os.unlink(dst)
-
-        def settle(label):
-            if os.path.exists(dst):
-                got = run(["info", "--json", dst]).stdout
-                fmt = re.search(r'"format": "(\w+)"', got)
-                verdict(fmt is not None and fmt.group(1) == want_fmt and checksum(dst) == want_sum,
-                        f"{self.name} {label}: target exists but is not the disk asked for")
-                os.unlink(dst)
-            r = run(args)
-            verdict(r.returncode == 0, f"{self.name} {label}: rerun failed: {r.stderr.strip()}")
-            verdict(not temps(outdir), f"{self.name} {label}: temporary files left after a rerun: {temps(outdir)}")
-            if os.path.exists(dst):
-                os.unlink(dst)
-
-        for call, n in sorted(counts.items()):
-            if call in KILL_CALLS:
-                for k in invocations(n):
-                    run(args, ["-e", f"inject={call}:signal=KILL:when={k}"])
-                    settle(f"killed at {call} #{k}")
-            if call in FAIL_CALLS:
-                for k in invocations(n):
-                    had = set(temps(outdir))
-                    r = run(args, ["-e", f"inject={call}:error=ENOSPC:when={k}"])
-                    if r.returncode == 0:
-                        verdict(checksum(dst) == want_sum, f"{self.name}: ENOSPC at {call} #{k} exited 0 with a wrong disk")
-                        os.unlink(dst)
-                        continue
-                    verdict(r.returncode == 2, f"{self.name}: ENOSPC at {call} #{k} exited {r.returncode}")
-                    verdict(not os.path.exists(dst), f"{self.name}: ENOSPC at {call} #{k} left an output")
-                    left = set(temps(outdir)) - had
-                    verdict(not left, f"{self.name}: ENOSPC at {call} #{k} left {left}")
+        attack_new_output(self.name, args, counts, outdir, dst,
+                          is_right=lambda: (format_of(dst), checksum(dst)) == want,
+                          unchanged=lambda: not self.with_parent or sha(parent) == want_parent)
 
 
 class Merge:
