@@ -182,8 +182,8 @@ fn error_code(e: &Error) -> &'static str {
             }
         }
         Error::ForeignFormat { .. } => "foreign-format",
-        Error::InvalidArgument(_) => "format-mismatch",
-        Error::Io { .. } | Error::RawIo(_) => "read-error",
+        Error::FormatMismatch { .. } => "format-mismatch",
+        Error::Io { .. } => "read-error",
         _ => "not-readable",
     }
 }

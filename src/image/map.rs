@@ -86,11 +86,11 @@ pub(crate) fn range_end(path: &std::path::Path, offset: u64, len: u64, size: u64
     offset
         .checked_add(len)
         .filter(|&e| e <= size)
-        .ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "{}: range {offset}+{len} is outside the virtual disk of {size} bytes",
-                path.display()
-            ))
+        .ok_or_else(|| Error::OutOfRange {
+            path: Some(path.to_path_buf()),
+            offset,
+            len,
+            size,
         })
 }
 
@@ -104,7 +104,7 @@ impl Image {
     /// report filesystem holes as `Zero`.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when the range leaves the disk; I/O errors
+    /// [`Error::OutOfRange`] when the range leaves the disk; I/O errors
     /// reading sector bitmaps or asking the filesystem for holes.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let mut out = Vec::new();
@@ -335,7 +335,7 @@ impl Image {
     /// from many threads at once.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when the range leaves the disk; I/O errors.
+    /// [`Error::OutOfRange`] when the range leaves the disk; I/O errors.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         self.check_range(offset, len)?;

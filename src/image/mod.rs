@@ -466,10 +466,11 @@ impl Image {
             return self.load_vhdx(opts);
         }
         if opts.format == Some(Format::Vhdx) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: no VHDX file identifier at offset 0, so not vhdx",
-                self.path.display()
-            )));
+            return Err(Error::FormatMismatch {
+                path: self.path.clone(),
+                asked: Format::Vhdx,
+                found: None,
+            });
         }
         // The end footer: the last 512 bytes, or the last 511.
         let mut tail: Option<([u8; FOOTER_SIZE], u64, FooterSource)> = None;
@@ -551,10 +552,11 @@ impl Image {
                     // A VHD format forced by the caller cannot be honoured
                     // without a footer.
                     if let Some(forced) = opts.format {
-                        return Err(Error::InvalidArgument(format!(
-                            "{}: no VHD footer at the end or at offset 0, so not {forced}",
-                            self.path.display()
-                        )));
+                        return Err(Error::FormatMismatch {
+                            path: self.path.clone(),
+                            asked: forced,
+                            found: None,
+                        });
                     }
                     return Ok(());
                 }
@@ -582,12 +584,11 @@ impl Image {
         };
         if let Some(forced) = opts.format {
             if forced != format {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: the footer says {}, not {}",
-                    self.path.display(),
-                    format,
-                    forced
-                )));
+                return Err(Error::FormatMismatch {
+                    path: self.path.clone(),
+                    asked: forced,
+                    found: Some(format),
+                });
             }
         }
         self.virtual_size = footer.current_size;
@@ -626,10 +627,11 @@ impl Image {
     /// Opens the file as a VHDX, whose reads then go through its replayed log.
     fn load_vhdx(&mut self, opts: &OpenOptions) -> Result<()> {
         if let Some(forced) = opts.format.filter(|&f| f != Format::Vhdx) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: a VHDX file, not {forced}",
-                self.path.display()
-            )));
+            return Err(Error::FormatMismatch {
+                path: self.path.clone(),
+                asked: forced,
+                found: Some(Format::Vhdx),
+            });
         }
         let vopts =
             crate::vhdx::VhdxOptions::new().max_bat_entries(opts.max_bat_entries.saturating_mul(2));
@@ -988,11 +990,12 @@ impl Image {
         }
     }
     fn not_a(&self, what: &str) -> Error {
-        Error::InvalidArgument(format!(
-            "{}: a {} image, not a {what}",
-            self.path.display(),
-            self.disk_type()
-        ))
+        Error::wrong_kind(
+            &self.path,
+            "rewrite in place",
+            self.disk_type(),
+            format!("a {} image, not a {what}", self.disk_type()),
+        )
     }
     /// The storage the image is read from.
     pub fn storage(&self) -> &dyn Storage {
