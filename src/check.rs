@@ -341,7 +341,7 @@ fn read_footer(img: &Image, at: u64) -> Result<[u8; FOOTER_SIZE]> {
     let mut b = [0u8; FOOTER_SIZE];
     let n = (img.file_len() - at).min(FOOTER_SIZE as u64) as usize;
     ReadAt::read_exact_at(img.storage(), &mut b[..n], at)
-        .map_err(|e| Error::io(img.path(), "read", e))?;
+        .map_err(|e| Error::io_at(img.path(), "read", at, e))?;
     Ok(b)
 }
 
@@ -715,7 +715,8 @@ fn data_under_clear_bits(img: &Image, problems: &mut Vec<Problem>) -> Result<()>
     };
     let (bs, bm, size) = (img.block_size(), img.bitmap_size(), img.virtual_size());
     let read = |buf: &mut [u8], at: u64| {
-        ReadAt::read_exact_at(img.storage(), buf, at).map_err(|e| Error::io(img.path(), "read", e))
+        ReadAt::read_exact_at(img.storage(), buf, at)
+            .map_err(|e| Error::io_at(img.path(), "read", at, e))
     };
     // bitmap_size is at most 512 KiB (a 2^31-byte block); the bitmap is read
     // only for blocks that lie inside the file.

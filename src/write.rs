@@ -107,10 +107,19 @@ impl DynamicLayout {
         let allocated = bat.allocated() as u64;
         let file_len = self.file_len(allocated);
         let mut written = 0u64;
-        out.write_all_at(&fb, 0)?;
-        out.write_all_at(&header.to_bytes(), FOOTER_SIZE as u64)?;
+        // The file is named by the caller (`with_path`); the offset here.
+        let put = |bytes: &[u8], at: u64| {
+            out.write_all_at(bytes, at).map_err(|source| Error::Io {
+                path: None,
+                op: "write",
+                offset: Some(at),
+                source,
+            })
+        };
+        put(&fb, 0)?;
+        put(&header.to_bytes(), FOOTER_SIZE as u64)?;
         let bat_bytes = bat.to_bytes();
-        out.write_all_at(&bat_bytes, self.table_offset)?;
+        put(&bat_bytes, self.table_offset)?;
         written += (2 * FOOTER_SIZE + HEADER_SIZE + bat_bytes.len()) as u64;
         // Bits beyond the block's sectors stay clear; bits for sectors past
         // the virtual size are set (the block is whole on disk).
@@ -119,11 +128,11 @@ impl DynamicLayout {
         crate::ondisk::SectorBitmap::set_range(&mut bitmap, 0, sectors);
         for &e in &bat.entries {
             if e != crate::ondisk::UNALLOCATED {
-                out.write_all_at(&bitmap, crate::ondisk::entry_offset(e))?;
+                put(&bitmap, crate::ondisk::entry_offset(e))?;
                 written += self.bitmap_size;
             }
         }
-        out.write_all_at(&fb, file_len - FOOTER_SIZE as u64)?;
+        put(&fb, file_len - FOOTER_SIZE as u64)?;
         Ok(written)
     }
 }
@@ -488,7 +497,7 @@ impl AtomicOutput {
         while pos < end {
             let n = (end - pos).min(zeros.len() as u64) as usize;
             f.write_all_at(&zeros[..n], pos)
-                .map_err(|e| Error::io(&self.target, "write zeros", e))?;
+                .map_err(|e| Error::io_at(&self.target, "write zeros", pos, e))?;
             pos += n as u64;
         }
         Ok(())

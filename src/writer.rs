@@ -307,11 +307,13 @@ impl VhdWriter {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(FileOp::Write(off, buf.to_vec()));
         }
-        WriteAt::write_all_at(&self.file, buf, off).map_err(io_err(&self.path, "write"))
+        WriteAt::write_all_at(&self.file, buf, off)
+            .map_err(|e| Error::io_at(&self.path, "write", off, e))
     }
 
     fn file_read(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        ReadAt::read_exact_at(&self.file, buf, off).map_err(io_err(&self.path, "read"))
+        ReadAt::read_exact_at(&self.file, buf, off)
+            .map_err(|e| Error::io_at(&self.path, "read", off, e))
     }
 
     fn sync(&self) -> Result<()> {

@@ -302,7 +302,7 @@ impl Image {
         }
         bitmap.resize(d.bitmap_size as usize, 0);
         ReadAt::read_exact_at(&*self.storage, bitmap, bitmap_at)
-            .map_err(|e| Error::io(&self.path, "read sector bitmap", e))?;
+            .map_err(|e| Error::io_at(&self.path, "read sector bitmap", bitmap_at, e))?;
         let bits = SectorBitmap(bitmap);
         let sectors_in_block = d.block_size / SECTOR;
         if bits.all_set(sectors_in_block) {
@@ -342,7 +342,7 @@ impl Image {
         if matches!(self.layout, Layout::Raw | Layout::Fixed(_)) {
             // Holes read as zeros: no need to ask the filesystem where they are.
             return ReadAt::read_exact_at(&*self.storage, buf, offset)
-                .map_err(|e| Error::io(&self.path, "read", e));
+                .map_err(|e| Error::io_at(&self.path, "read", offset, e));
         }
         let extents = self.map(offset, len)?;
         self.read_extents(&extents, offset, buf)
@@ -359,7 +359,7 @@ impl Image {
                         .layer(layer)
                         .ok_or_else(|| crate::walk::bad_layer(self, layer))?;
                     ReadAt::read_exact_at(&*img.storage, dst, file_offset)
-                        .map_err(|err| Error::io(&img.path, "read", err))?;
+                        .map_err(|err| Error::io_at(&img.path, "read", file_offset, err))?;
                 }
                 ExtentKind::Zero | ExtentKind::Parent => dst.fill(0),
             }

@@ -458,10 +458,16 @@ impl Image {
         move |e| Error::io(&self.path, op, e)
     }
 
+    /// An I/O error reading or writing `op` at `offset` of this image's file.
+    fn io_at(&self, op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |e| Error::io_at(&self.path, op, offset, e)
+    }
+
     /// Finds and validates the footer, then the dynamic structures.
     fn detect(&mut self, opts: &OpenOptions) -> Result<()> {
         let len = self.file_len;
-        if len >= 8 && &read_array::<8>(&*self.storage, 0).map_err(self.io("read"))? == b"vhdxfile"
+        if len >= 8
+            && &read_array::<8>(&*self.storage, 0).map_err(self.io_at("read", 0))? == b"vhdxfile"
         {
             return self.load_vhdx(opts);
         }
@@ -478,7 +484,8 @@ impl Image {
             let start = len.saturating_sub(512);
             let mut b = [0u8; FOOTER_SIZE];
             let n = (len - start) as usize;
-            ReadAt::read_exact_at(&*self.storage, &mut b[..n], start).map_err(self.io("read"))?;
+            ReadAt::read_exact_at(&*self.storage, &mut b[..n], start)
+                .map_err(self.io_at("read", start))?;
             if n == 512 && Footer::has_cookie(&b) {
                 tail = Some((b, start, FooterSource::End));
             } else {
@@ -493,7 +500,8 @@ impl Image {
         // The copy at offset 0 (dynamic and differencing disks only).
         let mut head: Option<Footer> = None;
         if len >= (FOOTER_SIZE + HEADER_SIZE + FOOTER_SIZE) as u64 {
-            let b: [u8; FOOTER_SIZE] = read_array(&*self.storage, 0).map_err(self.io("read"))?;
+            let b: [u8; FOOTER_SIZE] =
+                read_array(&*self.storage, 0).map_err(self.io_at("read", 0))?;
             if Footer::has_cookie(&b) {
                 if let Ok(f) = Footer::parse(&b, 0, Structure::FooterCopy) {
                     let sum_ok = Footer::verify_checksum(&b, 0, Structure::FooterCopy).is_ok();
@@ -700,7 +708,7 @@ impl Image {
             ));
         }
         let bytes: [u8; HEADER_SIZE] =
-            read_array(&*self.storage, hdr_at).map_err(self.io("read"))?;
+            read_array(&*self.storage, hdr_at).map_err(self.io_at("read", hdr_at))?;
         let header = DynamicHeader::parse(&bytes, hdr_at)?;
         if let Err(e) = DynamicHeader::verify_checksum(&bytes, hdr_at) {
             if opts.ignore_checksums {
@@ -761,7 +769,7 @@ impl Image {
         }
         // bat_len <= file length here, so this allocation is bounded by the file.
         let mut raw = vec![0u8; bat_len as usize];
-        ReadAt::read_exact_at(&*self.storage, &mut raw, tbl).map_err(self.io("read"))?;
+        ReadAt::read_exact_at(&*self.storage, &mut raw, tbl).map_err(self.io_at("read", tbl))?;
         let bat = Bat::parse(&raw);
         let sizes = (u64::from(bs), bitmap_size(bs));
         let differencing = format == Format::Differencing;

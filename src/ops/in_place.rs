@@ -68,7 +68,15 @@ impl InPlacePlan {
                 if only_extended && f.set_len(old_len).is_ok() {
                     let _ = f.sync_all();
                 }
-                return Err(Error::io(&self.path, "in-place step", e));
+                return Err(Error::Io {
+                    path: Some(self.path.clone()),
+                    op: "in-place step",
+                    offset: match s {
+                        Step::Write(at, _) | Step::PunchHole(at, _) => Some(*at),
+                        Step::SetLen(_) | Step::Sync => None,
+                    },
+                    source: e,
+                });
             }
         }
         Ok(())

@@ -136,8 +136,9 @@ pub fn plan_resize(
         let mut copy = [0u8; FOOTER_SIZE];
         let f = img.storage();
         f.read_exact_at(&mut end, img.data_end())
-            .and_then(|()| f.read_exact_at(&mut copy, 0))
-            .map_err(|e| Error::io(path, "read footers", e))?;
+            .map_err(|e| Error::io_at(path, "read the footer", img.data_end(), e))?;
+        f.read_exact_at(&mut copy, 0)
+            .map_err(|e| Error::io_at(path, "read the footer copy", 0, e))?;
         if end != copy && crate::check::differ_by_resize_only(&end, &copy) {
             return Ok(Some(InPlacePlan {
                 path: path.to_path_buf(),
