@@ -297,10 +297,9 @@ fn check_opened(
             );
         }
         for w in img.warnings() {
-            let code = Image::warning_code(w);
             // Judged by check's own rule in extra_checks.
-            if code != "fixed-padding" {
-                problems.push(Problem::warning(code, w.clone()));
+            if w.code != "fixed-padding" {
+                problems.push(Problem::warning(w.code, w.message.clone()));
             }
         }
         extra_checks(img, &mut problems)?;
@@ -308,7 +307,7 @@ fn check_opened(
         for p in img.chain().iter().skip(1) {
             for w in p.warnings() {
                 problems.push(Problem::warning(
-                    Image::warning_code(w),
+                    w.code,
                     format!("parent {}: {w}", p.path().display()),
                 ));
             }

@@ -1277,7 +1277,7 @@ fn info_json(img: &Image) -> Value {
         "virtual_size": img.virtual_size(),
         "file_size": img.file_len(),
         "allocated_file_bytes": img.allocated_file_bytes(),
-        "warnings": img.warnings(),
+        "warnings": img.warnings().iter().map(|w| w.message.as_str()).collect::<Vec<_>>(),
     });
     put_path(&mut v, "path", img.path());
     if let Some(f) = img.footer() {
