@@ -864,6 +864,10 @@ fn merge_refuses_a_read_only_parent_a_shared_parent_and_a_changed_parent() {
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o444)).unwrap();
     let e = merge(&child, &MergeOptions::default()).unwrap_err();
     assert!(e.to_string().contains("read-only"), "{e}");
+    assert!(
+        matches!(&e, vhdkit::Error::OutputRefused { path, .. } if path == &base),
+        "{e:?}"
+    );
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o644)).unwrap();
 
     // Shared: a sibling names the same parent.
@@ -871,6 +875,16 @@ fn merge_refuses_a_read_only_parent_a_shared_parent_and_a_changed_parent() {
     create_child(&sibling, &base, &ChildOptions::default()).unwrap();
     let e = merge(&child, &MergeOptions::default()).unwrap_err();
     assert!(e.to_string().contains("sibling.vhd"), "{e}");
+    assert!(
+        matches!(
+            e,
+            vhdkit::Error::InvalidOption {
+                option: "force",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert_eq!(
         std::fs::read(&base).unwrap(),
         base_bytes,
@@ -901,11 +915,29 @@ fn merge_refuses_a_read_only_parent_a_shared_parent_and_a_changed_parent() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("time stamp"), "{e}");
+    assert!(
+        matches!(
+            &e,
+            vhdkit::Error::ParentMismatch { path, field: "time stamp", .. } if path == &other
+        ),
+        "{e:?}"
+    );
+    assert_eq!(e.kind(), vhdkit::ErrorKind::ParentMismatch);
     std::fs::remove_file(&other).unwrap();
 
     // A disk that is not differencing is not merged.
     let e = merge(&base, &MergeOptions::default()).unwrap_err();
     assert!(e.to_string().contains("only a differencing disk"), "{e}");
+    assert!(
+        matches!(
+            e,
+            vhdkit::Error::WrongImageKind {
+                operation: "merge",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert_eq!(std::fs::read(&base).unwrap(), base_bytes);
 
     // With force, the sibling is reported.
