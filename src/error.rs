@@ -343,7 +343,7 @@ pub enum Error {
 }
 
 /// An I/O error where nothing but the error is known (no file, no offset);
-/// [`Error::with_path`] and [`Error::at_offset`] add them.
+/// [`Error::with_path`] names the file.
 impl From<io::Error> for Error {
     fn from(source: io::Error) -> Error {
         Error::Io {
