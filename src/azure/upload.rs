@@ -794,12 +794,11 @@ pub fn upload_stream(
             let end = pos + buf.len() as u64;
             if let Some(k) = known {
                 if end > k && !(eof && end == k + FOOTER_SIZE as u64) {
-                    return Err(Error::OutOfRange {
-                        path: None,
-                        offset: pos,
-                        len: buf.len() as u64,
-                        size: k,
-                    });
+                    return Err(Error::invalid_option(
+                        "size",
+                        k,
+                        format!("the stream is longer than the size of {k} bytes"),
+                    ));
                 }
             }
             while end.div_ceil(SECTOR) * SECTOR > cap {
