@@ -207,7 +207,8 @@ pub enum Error {
         /// What the parent has.
         found: String,
     },
-    /// A limit set in [`OpenOptions`](crate::OpenOptions) was exceeded.
+    /// A limit was exceeded: one set in [`OpenOptions`](crate::OpenOptions),
+    /// or one of the format's own (a block's 32-bit sector offset).
     #[error("{}: {what} is {value}, over the limit of {limit}", path.display())]
     Limit {
         /// The file.
