@@ -182,8 +182,8 @@ fn error_code(e: &Error) -> &'static str {
             }
         }
         Error::ForeignFormat { .. } => "foreign-format",
-        Error::InvalidArgument(_) => "format-mismatch",
-        Error::Io { .. } | Error::RawIo(_) => "read-error",
+        Error::FormatMismatch { .. } => "format-mismatch",
+        Error::Io { .. } => "read-error",
         _ => "not-readable",
     }
 }
@@ -297,10 +297,9 @@ fn check_opened(
             );
         }
         for w in img.warnings() {
-            let code = Image::warning_code(w);
             // Judged by check's own rule in extra_checks.
-            if code != "fixed-padding" {
-                problems.push(Problem::warning(code, w.clone()));
+            if w.code != "fixed-padding" {
+                problems.push(Problem::warning(w.code, w.message.clone()));
             }
         }
         extra_checks(img, &mut problems)?;
@@ -308,7 +307,7 @@ fn check_opened(
         for p in img.chain().iter().skip(1) {
             for w in p.warnings() {
                 problems.push(Problem::warning(
-                    Image::warning_code(w),
+                    w.code,
                     format!("parent {}: {w}", p.path().display()),
                 ));
             }
@@ -341,7 +340,7 @@ fn read_footer(img: &Image, at: u64) -> Result<[u8; FOOTER_SIZE]> {
     let mut b = [0u8; FOOTER_SIZE];
     let n = (img.file_len() - at).min(FOOTER_SIZE as u64) as usize;
     ReadAt::read_exact_at(img.storage(), &mut b[..n], at)
-        .map_err(|e| Error::io(img.path(), "read", e))?;
+        .map_err(|e| Error::io_at(img.path(), "read", at, e))?;
     Ok(b)
 }
 
@@ -715,7 +714,8 @@ fn data_under_clear_bits(img: &Image, problems: &mut Vec<Problem>) -> Result<()>
     };
     let (bs, bm, size) = (img.block_size(), img.bitmap_size(), img.virtual_size());
     let read = |buf: &mut [u8], at: u64| {
-        ReadAt::read_exact_at(img.storage(), buf, at).map_err(|e| Error::io(img.path(), "read", e))
+        ReadAt::read_exact_at(img.storage(), buf, at)
+            .map_err(|e| Error::io_at(img.path(), "read", at, e))
     };
     // bitmap_size is at most 512 KiB (a 2^31-byte block); the bitmap is read
     // only for blocks that lie inside the file.

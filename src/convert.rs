@@ -189,23 +189,35 @@ impl ConvertOptions {
             write::MIN_BLOCK_SIZE..=write::MAX_BLOCK_SIZE
         };
         if !bs.is_power_of_two() || !range.contains(&bs) {
-            return Err(Error::InvalidArgument(format!(
-                "block size {bs}: must be a power of two from 512 KiB to 256 MiB"
-            )));
+            return Err(Error::invalid_option(
+                "block size",
+                bs,
+                format!("block size {bs}: must be a power of two from 512 KiB to 256 MiB"),
+            ));
         }
         if self.azure && self.target != Target::Fixed {
-            return Err(Error::InvalidArgument(
-                "Azure takes fixed VHDs only: Azure sizing goes with a fixed target".into(),
+            return Err(Error::invalid_option(
+                "azure",
+                format!("{:?}", self.target).to_lowercase(),
+                "Azure takes fixed VHDs only: Azure sizing goes with a fixed target",
             ));
         }
         if self.threads == Some(0) {
-            return Err(Error::InvalidArgument("threads must be at least 1".into()));
+            return Err(Error::invalid_option(
+                "threads",
+                0,
+                "threads must be at least 1",
+            ));
         }
         if let Some(n) = self.threads.filter(|&n| n > max_threads()) {
-            return Err(Error::InvalidArgument(format!(
-                "{n} threads is over the limit of {} (256, or 4 per core where that is more)",
-                max_threads()
-            )));
+            return Err(Error::invalid_option(
+                "threads",
+                n,
+                format!(
+                    "{n} threads is over the limit of {} (256, or 4 per core where that is more)",
+                    max_threads()
+                ),
+            ));
         }
         Ok(())
     }
@@ -241,9 +253,10 @@ pub struct Report {
 /// Converts the image at `input` into `output`.
 ///
 /// # Errors
-/// Any error opening the input ([`Image::open_with`]); [`Error::InvalidArgument`]
-/// for bad options, an input too large for the target, or an output that is
-/// the input (or one of its parents); [`Error::OutputExists`] without
+/// Any error opening the input ([`Image::open_with`]); [`Error::InvalidOption`]
+/// for bad options or an input too large for the target;
+/// [`Error::OutputRefused`] for an output that is the input (or one of its
+/// parents), a directory or a FIFO; [`Error::OutputExists`] without
 /// overwrite; [`Error::Interrupted`] when the cancel flag is set; I/O errors.
 /// On every error no file is left at `output`.
 pub fn convert(
@@ -269,15 +282,17 @@ pub(crate) fn same_file(a: &File, b: &Path) -> bool {
 pub(crate) fn refuse_self(img: &Image, output: &Path) -> Result<()> {
     for layer in img.chain() {
         if layer.file().is_some_and(|f| same_file(f, output)) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: the output is the input{}; write to another file",
-                output.display(),
-                if std::ptr::eq(layer, img) {
-                    ""
-                } else {
-                    "'s parent"
-                }
-            )));
+            return Err(Error::refused(
+                output,
+                format!(
+                    "the output is the input{}; write to another file",
+                    if std::ptr::eq(layer, img) {
+                        ""
+                    } else {
+                        "'s parent"
+                    }
+                ),
+            ));
         }
     }
     Ok(())
@@ -316,9 +331,13 @@ pub(crate) fn convert_into(
     let input_size = img.virtual_size();
     let wanted = opts.size.unwrap_or(input_size);
     if wanted < input_size {
-        return Err(Error::InvalidArgument(format!(
-            "output size {wanted} is smaller than the input's {input_size} bytes; conversion never cuts data"
-        )));
+        return Err(Error::invalid_option(
+            "size",
+            wanted,
+            format!(
+                "output size {wanted} is smaller than the input's {input_size} bytes; conversion never cuts data"
+            ),
+        ));
     }
     // Every VHD written has a size of whole 512-byte sectors: a reader that
     // counts sectors (qemu-img) would otherwise lose the tail, and a fixed
@@ -343,11 +362,15 @@ pub(crate) fn convert_into(
     };
     let rounded_from = (size != wanted).then_some(wanted);
     if opts.target != Target::Raw && size > write::MAX_VHD_SIZE {
-        return Err(Error::InvalidArgument(format!(
-            "{}: {size} bytes is larger than a VHD can hold ({} bytes, 2040 GiB)",
-            img.path().display(),
-            write::MAX_VHD_SIZE
-        )));
+        return Err(Error::invalid_option_for(
+            img.path(),
+            "size",
+            size,
+            format!(
+                "{size} bytes is larger than a VHD can hold ({} bytes, 2040 GiB)",
+                write::MAX_VHD_SIZE
+            ),
+        ));
     }
     let out = if to == Output::Replace {
         AtomicOutput::rewrite(output)?
@@ -357,7 +380,12 @@ pub(crate) fn convert_into(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
-        .map_err(|e| Error::InvalidArgument(format!("thread pool: {e}")))?;
+        .map_err(|e| Error::Io {
+            path: None,
+            op: "start the thread pool",
+            offset: None,
+            source: std::io::Error::other(e),
+        })?;
     let progress = |e: Event| {
         if let Some(p) = &opts.progress {
             match e {

@@ -147,9 +147,13 @@ pub struct Created {
 
 fn check_block_size(bs: u32) -> Result<()> {
     if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
-        return Err(Error::InvalidArgument(format!(
-            "block size {bs}: must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE} bytes"
-        )));
+        return Err(Error::invalid_option(
+            "block size",
+            bs,
+            format!(
+                "block size {bs}: must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE} bytes"
+            ),
+        ));
     }
     Ok(())
 }
@@ -157,7 +161,7 @@ fn check_block_size(bs: u32) -> Result<()> {
 /// Creates an empty fixed or dynamic disk at `path`.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] for a size of zero, not a multiple of 512,
+/// [`Error::InvalidOption`] for a size of zero, not a multiple of 512,
 /// or over 2040 GiB, or a bad block size; [`Error::OutputExists`] when the
 /// file exists and `overwrite` is off; I/O errors naming the file.
 pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Created> {
@@ -168,15 +172,21 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Created> {
         opts.size
     };
     if size == 0 || size % 512 != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "size {}: a VHD's size is a positive multiple of 512 bytes",
-            opts.size
-        )));
+        return Err(Error::invalid_option(
+            "size",
+            opts.size,
+            format!(
+                "size {}: a VHD's size is a positive multiple of 512 bytes",
+                opts.size
+            ),
+        ));
     }
     if size > MAX_VHD_SIZE {
-        return Err(Error::InvalidArgument(format!(
-            "size {size}: over the largest VHD, {MAX_VHD_SIZE} bytes (2040 GiB)"
-        )));
+        return Err(Error::invalid_option(
+            "size",
+            size,
+            format!("size {size}: over the largest VHD, {MAX_VHD_SIZE} bytes (2040 GiB)"),
+        ));
     }
     let out = AtomicOutput::create(path, opts.overwrite)?;
     let file = out.file();
@@ -253,8 +263,9 @@ fn utf16le(s: &str) -> Vec<u8> {
 /// it finds the parent in its own folder, or where the caller allows.
 ///
 /// # Errors
-/// The parent's open errors; [`Error::InvalidArgument`] when the parent is
-/// not a VHD (raw), its path is not UTF-8 or too long for a locator;
+/// The parent's open errors; [`Error::WrongImageKind`] when the parent is
+/// not a VHD (raw); [`Error::InvalidOption`] when its path is not UTF-8 or
+/// too long for a locator, or its size over the largest VHD;
 /// [`Error::OutputExists`]; I/O errors naming the file.
 pub fn create_child(
     path: impl AsRef<Path>,
@@ -266,11 +277,13 @@ pub fn create_child(
     let pimg = Image::open_with(parent_path, &opts.open)?;
     let pfooter = match (pimg.disk_type(), pimg.footer()) {
         (Format::Raw, _) | (_, None) => {
-            return Err(Error::InvalidArgument(format!(
-                "{}: a raw image cannot be a parent (a differencing disk names its parent's \
+            return Err(Error::wrong_kind(
+                parent_path,
+                "be a parent",
+                pimg.disk_type(),
+                "a raw image cannot be a parent (a differencing disk names its parent's \
                  unique id); convert it to a VHD first",
-                parent_path.display()
-            )))
+            ))
         }
         (_, Some(f)) => f.clone(),
     };
@@ -282,10 +295,12 @@ pub fn create_child(
     check_block_size(block_size)?;
     let size = pimg.virtual_size();
     if size > MAX_VHD_SIZE {
-        return Err(Error::InvalidArgument(format!(
-            "{}: the parent's size, {size} bytes, is over the largest VHD (2040 GiB)",
-            parent_path.display()
-        )));
+        return Err(Error::invalid_option_for(
+            parent_path,
+            "parent",
+            parent_path.display(),
+            format!("the parent's size, {size} bytes, is over the largest VHD (2040 GiB)"),
+        ));
     }
 
     // Locator paths: the parent's canonical path, and that path relative to
@@ -296,10 +311,12 @@ pub fn create_child(
     let child_dir_abs = std::fs::canonicalize(&child_dir)
         .map_err(|e| Error::io(&child_dir, "the output's folder", e))?;
     let not_utf8 = || {
-        Error::InvalidArgument(format!(
-            "{}: the parent's path is not valid UTF-8 and cannot be written in a locator",
-            abs.display()
-        ))
+        Error::invalid_option_for(
+            &abs,
+            "parent",
+            abs.display(),
+            "the parent's path is not valid UTF-8 and cannot be written in a locator",
+        )
     };
     let abs_str = abs.to_str().ok_or_else(not_utf8)?;
     let w2ku = abs_str.replace('/', "\\");
@@ -309,9 +326,11 @@ pub fn create_child(
         .and_then(|n| n.to_str())
         .ok_or_else(not_utf8)?;
     if name.encode_utf16().count() >= 256 {
-        return Err(Error::InvalidArgument(format!(
-            "{name}: the parent's file name is longer than the header's 255 UTF-16 units"
-        )));
+        return Err(Error::invalid_option(
+            "parent",
+            name,
+            format!("{name}: the parent's file name is longer than the header's 255 UTF-16 units"),
+        ));
     }
 
     // Layout: footer copy, header, BAT, locator data (each on 4 KiB), footer.
@@ -331,7 +350,13 @@ pub fn create_child(
     {
         let data = utf16le(text);
         let space = (data.len() as u64).div_ceil(ALIGN).max(1) * ALIGN;
-        let too_long = || Error::InvalidArgument(format!("{text}: too long for a parent locator"));
+        let too_long = || {
+            Error::invalid_option(
+                "parent",
+                text,
+                format!("{text}: too long for a parent locator"),
+            )
+        };
         header.parent_locators[slot] = ParentLocator {
             platform_code: code,
             data_space: u32::try_from(space).map_err(|_| too_long())?,

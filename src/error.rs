@@ -9,6 +9,8 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::Format;
+
 /// A structure of a VHD file, named as the specification names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -110,6 +112,14 @@ pub enum ErrorKind {
     Io,
     /// A caller's option or argument is out of range or contradictory.
     InvalidOption,
+    /// An operation applied to a kind of image it does not apply to, or a
+    /// forced format the file is not.
+    WrongImageKind,
+    /// A read or write past the end of the disk.
+    OutOfRange,
+    /// The output cannot be written (a directory, a FIFO, a device of
+    /// another size, the input itself, a locked or read-only file).
+    OutputRefused,
     /// The output exists and overwriting was not asked for.
     OutputExists,
     /// The operation was cancelled.
@@ -120,20 +130,24 @@ pub enum ErrorKind {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// An I/O error on a named file.
-    #[error("{}: {op}: {source}", path.display())]
+    /// An I/O error: on a file when one is named, at an offset when the
+    /// error is a read or a write at one.
+    #[error(
+        "{}{op}{}: {source}",
+        path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default(),
+        offset.map(|o| format!(" at offset {o}")).unwrap_or_default()
+    )]
     Io {
-        /// The file.
-        path: PathBuf,
+        /// The file, when known (in-memory storages and adapters have none).
+        path: Option<PathBuf>,
         /// What was being done ("read", "write", "open", ...).
         op: &'static str,
+        /// The offset read or written, when the operation has one.
+        offset: Option<u64>,
         /// The operating system's error.
         #[source]
         source: io::Error,
     },
-    /// An I/O error where no file name is at hand (in-memory sources, adapters).
-    #[error("{0}")]
-    RawIo(#[from] io::Error),
     /// A structure of the image is damaged or inconsistent.
     #[error("{0}")]
     Corrupt(Box<Corruption>),
@@ -173,7 +187,28 @@ pub enum Error {
         /// id: files of that name exist, but are not this disk's parent.
         wrong_id: Vec<PathBuf>,
     },
-    /// A limit set in [`OpenOptions`](crate::OpenOptions) was exceeded.
+    /// A differencing disk's header records its parent otherwise than the
+    /// parent is (unique id, time stamp, size): the parent changed since
+    /// the child was made, or is another disk.
+    #[error(
+        "{}: records its parent's {field} as {recorded}, but {} has {found}",
+        path.display(),
+        parent.display()
+    )]
+    ParentMismatch {
+        /// The child.
+        path: PathBuf,
+        /// The parent it was checked against.
+        parent: PathBuf,
+        /// What differs ("unique id", "time stamp", "size").
+        field: &'static str,
+        /// What the child records.
+        recorded: String,
+        /// What the parent has.
+        found: String,
+    },
+    /// A limit was exceeded: one set in [`OpenOptions`](crate::OpenOptions),
+    /// or one of the format's own (a block's 32-bit sector offset).
     #[error("{}: {what} is {value}, over the limit of {limit}", path.display())]
     Limit {
         /// The file.
@@ -222,9 +257,80 @@ pub enum Error {
         /// The version the file states, when it states one.
         version: Option<String>,
     },
-    /// A caller's argument is out of range or contradictory.
-    #[error("{0}")]
-    InvalidArgument(String),
+    /// The caller forced a format ([`OpenOptions::format`](crate::OpenOptions::format))
+    /// that the file is not.
+    #[error(
+        "{}: {}",
+        path.display(),
+        match found {
+            Some(found) => format!("the file is {found}, not {asked}"),
+            None if *asked == Format::Vhdx => "no VHDX file identifier at offset 0, so not vhdx".to_string(),
+            None => format!("no VHD footer at the end or at offset 0, so not {asked}"),
+        }
+    )]
+    FormatMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The format the caller asked for.
+        asked: Format,
+        /// The format the file is, when it is one (`None`: none of the
+        /// structures of the format asked for were found).
+        found: Option<Format>,
+    },
+    /// An operation that does not apply to this kind of image: resizing a
+    /// differencing disk, writing into a raw file, merging a disk that has
+    /// no parent...
+    #[error("{}: {reason}", path.display())]
+    WrongImageKind {
+        /// The image.
+        path: PathBuf,
+        /// The operation ("resize", "sparsify", "merge", "write", ...).
+        operation: &'static str,
+        /// What the image is.
+        kind: Format,
+        /// Why the operation does not apply, in a sentence.
+        reason: String,
+    },
+    /// A caller's option or argument is out of range or contradictory.
+    #[error(
+        "{}{message}",
+        path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default()
+    )]
+    InvalidOption {
+        /// The file the option applies to, when there is one.
+        path: Option<PathBuf>,
+        /// The option, as the library names it ("block size", "size",
+        /// "threads", "shrink", "force", "parent", ...).
+        option: &'static str,
+        /// The value given (empty when the option is a switch left off).
+        value: String,
+        /// What is wrong, in a sentence.
+        message: String,
+    },
+    /// A range that leaves the virtual disk (or overflows).
+    #[error(
+        "{}{len} bytes at offset {offset} leave the disk of {size} bytes",
+        path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default()
+    )]
+    OutOfRange {
+        /// The image, when known.
+        path: Option<PathBuf>,
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Size of the disk.
+        size: u64,
+    },
+    /// The output cannot be written: a directory, a FIFO, a device of
+    /// another size, the input itself, a file locked or read-only...
+    #[error("{}: {reason}", path.display())]
+    OutputRefused {
+        /// The target.
+        path: PathBuf,
+        /// Why it is refused, in a sentence.
+        reason: String,
+    },
     /// The output exists and overwriting was not requested.
     #[error("{}: the output exists and was left as it is", .0.display())]
     OutputExists(PathBuf),
@@ -237,11 +343,24 @@ pub enum Error {
     Azure(Box<crate::azure::AzureError>),
 }
 
+/// An I/O error where nothing but the error is known (no file, no offset);
+/// [`Error::with_path`] names the file.
+impl From<io::Error> for Error {
+    fn from(source: io::Error) -> Error {
+        Error::Io {
+            path: None,
+            op: "I/O",
+            offset: None,
+            source,
+        }
+    }
+}
+
 impl Error {
     /// What kind of error this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Io { .. } | Error::RawIo(_) => ErrorKind::Io,
+            Error::Io { .. } => ErrorKind::Io,
             Error::Corrupt(c) if c.structure == Structure::ParentChain => {
                 ErrorKind::ChainTooDeepOrLooping
             }
@@ -251,13 +370,19 @@ impl Error {
                 ErrorKind::ParentMismatch
             }
             Error::ParentNotFound { .. } => ErrorKind::ParentMissing,
+            Error::ParentMismatch { .. } => ErrorKind::ParentMismatch,
             Error::Limit { what, .. } if what.contains("parent chain") => {
                 ErrorKind::ChainTooDeepOrLooping
             }
             Error::Limit { .. } => ErrorKind::Limit,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::NotAnImageFile { .. } | Error::ForeignFormat { .. } => ErrorKind::NotAnImage,
-            Error::InvalidArgument(_) => ErrorKind::InvalidOption,
+            Error::FormatMismatch { .. } | Error::WrongImageKind { .. } => {
+                ErrorKind::WrongImageKind
+            }
+            Error::InvalidOption { .. } => ErrorKind::InvalidOption,
+            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
+            Error::OutputRefused { .. } => ErrorKind::OutputRefused,
             Error::OutputExists(_) => ErrorKind::OutputExists,
             Error::Interrupted => ErrorKind::Cancelled,
             #[cfg(feature = "azure")]
@@ -273,16 +398,22 @@ impl Error {
     /// The file the error is about, when it names one.
     pub fn path(&self) -> Option<&Path> {
         match self {
-            Error::Io { path, .. }
-            | Error::ParentNotFound { path, .. }
+            Error::ParentNotFound { path, .. }
+            | Error::ParentMismatch { path, .. }
             | Error::Limit { path, .. }
             | Error::Unsupported { path, .. }
             | Error::NotAnImageFile { path, .. }
             | Error::ForeignFormat { path, .. }
+            | Error::FormatMismatch { path, .. }
+            | Error::WrongImageKind { path, .. }
+            | Error::OutputRefused { path, .. }
             | Error::OutputExists(path) => Some(path),
-            Error::Checksum { path, .. } => path.as_deref(),
+            Error::Io { path, .. }
+            | Error::Checksum { path, .. }
+            | Error::InvalidOption { path, .. }
+            | Error::OutOfRange { path, .. } => path.as_deref(),
             Error::Corrupt(c) => c.path.as_deref(),
-            Error::RawIo(_) | Error::InvalidArgument(_) | Error::Interrupted => None,
+            Error::Interrupted => None,
             #[cfg(feature = "azure")]
             Error::Azure(_) => None,
         }
@@ -326,10 +457,27 @@ impl Error {
                 found,
                 computed,
             },
-            Error::RawIo(source) => Error::Io {
-                path: path.to_path_buf(),
-                op: "I/O",
+            Error::Io {
+                path: None,
+                op,
+                offset,
                 source,
+            } => Error::Io {
+                path: Some(path.to_path_buf()),
+                op,
+                offset,
+                source,
+            },
+            Error::OutOfRange {
+                path: None,
+                offset,
+                len,
+                size,
+            } => Error::OutOfRange {
+                path: Some(path.to_path_buf()),
+                offset,
+                len,
+                size,
             },
             other => other,
         }
@@ -338,20 +486,94 @@ impl Error {
     /// An I/O error on `path`.
     pub fn io(path: &Path, op: &'static str, source: io::Error) -> Error {
         Error::Io {
-            path: path.to_path_buf(),
+            path: Some(path.to_path_buf()),
             op,
+            offset: None,
             source,
+        }
+    }
+
+    /// An I/O error on `path` reading or writing at `offset`.
+    pub fn io_at(path: &Path, op: &'static str, offset: u64, source: io::Error) -> Error {
+        Error::Io {
+            path: Some(path.to_path_buf()),
+            op,
+            offset: Some(offset),
+            source,
+        }
+    }
+
+    /// An [`Error::InvalidOption`] that names no file.
+    pub fn invalid_option(
+        option: &'static str,
+        value: impl fmt::Display,
+        message: impl Into<String>,
+    ) -> Error {
+        Error::InvalidOption {
+            path: None,
+            option,
+            value: value.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// An [`Error::InvalidOption`] about the file `path`.
+    pub(crate) fn invalid_option_for(
+        path: &Path,
+        option: &'static str,
+        value: impl fmt::Display,
+        message: impl Into<String>,
+    ) -> Error {
+        Error::InvalidOption {
+            path: Some(path.to_path_buf()),
+            option,
+            value: value.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// An [`Error::WrongImageKind`].
+    pub(crate) fn wrong_kind(
+        path: &Path,
+        operation: &'static str,
+        kind: Format,
+        reason: impl Into<String>,
+    ) -> Error {
+        Error::WrongImageKind {
+            path: path.to_path_buf(),
+            operation,
+            kind,
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::OutputRefused`].
+    pub(crate) fn refused(path: &Path, reason: impl Into<String>) -> Error {
+        Error::OutputRefused {
+            path: path.to_path_buf(),
+            reason: reason.into(),
         }
     }
 }
 
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
+        use io::ErrorKind as K;
+        let kind = match &e {
+            Error::Interrupted => K::Interrupted,
+            Error::InvalidOption { .. }
+            | Error::OutOfRange { .. }
+            | Error::FormatMismatch { .. }
+            | Error::WrongImageKind { .. }
+            | Error::OutputRefused { .. } => K::InvalidInput,
+            Error::OutputExists(_) => K::AlreadyExists,
+            Error::ParentNotFound { wrong_id, .. } if wrong_id.is_empty() => K::NotFound,
+            Error::Unsupported { .. } => K::Unsupported,
+            _ => K::InvalidData,
+        };
         match e {
-            Error::Io { source, .. } | Error::RawIo(source) => source,
-            Error::Interrupted => io::Error::new(io::ErrorKind::Interrupted, e),
-            Error::InvalidArgument(_) => io::Error::new(io::ErrorKind::InvalidInput, e),
-            other => io::Error::new(io::ErrorKind::InvalidData, other),
+            Error::Io { source, .. } => source,
+            other => io::Error::new(kind, other),
         }
     }
 }

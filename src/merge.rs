@@ -71,11 +71,14 @@ const CHUNK: u64 = 4 << 20;
 /// ancestor `opts.into`. See the [module documentation](self).
 ///
 /// # Errors
-/// The open errors of [`Image::open_with`]; [`Error::InvalidArgument`] when
-/// `child` is not a differencing disk, `into` is not in its chain, a
-/// recorded parent id or time stamp does not match, sizes differ, the
-/// target is read-only, or other differencing disks depend on the target
-/// and `force` is off; I/O errors.
+/// The open errors of [`Image::open_with`]; [`Error::WrongImageKind`] when
+/// `child` is not a differencing disk (or a layer is raw);
+/// [`Error::ParentNotFound`] when its parent is missing;
+/// [`Error::InvalidOption`] when `into` is not in its chain, or other
+/// differencing disks depend on the target and `force` is off (option
+/// `"force"`); [`Error::ParentMismatch`] when a recorded parent id, time
+/// stamp or size does not match; [`Error::OutputRefused`] when the target
+/// is read-only or a layer is locked; I/O errors.
 pub fn merge(child: impl AsRef<Path>, opts: &MergeOptions) -> Result<MergeReport> {
     merge_inner(child.as_ref(), opts, None)
 }
@@ -86,24 +89,29 @@ pub fn merge_recording(child: &Path, opts: &MergeOptions, log: OpLog) -> Result<
     merge_inner(child, opts, Some(log))
 }
 
-fn invalid(msg: String) -> Error {
-    Error::InvalidArgument(msg)
-}
-
 fn merge_inner(child: &Path, opts: &MergeOptions, log: Option<OpLog>) -> Result<MergeReport> {
     let img = Image::open_with(child, &opts.open)?;
     if img.disk_type() != Format::Differencing {
-        return Err(invalid(format!(
-            "{}: is a {} disk; only a differencing disk is merged into its parent",
-            child.display(),
-            img.disk_type()
-        )));
+        return Err(Error::wrong_kind(
+            child,
+            "merge",
+            img.disk_type(),
+            format!(
+                "is a {} disk; only a differencing disk is merged into its parent",
+                img.disk_type()
+            ),
+        ));
     }
     if img.parent_missing() {
-        return Err(invalid(format!(
-            "{}: its parent is missing",
-            child.display()
-        )));
+        return Err(Error::ParentNotFound {
+            path: child.to_path_buf(),
+            parent_id: img
+                .header()
+                .map(|h| h.parent_unique_id.to_string())
+                .unwrap_or_default(),
+            tried: vec!["the image was opened with its parent missing (read as zeros)".into()],
+            wrong_id: Vec::new(),
+        });
     }
     let chain = img.chain();
     let k = match &opts.into {
@@ -116,16 +124,20 @@ fn merge_inner(child: &Path, opts: &MergeOptions, log: Option<OpLog>) -> Result<
                 .position(|l| file_id(l.path()).ok() == Some(want))
                 .map(|p| p + 1)
                 .ok_or_else(|| {
-                    invalid(format!(
-                        "{}: is not an ancestor of {} (its chain: {})",
+                    Error::invalid_option_for(
+                        into,
+                        "into",
                         into.display(),
-                        child.display(),
-                        chain
-                            .iter()
-                            .map(|l| l.path().display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(" -> ")
-                    ))
+                        format!(
+                            "is not an ancestor of {} (its chain: {})",
+                            child.display(),
+                            chain
+                                .iter()
+                                .map(|l| l.path().display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(" -> ")
+                        ),
+                    )
                 })?
         }
     };
@@ -134,51 +146,58 @@ fn merge_inner(child: &Path, opts: &MergeOptions, log: Option<OpLog>) -> Result<
     for j in 0..k {
         let (upper, lower) = (chain[j], chain[j + 1]);
         let h = upper.header().ok_or_else(|| {
-            invalid(format!(
-                "{}: is not a differencing disk",
-                upper.path().display()
-            ))
+            Error::wrong_kind(
+                upper.path(),
+                "merge",
+                upper.disk_type(),
+                "is not a differencing disk",
+            )
         })?;
         let lf = lower.footer().ok_or_else(|| {
-            invalid(format!(
-                "{}: is raw; only a VHD can be merged into",
-                lower.path().display()
-            ))
+            Error::wrong_kind(
+                lower.path(),
+                "merge into",
+                lower.disk_type(),
+                "is raw; only a VHD can be merged into",
+            )
         })?;
         if h.parent_unique_id != lf.unique_id {
-            return Err(invalid(format!(
-                "{}: records parent unique id {}, but {} has {}",
-                upper.path().display(),
-                h.parent_unique_id,
-                lower.path().display(),
-                lf.unique_id
-            )));
+            return Err(Error::ParentMismatch {
+                path: upper.path().to_path_buf(),
+                parent: lower.path().to_path_buf(),
+                field: "unique id",
+                recorded: h.parent_unique_id.to_string(),
+                found: lf.unique_id.to_string(),
+            });
         }
         if h.parent_timestamp.0 != 0 && h.parent_timestamp != lf.timestamp {
-            return Err(invalid(format!(
-                "{}: records its parent's time stamp as {}, but {} has {} (the parent \
-                 changed since the child was made)",
-                upper.path().display(),
-                h.parent_timestamp,
-                lower.path().display(),
-                lf.timestamp
-            )));
+            return Err(Error::ParentMismatch {
+                path: upper.path().to_path_buf(),
+                parent: lower.path().to_path_buf(),
+                field: "time stamp",
+                recorded: h.parent_timestamp.to_string(),
+                found: format!(
+                    "{} (the parent changed since the child was made)",
+                    lf.timestamp
+                ),
+            });
         }
         if lower.virtual_size() != size {
-            return Err(invalid(format!(
-                "{}: is {} bytes, the child {} bytes",
-                lower.path().display(),
-                lower.virtual_size(),
-                size
-            )));
+            return Err(Error::ParentMismatch {
+                path: upper.path().to_path_buf(),
+                parent: lower.path().to_path_buf(),
+                field: "size",
+                recorded: size.to_string(),
+                found: lower.virtual_size().to_string(),
+            });
         }
     }
     if let Ok(m) = std::fs::metadata(target.path()) {
         if m.permissions().readonly() {
-            return Err(invalid(format!(
-                "{}: is read-only; merging changes it",
-                target.path().display()
-            )));
+            return Err(Error::refused(
+                target.path(),
+                "is read-only; merging changes it",
+            ));
         }
     }
     // Other children of the target and of the layers between.
@@ -203,26 +222,31 @@ fn merge_inner(child: &Path, opts: &MergeOptions, log: Option<OpLog>) -> Result<
         others.extend(children_naming(f, &ids, &members));
     }
     if !others.is_empty() && !opts.force {
-        return Err(invalid(format!(
-            "{}: other differencing disks depend on it and would see their content change: {}",
-            target.path().display(),
-            others
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
+        return Err(Error::invalid_option_for(
+            target.path(),
+            "force",
+            false,
+            format!(
+                "other differencing disks depend on it and would see their content change: {}",
+                others
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
     }
     for l in &chain[..k] {
-        let file = l
-            .file()
-            .ok_or_else(|| invalid(format!("{}: is not a file", l.path().display())))?;
+        let file = l.file().ok_or_else(|| Error::Unsupported {
+            path: l.path().to_path_buf(),
+            what: "is not a file; only local files are merged".into(),
+        })?;
         rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockShared).map_err(
             |_| {
-                invalid(format!(
-                    "{}: another program holds a lock on it (open for writing elsewhere)",
-                    l.path().display()
-                ))
+                Error::refused(
+                    l.path(),
+                    "another program holds a lock on it (open for writing elsewhere)",
+                )
             },
         )?;
     }
@@ -236,12 +260,14 @@ fn merge_inner(child: &Path, opts: &MergeOptions, log: Option<OpLog>) -> Result<
         None => VhdWriter::open(target.path(), &wopts),
     }
     .map_err(|e| match e {
-        Error::Io { path, source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
-            invalid(format!(
-                "{}: cannot be opened for writing ({source}); merging changes it",
-                path.display()
-            ))
-        }
+        Error::Io {
+            path: Some(path),
+            source,
+            ..
+        } if source.kind() == std::io::ErrorKind::PermissionDenied => Error::refused(
+            &path,
+            format!("cannot be opened for writing ({source}); merging changes it"),
+        ),
         e => e,
     })?;
 

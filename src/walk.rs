@@ -235,7 +235,8 @@ fn source(img: &Image, layer: usize) -> Result<&Image> {
 /// The bytes of a data chunk: mapped or copied.
 pub(crate) fn chunk_bytes(img: &Image, c: &Chunk) -> Result<crate::storage::mmap::Window> {
     let src = source(img, c.layer)?;
-    window(src.storage(), c.file_offset, c.len).map_err(|e| Error::io(src.path(), "read", e))
+    window(src.storage(), c.file_offset, c.len)
+        .map_err(|e| Error::io_at(src.path(), "read", c.file_offset, e))
 }
 
 /// The windows of `start..start + len`, each a multiple of `unit` long.
@@ -490,7 +491,7 @@ fn block_has_data(img: &Image, chunks: &[Chunk], stats: &Stats) -> Result<bool> 
                 (c.len - pos).min(CHUNK)
             };
             let nz = with_bytes(src.storage(), c.file_offset + pos, n, |d| !is_zero(d))
-                .map_err(|e| Error::io(src.path(), "read", e))?;
+                .map_err(|e| Error::io_at(src.path(), "read", c.file_offset + pos, e))?;
             if nz {
                 // The copy reads this block again and counts it then.
                 return Ok(true);

@@ -84,10 +84,14 @@ impl DynamicLayout {
     /// The BAT entry (a sector number) for a block stored at `slot`.
     pub fn bat_entry(&self, slot: u64) -> Result<u32> {
         u32::try_from(self.block_offset(slot) / SECTOR).map_err(|_| {
-            Error::InvalidArgument(format!(
-                "a dynamic VHD of {} bytes does not fit the format's 32-bit sector offsets",
-                self.size
-            ))
+            Error::invalid_option(
+                "size",
+                self.size,
+                format!(
+                    "a dynamic VHD of {} bytes does not fit the format's 32-bit sector offsets",
+                    self.size
+                ),
+            )
         })
     }
 
@@ -103,10 +107,19 @@ impl DynamicLayout {
         let allocated = bat.allocated() as u64;
         let file_len = self.file_len(allocated);
         let mut written = 0u64;
-        out.write_all_at(&fb, 0)?;
-        out.write_all_at(&header.to_bytes(), FOOTER_SIZE as u64)?;
+        // The file is named by the caller (`with_path`); the offset here.
+        let put = |bytes: &[u8], at: u64| {
+            out.write_all_at(bytes, at).map_err(|source| Error::Io {
+                path: None,
+                op: "write",
+                offset: Some(at),
+                source,
+            })
+        };
+        put(&fb, 0)?;
+        put(&header.to_bytes(), FOOTER_SIZE as u64)?;
         let bat_bytes = bat.to_bytes();
-        out.write_all_at(&bat_bytes, self.table_offset)?;
+        put(&bat_bytes, self.table_offset)?;
         written += (2 * FOOTER_SIZE + HEADER_SIZE + bat_bytes.len()) as u64;
         // Bits beyond the block's sectors stay clear; bits for sectors past
         // the virtual size are set (the block is whole on disk).
@@ -115,11 +128,11 @@ impl DynamicLayout {
         crate::ondisk::SectorBitmap::set_range(&mut bitmap, 0, sectors);
         for &e in &bat.entries {
             if e != crate::ondisk::UNALLOCATED {
-                out.write_all_at(&bitmap, crate::ondisk::entry_offset(e))?;
+                put(&bitmap, crate::ondisk::entry_offset(e))?;
                 written += self.bitmap_size;
             }
         }
-        out.write_all_at(&fb, file_len - FOOTER_SIZE as u64)?;
+        put(&fb, file_len - FOOTER_SIZE as u64)?;
         Ok(written)
     }
 }
@@ -279,7 +292,7 @@ impl AtomicOutput {
     ///
     /// # Errors
     /// [`Error::OutputExists`] when the target exists and `overwrite` is off;
-    /// [`Error::InvalidArgument`] for a target that is a directory, FIFO,
+    /// [`Error::OutputRefused`] for a target that is a directory, FIFO,
     /// character device or socket (a block device without `overwrite` is
     /// [`Error::OutputExists`]); [`Error::Io`] naming the folder when it is
     /// missing, not a directory, or refuses a new file.
@@ -304,11 +317,13 @@ impl AtomicOutput {
                 return Self::open_device(target, folder);
             }
             if !block || keep_owner {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: is {}; the output must be a regular file (or a block device to overwrite)",
-                    target.display(),
-                    file_kind(m)
-                )));
+                return Err(Error::refused(
+                    target,
+                    format!(
+                        "is {}; the output must be a regular file (or a block device to overwrite)",
+                        file_kind(m)
+                    ),
+                ));
             }
         }
         if !overwrite && std::fs::symlink_metadata(target).is_ok() {
@@ -368,11 +383,13 @@ impl AtomicOutput {
         // What was opened, not what was looked at.
         let m = f.metadata().map_err(|e| Error::io(target, "stat", e))?;
         if !m.file_type().is_block_device() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: is {}; the output must be a regular file (or a block device to overwrite)",
-                target.display(),
-                file_kind(&m)
-            )));
+            return Err(Error::refused(
+                target,
+                format!(
+                    "is {}; the output must be a regular file (or a block device to overwrite)",
+                    file_kind(&m)
+                ),
+            ));
         }
         let size = f
             .seek(std::io::SeekFrom::End(0))
@@ -409,10 +426,10 @@ impl AtomicOutput {
 
     fn fits(&self, end: u64) -> Result<()> {
         match &self.kind {
-            OutputKind::Device(_, size) if end > *size => Err(Error::InvalidArgument(format!(
-                "{}: the device holds {size} bytes; the output needs {end}",
-                self.target.display()
-            ))),
+            OutputKind::Device(_, size) if end > *size => Err(Error::refused(
+                &self.target,
+                format!("the device holds {size} bytes; the output needs {end}"),
+            )),
             _ => Ok(()),
         }
     }
@@ -424,16 +441,18 @@ impl AtomicOutput {
     pub fn vhd_fits_exactly(&self, len: Option<u64>) -> Result<()> {
         match &self.kind {
             OutputKind::Device(_, size) if len != Some(*size) => {
-                Err(Error::InvalidArgument(format!(
-                    "{}: the device holds {size} bytes; a VHD written to a device must end where \
-                     the device ends (its footer is read from the last 512 bytes), and this \
-                     one {}: write a raw disk to the device, or a fixed VHD of exactly its size",
-                    self.target.display(),
-                    match len {
-                        Some(l) => format!("is {l} bytes"),
-                        None => "is dynamic (its length depends on its data)".to_string(),
-                    }
-                )))
+                Err(Error::refused(
+                    &self.target,
+                    format!(
+                        "the device holds {size} bytes; a VHD written to a device must end where \
+                         the device ends (its footer is read from the last 512 bytes), and this \
+                         one {}: write a raw disk to the device, or a fixed VHD of exactly its size",
+                        match len {
+                            Some(l) => format!("is {l} bytes"),
+                            None => "is dynamic (its length depends on its data)".to_string(),
+                        }
+                    ),
+                ))
             }
             _ => Ok(()),
         }
@@ -457,9 +476,12 @@ impl AtomicOutput {
         let OutputKind::Device(f, _) = &self.kind else {
             return Ok(());
         };
-        let end = at
-            .checked_add(len)
-            .ok_or_else(|| Error::InvalidArgument(format!("{at} + {len} overflows")))?;
+        let end = at.checked_add(len).ok_or_else(|| Error::OutOfRange {
+            path: Some(self.target.clone()),
+            offset: at,
+            len,
+            size: u64::MAX,
+        })?;
         self.fits(end)?;
         if len == 0 {
             return Ok(());
@@ -475,7 +497,7 @@ impl AtomicOutput {
         while pos < end {
             let n = (end - pos).min(zeros.len() as u64) as usize;
             f.write_all_at(&zeros[..n], pos)
-                .map_err(|e| Error::io(&self.target, "write zeros", e))?;
+                .map_err(|e| Error::io_at(&self.target, "write zeros", pos, e))?;
             pos += n as u64;
         }
         Ok(())

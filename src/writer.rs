@@ -49,7 +49,7 @@
 //! lock held only while a slot is handed out; `flush` waits for writes in
 //! progress and holds new ones until it is done.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Structure};
 use crate::image::{ExtentKind, Format, Image, OpenOptions};
 use crate::io::{ReadAt, WriteAt};
 use crate::ondisk::{SectorBitmap, FOOTER_SIZE, SECTOR, UNALLOCATED};
@@ -148,10 +148,13 @@ impl VhdWriter {
     /// read), and takes an exclusive lock on it.
     ///
     /// # Errors
-    /// The open errors of [`Image::open_with`]; [`Error::InvalidArgument`]
-    /// for a raw image, a missing parent, a file whose end footer is
-    /// missing, damaged or 511 bytes long, blocks that overlap metadata or
-    /// each other, or a file locked by another writer.
+    /// The open errors of [`Image::open_with`]; [`Error::WrongImageKind`]
+    /// for a raw image; [`Error::ParentNotFound`] for a missing parent;
+    /// [`Error::Corrupt`] for a file whose end footer is missing or damaged,
+    /// or whose blocks overlap metadata or each other;
+    /// [`Error::Unsupported`] for a 511-byte footer or an image that is not
+    /// a local file; [`Error::OutputRefused`] for a file locked by another
+    /// writer.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<VhdWriter> {
         Self::open_inner(path.as_ref(), opts, None)
     }
@@ -166,28 +169,57 @@ impl VhdWriter {
     fn open_inner(path: &Path, opts: &OpenOptions, log: Option<OpLog>) -> Result<VhdWriter> {
         let img = Image::open_with(path, &opts.clone().writable(true))?;
         if img.parent_missing() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: its parent is missing; a disk whose parent reads as zeros cannot be written",
-                path.display()
-            )));
+            return Err(Error::ParentNotFound {
+                path: path.to_path_buf(),
+                parent_id: img
+                    .header()
+                    .map(|h| h.parent_unique_id.to_string())
+                    .unwrap_or_default(),
+                tried: vec![
+                    "the image was opened with its parent missing (read as zeros), and a disk \
+                     whose parent reads as zeros cannot be written"
+                        .into(),
+                ],
+                wrong_id: Vec::new(),
+            });
         }
         let format = img.disk_type();
         if format == Format::Raw {
-            return Err(Error::InvalidArgument(format!(
-                "{}: is not a VHD (raw images are written as plain files)",
-                path.display()
-            )));
+            return Err(Error::wrong_kind(
+                path,
+                "write",
+                format,
+                "is not a VHD (raw images are written as plain files)",
+            ));
         }
-        if img.footer_source() != Some(crate::image::FooterSource::End) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: the footer at the end of the file is missing, damaged or 511 bytes long; \
-                 repair the image (convert it) before writing to it",
-                path.display()
-            )));
+        match img.footer_source() {
+            Some(crate::image::FooterSource::End) => {}
+            Some(crate::image::FooterSource::EndLegacy) => {
+                return Err(Error::Unsupported {
+                    path: path.to_path_buf(),
+                    what: "a 511-byte footer (Virtual PC before 2004) is not written to; \
+                           convert the image before writing to it"
+                        .into(),
+                })
+            }
+            _ => {
+                let mut c = Error::corrupt(
+                    Structure::Footer,
+                    "cookie",
+                    img.file_len().saturating_sub(FOOTER_SIZE as u64),
+                    "no intact footer at the end of the file (the copy at offset 0 was read)",
+                    "an intact 512-byte footer: repair the image (convert it) before writing to it",
+                );
+                c = c.with_path(path);
+                return Err(c);
+            }
         }
         let file = img
             .file()
-            .ok_or_else(|| Error::InvalidArgument(format!("{}: is not a file", path.display())))?
+            .ok_or_else(|| Error::Unsupported {
+                path: path.to_path_buf(),
+                what: "is not a file; only local files are written in place".into(),
+            })?
             .try_clone()
             .map_err(io_err(path, "open"))?;
         // A lock still held after a short wait: another writer. (A writer
@@ -203,16 +235,18 @@ impl VhdWriter {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         if !locked {
-            return Err(Error::InvalidArgument(format!(
-                "{}: another program holds a lock on it (open for writing elsewhere)",
-                path.display()
-            )));
+            return Err(Error::refused(
+                path,
+                "another program holds a lock on it (open for writing elsewhere)",
+            ));
         }
         let Some(footer) = img.footer().cloned() else {
-            return Err(Error::InvalidArgument(format!(
-                "{}: is not a VHD (raw images are written as plain files)",
-                path.display()
-            )));
+            return Err(Error::wrong_kind(
+                path,
+                "write",
+                format,
+                "is not a VHD (raw images are written as plain files)",
+            ));
         };
         let (bat, table_offset) = match (img.bat(), img.header()) {
             (Some(b), Some(h)) => {
@@ -273,11 +307,13 @@ impl VhdWriter {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(FileOp::Write(off, buf.to_vec()));
         }
-        WriteAt::write_all_at(&self.file, buf, off).map_err(io_err(&self.path, "write"))
+        WriteAt::write_all_at(&self.file, buf, off)
+            .map_err(|e| Error::io_at(&self.path, "write", off, e))
     }
 
     fn file_read(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        ReadAt::read_exact_at(&self.file, buf, off).map_err(io_err(&self.path, "read"))
+        ReadAt::read_exact_at(&self.file, buf, off)
+            .map_err(|e| Error::io_at(&self.path, "read", off, e))
     }
 
     fn sync(&self) -> Result<()> {
@@ -292,11 +328,12 @@ impl VhdWriter {
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::InvalidArgument(format!(
-                "{}: {len} bytes at offset {offset} leave the disk of {} bytes",
-                self.path.display(),
-                self.size
-            ))),
+            _ => Err(Error::OutOfRange {
+                path: Some(self.path.clone()),
+                offset,
+                len,
+                size: self.size,
+            }),
         }
     }
 
@@ -304,8 +341,9 @@ impl VhdWriter {
     /// to call from many threads at once.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when the range leaves the disk, or a new
-    /// block would lie beyond the format's 32-bit sector offsets; I/O errors.
+    /// [`Error::OutOfRange`] when the range leaves the disk; [`Error::Limit`]
+    /// when a new block would lie beyond the format's 32-bit sector
+    /// offsets; I/O errors.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let _g = self
@@ -393,11 +431,11 @@ impl VhdWriter {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let bmp = self.bitmap_size;
         let slot = (m.end + bmp).div_ceil(DATA_ALIGN) * DATA_ALIGN - bmp;
-        let entry = u32::try_from(slot / SECTOR).map_err(|_| {
-            Error::InvalidArgument(format!(
-                "{}: a new block at offset {slot} is beyond the format's 32-bit sector offsets",
-                self.path.display()
-            ))
+        let entry = u32::try_from(slot / SECTOR).map_err(|_| Error::Limit {
+            path: self.path.clone(),
+            what: "the sector offset of a new block",
+            value: slot / SECTOR,
+            limit: u64::from(u32::MAX),
         })?;
         let new_end = slot + bmp + self.block_size;
         // 1. The footer at the new end: the file always ends with one.
@@ -485,7 +523,7 @@ impl VhdWriter {
     /// (flushed or not). Safe to call from many threads at once.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when the range leaves the disk; I/O errors.
+    /// [`Error::OutOfRange`] when the range leaves the disk; I/O errors.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let _g = self
@@ -635,10 +673,14 @@ fn check_blocks(img: &Image, h: &crate::ondisk::DynamicHeader, bat: &[u32]) -> R
         .collect();
     blocks.sort_unstable();
     let refuse = |i: usize, at: u64, what: String| {
-        Err(Error::InvalidArgument(format!(
-            "{}: BAT entry {i} (block at offset {at}) overlaps {what}; it cannot be written",
-            img.path().display()
-        )))
+        Err(Error::corrupt(
+            Structure::BatEntry(i as u64),
+            "block sector offset",
+            h.table_offset + 4 * i as u64,
+            format!("sector {} (block at offset {at})", at / SECTOR),
+            format!("a block that does not overlap {what} (it cannot be written)"),
+        )
+        .with_path(img.path()))
     };
     let mut prev: Option<(u64, usize)> = None;
     for &(at, i) in &blocks {

@@ -531,8 +531,10 @@ fn new_runtime(url: &BlobUrl) -> Result<tokio::runtime::Runtime> {
 
 fn start(url: &BlobUrl, len: u64, opts: &UploadOptions) -> Result<Uploader> {
     if opts.parallel == 0 {
-        return Err(Error::InvalidArgument(
-            "parallel requests must be at least 1".into(),
+        return Err(Error::invalid_option(
+            "parallel",
+            0,
+            "parallel requests must be at least 1",
         ));
     }
     let rt = new_runtime(url)?;
@@ -792,9 +794,11 @@ pub fn upload_stream(
             let end = pos + buf.len() as u64;
             if let Some(k) = known {
                 if end > k && !(eof && end == k + FOOTER_SIZE as u64) {
-                    return Err(Error::InvalidArgument(format!(
-                        "the stream is longer than the size of {k} bytes"
-                    )));
+                    return Err(Error::invalid_option(
+                        "size",
+                        k,
+                        format!("the stream is longer than the size of {k} bytes"),
+                    ));
                 }
             }
             while end.div_ceil(SECTOR) * SECTOR > cap {

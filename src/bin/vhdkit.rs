@@ -448,6 +448,12 @@ impl Context {
     }
 }
 
+/// The CLI's own refusal of a flag or argument (`flag`), as an
+/// [`vhdkit::Error::InvalidOption`]: like every error, it exits 2.
+fn usage(flag: &'static str, message: String) -> vhdkit::Error {
+    vhdkit::Error::invalid_option(flag, "", message)
+}
+
 /// The flag that can help after `e`, when one can: library errors name no
 /// flags, so the advice is added here, and only where it fits.
 fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
@@ -461,14 +467,12 @@ fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
             "name the parent with --parent FILE, or allow its folder with --parent-dir DIR".into(),
         ),
         vhdkit::Error::OutputExists(_) if ctx.convert => Some("add --force to replace it".into()),
-        vhdkit::Error::InvalidArgument(m) if m.ends_with("shrinking was not asked for") => {
-            Some("add --shrink to shrink it".into())
-        }
-        vhdkit::Error::InvalidArgument(m)
-            if m.contains("other differencing disks depend on it") =>
-        {
-            Some("add --force to merge anyway".into())
-        }
+        vhdkit::Error::InvalidOption {
+            option: "shrink", ..
+        } => Some("add --shrink to shrink it".into()),
+        vhdkit::Error::InvalidOption {
+            option: "force", ..
+        } => Some("add --force to merge anyway".into()),
         #[cfg(feature = "azure")]
         vhdkit::Error::Azure(a)
             if a.kind == vhdkit::azure::AzureErrorKind::InvalidUrl
@@ -523,12 +527,15 @@ fn refuse_url_inputs(cmd: &Cmd) -> vhdkit::Result<()> {
     };
     for p in inputs {
         if let Some(s) = p.to_str().filter(|s| vhdkit::azure::is_url(s)) {
-            return Err(vhdkit::Error::InvalidArgument(format!(
+            return Err(usage(
+                "URL",
+                format!(
                 "{}: a blob URL cannot be changed in place or be this command's file (blob URLs \
                  are read by info, check, map, checksum, compare and convert, and can be \
                  convert's output)",
                 vhdkit::azure::redact(s)
-            )));
+            ),
+            ));
         }
     }
     Ok(())
@@ -627,21 +634,24 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                 .filter(|o| vhdkit::azure::is_url(o))
             {
                 if to.is_some_and(|t| t != To::Fixed) {
-                    return Err(vhdkit::Error::InvalidArgument(
+                    return Err(usage(
+                        "--to",
                         "a blob URL output is a fixed VHD: --to raw and --to dynamic do not go \
                          with it (omit --to, or give --to fixed)"
                             .into(),
                     ));
                 }
                 if block_size.is_some() || in_place || no_sparse || azure || threads.is_some() {
-                    return Err(vhdkit::Error::InvalidArgument(
+                    return Err(usage(
+                        "--block-size",
                         "--block-size, --in-place, --no-sparse, --azure and --threads do not go \
                          with a blob URL output (the blob is always a fixed VHD sized for Azure)"
                             .into(),
                     ));
                 }
                 if size.is_some() && input != Path::new("-") {
-                    return Err(vhdkit::Error::InvalidArgument(
+                    return Err(usage(
+                        "--size",
                         "--size goes with the input - (a stream); a file's size is known".into(),
                     ));
                 }
@@ -660,13 +670,15 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                 return upload_cmd(&input, &url, o, quiet, json);
             }
             if exact_size || parallel.is_some() || resume || size.is_some() {
-                return Err(vhdkit::Error::InvalidArgument(
+                return Err(usage(
+                    "--exact-size",
                     "--exact-size, --parallel, --resume and --size go with a blob URL output"
                         .into(),
                 ));
             }
             let Some(to) = to else {
-                return Err(vhdkit::Error::InvalidArgument(
+                return Err(usage(
+                    "--to",
                     "convert needs --to raw, fixed or dynamic (or a blob URL output)".into(),
                 ));
             };
@@ -676,28 +688,30 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                 To::Dynamic => Target::Dynamic,
             };
             if azure && to != To::Fixed {
-                return Err(vhdkit::Error::InvalidArgument(
-                    "--azure goes with --to fixed".into(),
-                ));
+                return Err(usage("--azure", "--azure goes with --to fixed".into()));
             }
             if block_size.is_some() && (to != To::Dynamic || in_place) {
-                return Err(vhdkit::Error::InvalidArgument(
+                return Err(usage(
+                    "--block-size",
                     "--block-size goes with --to dynamic (and not with --in-place)".into(),
                 ));
             }
             if input == Path::new("-") {
-                return Err(vhdkit::Error::InvalidArgument(
+                return Err(usage(
+                    "INPUT",
                     "- (standard input) is read only for an upload to a blob URL output".into(),
                 ));
             }
             if in_place {
                 if output.is_some() {
-                    return Err(vhdkit::Error::InvalidArgument(
+                    return Err(usage(
+                        "--in-place",
                         "--in-place takes one image, no output".into(),
                     ));
                 }
                 if force || no_sync || no_sparse || threads.is_some() {
-                    return Err(vhdkit::Error::InvalidArgument(
+                    return Err(usage(
+                        "--in-place",
                         "--force, --no-sync, --no-sparse and --threads do not go with \
                          --in-place (it changes the image named, syncing each step)"
                             .into(),
@@ -706,7 +720,8 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                 return in_place_convert(&input, target, azure, quiet, json, &open);
             }
             let Some(output) = output else {
-                return Err(vhdkit::Error::InvalidArgument(
+                return Err(usage(
+                    "OUTPUT",
                     "convert needs an OUTPUT (or --in-place)".into(),
                 ));
             };
@@ -725,9 +740,10 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             }
             if let Some(b) = block_size {
                 let bs = u32::try_from(b).map_err(|_| {
-                    vhdkit::Error::InvalidArgument(format!(
-                        "block size {b}: must be a power of two from 512 KiB to 256 MiB"
-                    ))
+                    usage(
+                        "--block-size",
+                        format!("block size {b}: must be a power of two from 512 KiB to 256 MiB"),
+                    )
                 })?;
                 opts = opts.block_size(bs);
             }
@@ -839,7 +855,8 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
             json,
         } => {
             if parent.is_none() && !parent_dirs.is_empty() {
-                return Err(vhdkit::Error::InvalidArgument(
+                return Err(usage(
+                    "--parent-dir",
                     "--parent-dir goes with --parent (where the new child's parent chain is found)"
                         .into(),
                 ));
@@ -1129,15 +1146,17 @@ fn create_cmd(
     as_json: bool,
 ) -> vhdkit::Result<u8> {
     let block_size = match block_size {
-        Some(b) => Some(u32::try_from(b).map_err(|_| {
-            vhdkit::Error::InvalidArgument(format!("--block-size {b}: at most 256M"))
-        })?),
+        Some(b) => Some(
+            u32::try_from(b)
+                .map_err(|_| usage("--block-size", format!("--block-size {b}: at most 256M")))?,
+        ),
         None => None,
     };
     let made = match parent {
         Some(base) => {
             if kind == NewType::Fixed {
-                return Err(vhdkit::Error::InvalidArgument(
+                return Err(usage(
+                    "--type",
                     "--type fixed does not go with --parent (a child is a differencing disk)"
                         .into(),
                 ));
@@ -1160,7 +1179,8 @@ fn create_cmd(
                 NewType::Dynamic => vhdkit::DiskKind::Dynamic,
             };
             if k == vhdkit::DiskKind::Fixed && block_size.is_some() {
-                return Err(vhdkit::Error::InvalidArgument(
+                return Err(usage(
+                    "--block-size",
                     "--block-size goes with a dynamic or differencing disk".into(),
                 ));
             }
@@ -1257,7 +1277,7 @@ fn info_json(img: &Image) -> Value {
         "virtual_size": img.virtual_size(),
         "file_size": img.file_len(),
         "allocated_file_bytes": img.allocated_file_bytes(),
-        "warnings": img.warnings(),
+        "warnings": img.warnings().iter().map(|w| w.message.as_str()).collect::<Vec<_>>(),
     });
     put_path(&mut v, "path", img.path());
     if let Some(f) = img.footer() {
@@ -1499,7 +1519,8 @@ fn azure_upload_size(img: &Image, azure: bool) -> vhdkit::Result<Option<u64>> {
     #[cfg(not(feature = "azure"))]
     {
         let _ = img;
-        Err(vhdkit::Error::InvalidArgument(
+        Err(usage(
+            "--azure",
             "this vhdkit was built without Azure support".into(),
         ))
     }

@@ -86,11 +86,11 @@ pub(crate) fn range_end(path: &std::path::Path, offset: u64, len: u64, size: u64
     offset
         .checked_add(len)
         .filter(|&e| e <= size)
-        .ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "{}: range {offset}+{len} is outside the virtual disk of {size} bytes",
-                path.display()
-            ))
+        .ok_or_else(|| Error::OutOfRange {
+            path: Some(path.to_path_buf()),
+            offset,
+            len,
+            size,
         })
 }
 
@@ -104,7 +104,7 @@ impl Image {
     /// report filesystem holes as `Zero`.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when the range leaves the disk; I/O errors
+    /// [`Error::OutOfRange`] when the range leaves the disk; I/O errors
     /// reading sector bitmaps or asking the filesystem for holes.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let mut out = Vec::new();
@@ -302,7 +302,7 @@ impl Image {
         }
         bitmap.resize(d.bitmap_size as usize, 0);
         ReadAt::read_exact_at(&*self.storage, bitmap, bitmap_at)
-            .map_err(|e| Error::io(&self.path, "read sector bitmap", e))?;
+            .map_err(|e| Error::io_at(&self.path, "read sector bitmap", bitmap_at, e))?;
         let bits = SectorBitmap(bitmap);
         let sectors_in_block = d.block_size / SECTOR;
         if bits.all_set(sectors_in_block) {
@@ -335,14 +335,14 @@ impl Image {
     /// from many threads at once.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when the range leaves the disk; I/O errors.
+    /// [`Error::OutOfRange`] when the range leaves the disk; I/O errors.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         self.check_range(offset, len)?;
         if matches!(self.layout, Layout::Raw | Layout::Fixed(_)) {
             // Holes read as zeros: no need to ask the filesystem where they are.
             return ReadAt::read_exact_at(&*self.storage, buf, offset)
-                .map_err(|e| Error::io(&self.path, "read", e));
+                .map_err(|e| Error::io_at(&self.path, "read", offset, e));
         }
         let extents = self.map(offset, len)?;
         self.read_extents(&extents, offset, buf)
@@ -359,7 +359,7 @@ impl Image {
                         .layer(layer)
                         .ok_or_else(|| crate::walk::bad_layer(self, layer))?;
                     ReadAt::read_exact_at(&*img.storage, dst, file_offset)
-                        .map_err(|err| Error::io(&img.path, "read", err))?;
+                        .map_err(|err| Error::io_at(&img.path, "read", file_offset, err))?;
                 }
                 ExtentKind::Zero | ExtentKind::Parent => dst.fill(0),
             }

@@ -167,6 +167,47 @@ impl OpenOptions {
     }
 }
 
+/// Something odd found while opening an image that did not stop the open
+/// (a damaged end footer replaced by its copy, a checksum ignored on
+/// request, padding...). Its `code` is assigned where it is made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Warning {
+    /// The stable code, as check's codes in the README name it
+    /// (`footer-copy-used`, `checksum-ignored`, `fixed-padding`,
+    /// `footer-copy-differs`, `parent-size-differs`, `parent-missing`,
+    /// `vhdx-log-replayed`, or `image-warning` for any other).
+    pub code: &'static str,
+    /// What was found, in a sentence.
+    pub message: String,
+    /// The structure concerned, when there is one.
+    pub structure: Option<Structure>,
+    /// The offset in the file of that structure, when known.
+    pub offset: Option<u64>,
+}
+
+impl Warning {
+    pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Warning {
+        Warning {
+            code,
+            message: message.into(),
+            structure: None,
+            offset: None,
+        }
+    }
+    pub(crate) fn at(mut self, structure: Structure, offset: u64) -> Warning {
+        self.structure = Some(structure);
+        self.offset = Some(offset);
+        self
+    }
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Where the footer was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -192,7 +233,7 @@ pub struct Image {
     layout: Layout,
     parent: Option<Box<Image>>,
     parent_missing: bool,
-    warnings: Vec<String>,
+    warnings: Vec<Warning>,
     /// Check mode: problems that did not stop the walk (None: fail fast).
     diag: Option<Vec<Error>>,
     /// Problems found in check mode beyond [`MAX_LISTED_PROBLEMS`].
@@ -458,18 +499,25 @@ impl Image {
         move |e| Error::io(&self.path, op, e)
     }
 
+    /// An I/O error reading or writing `op` at `offset` of this image's file.
+    fn io_at(&self, op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |e| Error::io_at(&self.path, op, offset, e)
+    }
+
     /// Finds and validates the footer, then the dynamic structures.
     fn detect(&mut self, opts: &OpenOptions) -> Result<()> {
         let len = self.file_len;
-        if len >= 8 && &read_array::<8>(&*self.storage, 0).map_err(self.io("read"))? == b"vhdxfile"
+        if len >= 8
+            && &read_array::<8>(&*self.storage, 0).map_err(self.io_at("read", 0))? == b"vhdxfile"
         {
             return self.load_vhdx(opts);
         }
         if opts.format == Some(Format::Vhdx) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: no VHDX file identifier at offset 0, so not vhdx",
-                self.path.display()
-            )));
+            return Err(Error::FormatMismatch {
+                path: self.path.clone(),
+                asked: Format::Vhdx,
+                found: None,
+            });
         }
         // The end footer: the last 512 bytes, or the last 511.
         let mut tail: Option<([u8; FOOTER_SIZE], u64, FooterSource)> = None;
@@ -477,7 +525,8 @@ impl Image {
             let start = len.saturating_sub(512);
             let mut b = [0u8; FOOTER_SIZE];
             let n = (len - start) as usize;
-            ReadAt::read_exact_at(&*self.storage, &mut b[..n], start).map_err(self.io("read"))?;
+            ReadAt::read_exact_at(&*self.storage, &mut b[..n], start)
+                .map_err(self.io_at("read", start))?;
             if n == 512 && Footer::has_cookie(&b) {
                 tail = Some((b, start, FooterSource::End));
             } else {
@@ -492,7 +541,8 @@ impl Image {
         // The copy at offset 0 (dynamic and differencing disks only).
         let mut head: Option<Footer> = None;
         if len >= (FOOTER_SIZE + HEADER_SIZE + FOOTER_SIZE) as u64 {
-            let b: [u8; FOOTER_SIZE] = read_array(&*self.storage, 0).map_err(self.io("read"))?;
+            let b: [u8; FOOTER_SIZE] =
+                read_array(&*self.storage, 0).map_err(self.io_at("read", 0))?;
             if Footer::has_cookie(&b) {
                 if let Ok(f) = Footer::parse(&b, 0, Structure::FooterCopy) {
                     let sum_ok = Footer::verify_checksum(&b, 0, Structure::FooterCopy).is_ok();
@@ -512,12 +562,25 @@ impl Image {
                     Ok(()) => (f, source, at),
                     Err(e) => {
                         if let Some(copy) = head.clone() {
-                            self.warnings.push(format!(
-                                "{e}; the footer copy at offset 0 is intact and was used instead"
-                            ));
+                            self.warnings.push(
+                                Warning::new(
+                                    "footer-copy-used",
+                                    format!(
+                                        "{e}; the footer copy at offset 0 is intact and was used \
+                                         instead"
+                                    ),
+                                )
+                                .at(Structure::Footer, at),
+                            );
                             (copy, FooterSource::Copy, at)
                         } else if opts.ignore_checksums {
-                            self.warnings.push(format!("{e} (ignored on request)"));
+                            self.warnings.push(
+                                Warning::new(
+                                    "checksum-ignored",
+                                    format!("{e} (ignored on request)"),
+                                )
+                                .at(Structure::Footer, at),
+                            );
                             (f, source, at)
                         } else {
                             self.report(e)?;
@@ -528,10 +591,17 @@ impl Image {
             }
             None => match head.clone() {
                 Some(copy) => {
-                    self.warnings.push(format!(
-                        "no footer in the last 512 bytes (file truncated or footer overwritten); \
-                         the footer copy at offset 0 was used (file length {len})"
-                    ));
+                    self.warnings.push(
+                        Warning::new(
+                            "footer-copy-used",
+                            format!(
+                                "no footer in the last 512 bytes (file truncated or footer \
+                                 overwritten); the footer copy at offset 0 was used (file length \
+                                 {len})"
+                            ),
+                        )
+                        .at(Structure::Footer, len.saturating_sub(FOOTER_SIZE as u64)),
+                    );
                     (copy, FooterSource::Copy, len)
                 }
                 None => {
@@ -551,10 +621,11 @@ impl Image {
                     // A VHD format forced by the caller cannot be honoured
                     // without a footer.
                     if let Some(forced) = opts.format {
-                        return Err(Error::InvalidArgument(format!(
-                            "{}: no VHD footer at the end or at offset 0, so not {forced}",
-                            self.path.display()
-                        )));
+                        return Err(Error::FormatMismatch {
+                            path: self.path.clone(),
+                            asked: forced,
+                            found: None,
+                        });
                     }
                     return Ok(());
                 }
@@ -582,12 +653,11 @@ impl Image {
         };
         if let Some(forced) = opts.format {
             if forced != format {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: the footer says {}, not {}",
-                    self.path.display(),
-                    format,
-                    forced
-                )));
+                return Err(Error::FormatMismatch {
+                    path: self.path.clone(),
+                    asked: forced,
+                    found: Some(format),
+                });
             }
         }
         self.virtual_size = footer.current_size;
@@ -604,11 +674,18 @@ impl Image {
                 ))?;
             }
             if footer.current_size < data_end {
-                self.warnings.push(format!(
-                    "{} bytes between the end of the data ({}) and the footer are not part of the disk",
-                    data_end - footer.current_size,
-                    footer.current_size
-                ));
+                self.warnings.push(
+                    Warning::new(
+                        "fixed-padding",
+                        format!(
+                            "{} bytes between the end of the data ({}) and the footer are not part \
+                             of the disk",
+                            data_end - footer.current_size,
+                            footer.current_size
+                        ),
+                    )
+                    .at(Structure::File, footer.current_size),
+                );
             }
             self.layout = Layout::Fixed(Vhd { footer, source });
             return Ok(());
@@ -616,7 +693,11 @@ impl Image {
         if let Some(copy) = &head {
             if source != FooterSource::Copy && copy != &footer {
                 self.warnings.push(
-                    "the footer copy at offset 0 differs from the footer at the end".to_string(),
+                    Warning::new(
+                        "footer-copy-differs",
+                        "the footer copy at offset 0 differs from the footer at the end",
+                    )
+                    .at(Structure::FooterCopy, 0),
                 );
             }
         }
@@ -626,10 +707,11 @@ impl Image {
     /// Opens the file as a VHDX, whose reads then go through its replayed log.
     fn load_vhdx(&mut self, opts: &OpenOptions) -> Result<()> {
         if let Some(forced) = opts.format.filter(|&f| f != Format::Vhdx) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: a VHDX file, not {forced}",
-                self.path.display()
-            )));
+            return Err(Error::FormatMismatch {
+                path: self.path.clone(),
+                asked: forced,
+                found: Some(Format::Vhdx),
+            });
         }
         let vopts =
             crate::vhdx::VhdxOptions::new().max_bat_entries(opts.max_bat_entries.saturating_mul(2));
@@ -641,12 +723,19 @@ impl Image {
         )?);
         self.virtual_size = v.virtual_size();
         self.data_end = self.file_len;
-        self.warnings.extend(v.warnings().iter().cloned());
+        self.warnings.extend(
+            v.warnings()
+                .iter()
+                .map(|w| Warning::new("image-warning", w.clone())),
+        );
         if let Some(r) = v.log_replay() {
-            self.warnings.push(format!(
-                "the disk was not closed cleanly: {} log entries were replayed in memory \
-                 (the file was not changed)",
-                r.entries
+            self.warnings.push(Warning::new(
+                "vhdx-log-replayed",
+                format!(
+                    "the disk was not closed cleanly: {} log entries were replayed in memory \
+                     (the file was not changed)",
+                    r.entries
+                ),
             ));
         }
         self.storage = Arc::new(vhdx::OverlaidStorage {
@@ -698,11 +787,14 @@ impl Image {
             ));
         }
         let bytes: [u8; HEADER_SIZE] =
-            read_array(&*self.storage, hdr_at).map_err(self.io("read"))?;
+            read_array(&*self.storage, hdr_at).map_err(self.io_at("read", hdr_at))?;
         let header = DynamicHeader::parse(&bytes, hdr_at)?;
         if let Err(e) = DynamicHeader::verify_checksum(&bytes, hdr_at) {
             if opts.ignore_checksums {
-                self.warnings.push(format!("{e} (ignored on request)"));
+                self.warnings.push(
+                    Warning::new("checksum-ignored", format!("{e} (ignored on request)"))
+                        .at(Structure::DynamicHeader, hdr_at),
+                );
             } else {
                 self.report(e)?;
             }
@@ -759,7 +851,7 @@ impl Image {
         }
         // bat_len <= file length here, so this allocation is bounded by the file.
         let mut raw = vec![0u8; bat_len as usize];
-        ReadAt::read_exact_at(&*self.storage, &mut raw, tbl).map_err(self.io("read"))?;
+        ReadAt::read_exact_at(&*self.storage, &mut raw, tbl).map_err(self.io_at("read", tbl))?;
         let bat = Bat::parse(&raw);
         let sizes = (u64::from(bs), bitmap_size(bs));
         let differencing = format == Format::Differencing;
@@ -988,11 +1080,12 @@ impl Image {
         }
     }
     fn not_a(&self, what: &str) -> Error {
-        Error::InvalidArgument(format!(
-            "{}: a {} image, not a {what}",
-            self.path.display(),
-            self.disk_type()
-        ))
+        Error::wrong_kind(
+            &self.path,
+            "rewrite in place",
+            self.disk_type(),
+            format!("a {} image, not a {what}", self.disk_type()),
+        )
     }
     /// The storage the image is read from.
     pub fn storage(&self) -> &dyn Storage {
@@ -1101,32 +1194,8 @@ impl Image {
     }
     /// Things that were odd but did not stop the open (a damaged end footer
     /// replaced by its copy, a checksum ignored on request, padding).
-    pub fn warnings(&self) -> &[String] {
+    pub fn warnings(&self) -> &[Warning] {
         &self.warnings
-    }
-    /// The stable code of one of [`Image::warnings`] (see check's codes in
-    /// the README): the warnings are built here, in `detect()` and in the
-    /// parent walk, so their codes are told apart here too.
-    pub(crate) fn warning_code(message: &str) -> &'static str {
-        if message.ends_with("(ignored on request)") {
-            "checksum-ignored"
-        } else if message.contains("the footer copy at offset 0 is intact and was used instead")
-            || message.contains("the footer copy at offset 0 was used")
-        {
-            "footer-copy-used"
-        } else if message.contains("are not part of the disk") {
-            "fixed-padding"
-        } else if message.contains("the footer copy at offset 0 differs") {
-            "footer-copy-differs"
-        } else if message.contains("bytes, the child") {
-            "parent-size-differs"
-        } else if message.contains("log entries were replayed in memory") {
-            "vhdx-log-replayed"
-        } else if message.contains("reads as zeros") {
-            "parent-missing"
-        } else {
-            "image-warning"
-        }
     }
     /// Allocated blocks (those inside the virtual disk).
     pub fn allocated_blocks(&self) -> u64 {

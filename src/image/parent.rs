@@ -602,11 +602,14 @@ fn resolve_with(
             }
         }
         if parent.virtual_size() != img.virtual_size() {
-            img.warnings.push(format!(
-                "parent {} is {} bytes, the child {} bytes",
-                real.display(),
-                parent.virtual_size(),
-                img.virtual_size()
+            img.warnings.push(super::Warning::new(
+                "parent-size-differs",
+                format!(
+                    "parent {} is {} bytes, the child {} bytes",
+                    real.display(),
+                    parent.virtual_size(),
+                    img.virtual_size()
+                ),
             ));
         }
         img.parent = Some(Box::new(parent));
@@ -614,13 +617,16 @@ fn resolve_with(
     }
     if opts.missing_parent_as_zero {
         img.parent_missing = true;
-        img.warnings.push(format!(
-            "parent {want} not found ({}); what the child leaves to it reads as zeros",
-            if tried.is_empty() {
-                "no locator and no name".to_string()
-            } else {
-                tried.join("; ")
-            }
+        img.warnings.push(super::Warning::new(
+            "parent-missing",
+            format!(
+                "parent {want} not found ({}); what the child leaves to it reads as zeros",
+                if tried.is_empty() {
+                    "no locator and no name".to_string()
+                } else {
+                    tried.join("; ")
+                }
+            ),
         ));
         return Ok(());
     }

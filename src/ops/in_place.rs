@@ -68,7 +68,15 @@ impl InPlacePlan {
                 if only_extended && f.set_len(old_len).is_ok() {
                     let _ = f.sync_all();
                 }
-                return Err(Error::io(&self.path, "in-place step", e));
+                return Err(Error::Io {
+                    path: Some(self.path.clone()),
+                    op: "in-place step",
+                    offset: match s {
+                        Step::Write(at, _) | Step::PunchHole(at, _) => Some(*at),
+                        Step::SetLen(_) | Step::Sync => None,
+                    },
+                    source: e,
+                });
             }
         }
         Ok(())
@@ -138,8 +146,10 @@ pub(crate) fn grow_fixed(
 ///   the new size in one sector write.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] for dynamic or differencing images (convert to
-/// a new file instead) or an unsupported direction; open errors.
+/// [`Error::WrongImageKind`] for dynamic or differencing images (convert to
+/// a new file instead) or an unsupported direction; [`Error::InvalidOption`]
+/// for a raw image too large for a VHD, or Azure sizing with a raw target;
+/// open errors.
 pub fn plan_in_place(
     path: impl AsRef<Path>,
     target: Format,
@@ -158,10 +168,12 @@ pub fn plan_in_place(
                 new_size = azure_size(new_size);
             }
             if new_size > crate::write::MAX_VHD_SIZE {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: {new_size} bytes is larger than a VHD can hold (2040 GiB)",
-                    path.display()
-                )));
+                return Err(Error::invalid_option_for(
+                    path,
+                    "format",
+                    target,
+                    format!("{new_size} bytes is larger than a VHD can hold (2040 GiB)"),
+                ));
             }
             // One write puts the footer at the new end and extends the file
             // in the same call (the bytes between read as zeros): a crash or
@@ -179,8 +191,10 @@ pub fn plan_in_place(
         }
         (Format::Fixed, Format::Raw) => {
             if azure {
-                return Err(Error::InvalidArgument(
-                    "Azure sizing goes with a fixed target".into(),
+                return Err(Error::invalid_option(
+                    "azure",
+                    target,
+                    "Azure sizing goes with a fixed target",
                 ));
             }
             steps.push(Step::SetLen(size));
@@ -205,11 +219,15 @@ pub fn plan_in_place(
             description = format!("already {target}");
         }
         (from, to) => {
-            return Err(Error::InvalidArgument(format!(
-                "{}: in-place conversion goes between raw and fixed only, not {from} -> {to}; \
-                 convert to a new file instead",
-                path.display()
-            )))
+            return Err(Error::wrong_kind(
+                path,
+                "in-place conversion",
+                from,
+                format!(
+                    "in-place conversion goes between raw and fixed only, not {from} -> {to}; \
+                     convert to a new file instead"
+                ),
+            ))
         }
     }
     Ok(InPlacePlan {

@@ -22,10 +22,12 @@ fn resize_target(img: &Image, asked: u64, azure: bool) -> Result<u64> {
         (crate::write::MAX_VHD_SIZE, "a VHD (2040 GiB)")
     };
     let too_large = |n: u64| {
-        Error::InvalidArgument(format!(
-            "{}: {n} bytes is larger than {what} can hold: at most {limit} bytes",
-            path.display()
-        ))
+        Error::invalid_option_for(
+            path,
+            "size",
+            n,
+            format!("{n} bytes is larger than {what} can hold: at most {limit} bytes"),
+        )
     };
     if asked > limit {
         return Err(too_large(asked));
@@ -70,10 +72,12 @@ fn resize_target(img: &Image, asked: u64, azure: bool) -> Result<u64> {
 /// resize again completes it.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] for a size larger than the format holds (2040
+/// [`Error::InvalidOption`] for a size larger than the format holds (2040
 /// GiB for a VHD; [`crate::write::MAX_VHD_SIZE`]), a smaller size without
-/// `shrink` (the message states the current size), a cut region that holds
-/// data, or a differencing disk; I/O errors reading the image.
+/// `shrink` (option `"shrink"`; the message states the current size), or a
+/// cut region that holds data (option `"size"`);
+/// [`Error::WrongImageKind`] for a differencing disk or a VHDX; I/O errors
+/// reading the image.
 pub fn plan_resize(
     img: &Image,
     new_size: u64,
@@ -83,32 +87,44 @@ pub fn plan_resize(
     let path = img.path();
     let size = img.virtual_size();
     if img.disk_type() == Format::Vhdx {
-        return Err(Error::InvalidArgument(format!(
-            "{}: a VHDX file is read-only to vhdkit: convert it to resize the disk",
-            path.display()
-        )));
+        return Err(Error::wrong_kind(
+            path,
+            "resize",
+            Format::Vhdx,
+            "a VHDX file is read-only to vhdkit: convert it to resize the disk",
+        ));
     }
     if img.disk_type() == Format::Differencing {
-        return Err(Error::InvalidArgument(format!(
-            "{}: a differencing disk cannot be resized: its parent fixes the size",
-            path.display()
-        )));
+        return Err(Error::wrong_kind(
+            path,
+            "resize",
+            Format::Differencing,
+            "a differencing disk cannot be resized: its parent fixes the size",
+        ));
     }
     let new_size = resize_target(img, new_size, azure)?;
     if new_size < size && !shrink {
-        return Err(Error::InvalidArgument(format!(
-            "{}: the disk is {size} bytes; {new_size} bytes would shrink it, and shrinking was not asked for",
-            path.display()
-        )));
+        return Err(Error::invalid_option_for(
+            path,
+            "shrink",
+            false,
+            format!(
+                "the disk is {size} bytes; {new_size} bytes would shrink it, and shrinking was not asked for"
+            ),
+        ));
     }
     if new_size < size {
         if let Some(at) =
             super::compare::first_nonzero_in(img, new_size, size, &crate::walk::Control::new())?
         {
-            return Err(Error::InvalidArgument(format!(
-                "{}: cannot shrink to {new_size} bytes: the region cut away holds data (first non-zero byte at {at})",
-                path.display()
-            )));
+            return Err(Error::invalid_option_for(
+                path,
+                "size",
+                new_size,
+                format!(
+                    "cannot shrink to {new_size} bytes: the region cut away holds data (first non-zero byte at {at})"
+                ),
+            ));
         }
     }
     let mut steps = Vec::new();
@@ -120,8 +136,9 @@ pub fn plan_resize(
         let mut copy = [0u8; FOOTER_SIZE];
         let f = img.storage();
         f.read_exact_at(&mut end, img.data_end())
-            .and_then(|()| f.read_exact_at(&mut copy, 0))
-            .map_err(|e| Error::io(path, "read footers", e))?;
+            .map_err(|e| Error::io_at(path, "read the footer", img.data_end(), e))?;
+        f.read_exact_at(&mut copy, 0)
+            .map_err(|e| Error::io_at(path, "read the footer copy", 0, e))?;
         if end != copy && crate::check::differ_by_resize_only(&end, &copy) {
             return Ok(Some(InPlacePlan {
                 path: path.to_path_buf(),
@@ -368,25 +385,27 @@ pub(crate) fn rewrite_dynamic(img: &Image, size: Option<u64>) -> Result<crate::R
         .map_err(|e| Error::io(path, "stat", e))?
         .nlink();
     if links > 1 {
-        return Err(Error::InvalidArgument(format!(
-            "{}: the file has {links} hard links, and this operation rewrites a dynamic image \
-             into a new file renamed over it: the other names would keep the old image; \
-             copy the image to a file of its own first",
-            path.display()
-        )));
+        return Err(Error::refused(
+            path,
+            format!(
+                "the file has {links} hard links, and this operation rewrites a dynamic image \
+                 into a new file renamed over it: the other names would keep the old image; \
+                 copy the image to a file of its own first"
+            ),
+        ));
     }
     let real = std::fs::canonicalize(path).map_err(|e| Error::io(path, "resolve", e))?;
     if !crate::convert::same_file(img.local_file("stat")?, &real) {
-        return Err(Error::InvalidArgument(format!(
-            "{}: the file changed while it was open; nothing was written",
-            path.display()
-        )));
+        return Err(Error::refused(
+            path,
+            "the file changed while it was open; nothing was written",
+        ));
     }
     let mut o = crate::ConvertOptions::new(crate::Target::Dynamic)
         .block_size(u32::try_from(img.block_size()).unwrap_or(crate::write::DEFAULT_BLOCK_SIZE))
         .overwrite(true)
         .identity(img.footer().cloned().ok_or_else(|| {
-            Error::InvalidArgument(format!("{}: not a dynamic image", path.display()))
+            Error::wrong_kind(path, "rewrite", img.disk_type(), "not a dynamic image")
         })?);
     if let Some(s) = size {
         o = o.virtual_size(s);

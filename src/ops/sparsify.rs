@@ -36,8 +36,9 @@ pub struct SparsifyReport {
 /// the rename would give the new image to this name only.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] for differencing disks and, for a dynamic
-/// image, a file with other hard links; I/O errors.
+/// [`Error::WrongImageKind`] for differencing disks and VHDX files;
+/// [`Error::OutputRefused`], for a dynamic image, a file with other hard
+/// links; I/O errors.
 pub fn sparsify(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<SparsifyReport> {
     sparsify_with(path, opts, &Control::new())
 }
@@ -119,16 +120,20 @@ pub fn sparsify_with(
             });
         }
         Format::Vhdx => {
-            return Err(Error::InvalidArgument(format!(
-                "{}: a VHDX file is read-only to vhdkit: convert it to sparsify the disk",
-                path.display()
-            )))
+            return Err(Error::wrong_kind(
+                path,
+                "sparsify",
+                Format::Vhdx,
+                "a VHDX file is read-only to vhdkit: convert it to sparsify the disk",
+            ))
         }
         Format::Differencing => {
-            return Err(Error::InvalidArgument(format!(
-            "{}: a differencing disk cannot be sparsified: its zero blocks hide the parent's data",
-            path.display()
-        )))
+            return Err(Error::wrong_kind(
+                path,
+                "sparsify",
+                Format::Differencing,
+                "a differencing disk cannot be sparsified: its zero blocks hide the parent's data",
+            ))
         }
     }
     let after = crate::io::allocated_bytes(img.local_file("stat")?)

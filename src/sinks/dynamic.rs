@@ -35,8 +35,13 @@ impl DynamicFileSink {
         sparse: bool,
         sync: bool,
     ) -> Result<Self> {
-        let entries = usize::try_from(layout.entries)
-            .map_err(|_| Error::InvalidArgument(format!("{} BAT entries", layout.entries)))?;
+        let entries = usize::try_from(layout.entries).map_err(|_| {
+            Error::invalid_option(
+                "size",
+                layout.size,
+                format!("{} BAT entries do not fit in memory", layout.entries),
+            )
+        })?;
         out.vhd_fits_exactly(None)?;
         out.fill_zeros(0, layout.first_block)?;
         Ok(DynamicFileSink {
@@ -79,10 +84,13 @@ impl Sink for DynamicFileSink {
                 let entry = self.layout.bat_entry(slot)?;
                 let i = usize::try_from(b).ok().filter(|&i| i < g.bat.entries.len());
                 let Some(i) = i else {
-                    return Err(Error::InvalidArgument(format!(
-                        "block {b} past the {} blocks of the output",
-                        g.bat.entries.len()
-                    )));
+                    let blocks = g.bat.entries.len() as u64;
+                    return Err(Error::OutOfRange {
+                        path: None,
+                        offset: b.saturating_mul(self.layout.block_size),
+                        len: self.layout.block_size,
+                        size: blocks.saturating_mul(self.layout.block_size),
+                    });
                 };
                 g.bat.entries[i] = entry;
                 g.next += 1;
@@ -99,9 +107,11 @@ impl Sink for DynamicFileSink {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let Some((b, data_at)) = self.block_data_at(offset) else {
-            return Err(Error::InvalidArgument(format!(
-                "data at virtual offset {offset} for a block that was given no slot"
-            )));
+            return Err(Error::invalid_option(
+                "offset",
+                offset,
+                format!("data at virtual offset {offset} for a block that was given no slot"),
+            ));
         };
         let at = data_at + (offset - b * self.layout.block_size);
         write_at(self.out.file(), self.out.temp_path(), data, at, self.sync)

@@ -37,7 +37,7 @@ impl FileSink for FixedFileSink {
             .out
             .file()
             .write_all_at(&self.footer.to_bytes(), size)
-            .map_err(|e| Error::io(self.raw.out.temp_path(), "write footer", e))?;
+            .map_err(|e| Error::io_at(self.raw.out.temp_path(), "write footer", size, e))?;
         Ok(Finished {
             output_len: size + FOOTER_SIZE as u64,
             metadata: done.metadata + FOOTER_SIZE as u64,

@@ -15,11 +15,12 @@ impl MemorySink {
     /// A disk of `size` zero bytes.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when `size` does not fit in memory's
+    /// [`Error::InvalidOption`] when `size` does not fit in memory's
     /// address space.
     pub fn new(size: u64) -> Result<Self> {
-        let n = usize::try_from(size)
-            .map_err(|_| Error::InvalidArgument(format!("{size} bytes do not fit in memory")))?;
+        let n = usize::try_from(size).map_err(|_| {
+            Error::invalid_option("size", size, format!("{size} bytes do not fit in memory"))
+        })?;
         Ok(MemorySink {
             bytes: Mutex::new(vec![0u8; n]),
         })
@@ -40,11 +41,12 @@ impl Sink for MemorySink {
                 b[r].copy_from_slice(data);
                 Ok(())
             }
-            None => Err(Error::InvalidArgument(format!(
-                "{} bytes at {offset} lie past the end of a {}-byte memory sink",
-                data.len(),
-                b.len()
-            ))),
+            None => Err(Error::OutOfRange {
+                path: None,
+                offset,
+                len: data.len() as u64,
+                size: b.len() as u64,
+            }),
         }
     }
 }

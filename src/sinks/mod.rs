@@ -50,7 +50,7 @@ pub(crate) trait FileSink: Sink + Send {
 /// so that the final sync finds little to do.
 pub(crate) fn write_at(file: &File, path: &Path, data: &[u8], at: u64, sync: bool) -> Result<()> {
     file.write_all_at(data, at)
-        .map_err(|e| Error::io(path, "write", e))?;
+        .map_err(|e| Error::io_at(path, "write", at, e))?;
     if sync {
         let _ = rustix::fs::fadvise(
             file,
@@ -76,7 +76,7 @@ pub(crate) fn allocate(file: &File, at: u64, len: u64, path: &Path) -> Result<()
             while pos < at + len {
                 let n = (at + len - pos).min(zeros.len() as u64);
                 file.write_all_at(&zeros[..n as usize], pos)
-                    .map_err(|e| Error::io(path, "write", e))?;
+                    .map_err(|e| Error::io_at(path, "write", pos, e))?;
                 pos += n;
             }
             Ok(())

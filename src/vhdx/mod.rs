@@ -273,7 +273,9 @@ impl Vhdx {
     }
 
     fn open_source(src: Box<dyn ReadAt + Send>, path: PathBuf, opts: &VhdxOptions) -> Result<Vhdx> {
-        let file_len = src.len().map_err(Error::RawIo)?;
+        let file_len = src
+            .len()
+            .map_err(|e| Error::io(&path, "find the length of", e))?;
         let mut v = Vhdx {
             src,
             path,
@@ -498,7 +500,7 @@ impl Vhdx {
         let mut log = vec![0u8; h.log_length as usize];
         self.src
             .read_exact_at(&mut log, h.log_offset)
-            .map_err(Error::RawIo)?;
+            .map_err(|e| Error::io_at(&self.path, "read the log", h.log_offset, e))?;
         let mut overlay = Overlay::default();
         let replay = log::replay(
             &log,
@@ -1159,7 +1161,7 @@ impl Vhdx {
     /// `Zero`, and `Parent` for what a differencing disk leaves to its parent.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when the range leaves the disk; I/O errors
+    /// [`Error::OutOfRange`] when the range leaves the disk; I/O errors
     /// reading sector bitmaps.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let end = self.check_range(offset, len)?;
@@ -1267,7 +1269,7 @@ impl Vhdx {
     /// threads at once.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when the range leaves the disk; I/O errors.
+    /// [`Error::OutOfRange`] when the range leaves the disk; I/O errors.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let extents = self.map(offset, buf.len() as u64)?;
         for e in extents {
@@ -1293,9 +1295,10 @@ impl Vhdx {
             return Ok(());
         }
         if !within(offset, len, self.logical_len) {
-            return Err(Error::io(
+            return Err(Error::io_at(
                 &self.path,
                 "read",
+                offset,
                 std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     format!(
@@ -1309,7 +1312,7 @@ impl Vhdx {
         if real > 0 {
             self.src
                 .read_exact_at(&mut buf[..real], offset)
-                .map_err(|e| Error::io(&self.path, "read", e))?;
+                .map_err(|e| Error::io_at(&self.path, "read", offset, e))?;
         }
         buf[real..].fill(0);
         if !self.overlay.is_empty() {

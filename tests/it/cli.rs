@@ -1143,8 +1143,14 @@ fn threads_above_the_cap_are_refused() {
     sample_raw(&raw, MIB);
     let out = dir.path().join("out.vhd");
     match vhdkit::convert(&raw, &out, &to(Target::Fixed).threads(cap + 1)) {
-        Err(vhdkit::Error::InvalidArgument(m)) => {
-            assert!(m.contains(&cap.to_string()), "{m}")
+        Err(vhdkit::Error::InvalidOption {
+            option: "threads",
+            value,
+            message,
+            ..
+        }) => {
+            assert_eq!(value, (cap + 1).to_string());
+            assert!(message.contains(&cap.to_string()), "{message}")
         }
         other => panic!("{other:?}"),
     }
@@ -1417,12 +1423,15 @@ fn map_each_streams_the_same_extents_as_map() {
         let r = vhdkit::ops::map_each(&img, scan, |_| {
             n += 1;
             if n == 10 {
-                Err(vhdkit::Error::InvalidArgument("enough".into()))
+                Err(vhdkit::Error::invalid_option("test", "", "enough"))
             } else {
                 Ok(())
             }
         });
-        assert!(matches!(r, Err(vhdkit::Error::InvalidArgument(_))));
+        assert!(matches!(
+            r,
+            Err(vhdkit::Error::InvalidOption { option: "test", .. })
+        ));
         assert_eq!(n, 10);
     }
     // Across windows, adjacent extents of one kind are merged: a sparse

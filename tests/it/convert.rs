@@ -1227,7 +1227,9 @@ fn azure_goes_with_fixed_only() {
     for target in [Target::Dynamic, Target::Raw] {
         let out = dir.path().join("out.vhd");
         match vhdkit::convert(&input, &out, &opts(target).azure(true)) {
-            Err(Error::InvalidArgument(_)) => {}
+            Err(Error::InvalidOption {
+                option: "azure", ..
+            }) => {}
             other => panic!("{target:?} with azure: {other:?}"),
         }
         assert!(!out.exists());
@@ -1318,14 +1320,14 @@ fn converting_onto_the_input_is_refused() {
                 assert!(
                     matches!(
                         r,
-                        Err(Error::InvalidArgument(_)) | Err(Error::OutputExists(_))
+                        Err(Error::OutputRefused { .. }) | Err(Error::OutputExists(_))
                     ),
                     "{} onto {} ({target:?}, overwrite {overwrite}): {r:?}",
                     input.display(),
                     output.display()
                 );
                 if overwrite {
-                    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+                    assert!(matches!(r, Err(Error::OutputRefused { .. })), "{r:?}");
                 }
             }
         }
@@ -1354,7 +1356,7 @@ fn converting_onto_a_parent_is_refused() {
         for target in [Target::Raw, Target::Fixed, Target::Dynamic] {
             let r = vhdkit::convert(&top, output, &opts(target).overwrite(true));
             assert!(
-                matches!(r, Err(Error::InvalidArgument(_))),
+                matches!(r, Err(Error::OutputRefused { .. })),
                 "onto {}: {r:?}",
                 output.display()
             );
@@ -1535,12 +1537,21 @@ fn bad_options_are_refused_before_anything_is_written() {
     for bs in [0u32, 4096, 256 * 1024, 3 << 20, 512 << 20] {
         let r = vhdkit::convert(&input, &out, &opts(Target::Dynamic).block_size(bs));
         assert!(
-            matches!(r, Err(Error::InvalidArgument(_))),
+            matches!(r, Err(Error::InvalidOption { option: "block size", ref value, .. }) if *value == bs.to_string()),
             "block size {bs}: {r:?}"
         );
     }
     let r = vhdkit::convert(&input, &out, &opts(Target::Dynamic).threads(0));
-    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(Error::InvalidOption {
+                option: "threads",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     let r = vhdkit::convert(dir.path().join("missing"), &out, &opts(Target::Raw));
     assert!(matches!(r, Err(Error::Io { .. })), "{r:?}");
     assert_eq!(listing(dir.path()), ["in.raw"]);

@@ -120,7 +120,17 @@ fn create_azure_rounds_up_and_bad_sizes_are_refused() {
             &CreateOptions::new(DiskKind::Dynamic, size).block_size(bs),
         )
         .unwrap_err();
-        assert!(matches!(e, vhdkit::Error::InvalidArgument(_)), "{e}");
+        assert!(
+            matches!(
+                e,
+                vhdkit::Error::InvalidOption {
+                    option: "size" | "block size",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.kind(), vhdkit::ErrorKind::InvalidOption);
         assert!(!q.exists());
     }
     let e = create(&p, &CreateOptions::new(DiskKind::Dynamic, MIB)).unwrap_err();
@@ -243,7 +253,16 @@ fn create_child_names_its_parent_as_windows_does() {
     let raw = dir.path().join("disk.raw");
     std::fs::write(&raw, vec![0u8; MIB as usize]).unwrap();
     let e = create_child(dir.path().join("r.vhd"), &raw, &ChildOptions::default()).unwrap_err();
-    assert!(matches!(e, vhdkit::Error::InvalidArgument(_)), "{e}");
+    assert!(
+        matches!(
+            e,
+            vhdkit::Error::WrongImageKind {
+                kind: Format::Raw,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 /// Bytes that differ from write to write and from place to place.
@@ -365,7 +384,10 @@ fn writes_into_fixed_disks_read_the_same_in_qemu() {
         put(&w, &mut model, &pattern(i as u64 + 50, len), off);
     }
     let e = w.write_all_at(&[1], size).unwrap_err();
-    assert!(matches!(e, vhdkit::Error::InvalidArgument(_)), "{e}");
+    assert!(
+        matches!(e, vhdkit::Error::OutOfRange { offset, len: 1, size: s, .. } if offset == size && s == size),
+        "{e}"
+    );
     w.close().unwrap();
     assert_same("fixed", &content(&p), &model);
     qemu_compare(&p, &model);
@@ -842,6 +864,10 @@ fn merge_refuses_a_read_only_parent_a_shared_parent_and_a_changed_parent() {
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o444)).unwrap();
     let e = merge(&child, &MergeOptions::default()).unwrap_err();
     assert!(e.to_string().contains("read-only"), "{e}");
+    assert!(
+        matches!(&e, vhdkit::Error::OutputRefused { path, .. } if path == &base),
+        "{e:?}"
+    );
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o644)).unwrap();
 
     // Shared: a sibling names the same parent.
@@ -849,6 +875,16 @@ fn merge_refuses_a_read_only_parent_a_shared_parent_and_a_changed_parent() {
     create_child(&sibling, &base, &ChildOptions::default()).unwrap();
     let e = merge(&child, &MergeOptions::default()).unwrap_err();
     assert!(e.to_string().contains("sibling.vhd"), "{e}");
+    assert!(
+        matches!(
+            e,
+            vhdkit::Error::InvalidOption {
+                option: "force",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert_eq!(
         std::fs::read(&base).unwrap(),
         base_bytes,
@@ -879,11 +915,29 @@ fn merge_refuses_a_read_only_parent_a_shared_parent_and_a_changed_parent() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("time stamp"), "{e}");
+    assert!(
+        matches!(
+            &e,
+            vhdkit::Error::ParentMismatch { path, field: "time stamp", .. } if path == &other
+        ),
+        "{e:?}"
+    );
+    assert_eq!(e.kind(), vhdkit::ErrorKind::ParentMismatch);
     std::fs::remove_file(&other).unwrap();
 
     // A disk that is not differencing is not merged.
     let e = merge(&base, &MergeOptions::default()).unwrap_err();
     assert!(e.to_string().contains("only a differencing disk"), "{e}");
+    assert!(
+        matches!(
+            e,
+            vhdkit::Error::WrongImageKind {
+                operation: "merge",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert_eq!(std::fs::read(&base).unwrap(), base_bytes);
 
     // With force, the sibling is reported.

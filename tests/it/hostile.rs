@@ -1239,7 +1239,7 @@ fn bad_footer_checksum_without_a_copy() {
     assert!(img
         .warnings()
         .iter()
-        .any(|w| w.contains("ignored on request")));
+        .any(|w| w.code == "checksum-ignored" && w.message.contains("ignored on request")));
 
     // A dynamic image whose copy is damaged too.
     let d = dynamic();
@@ -1290,7 +1290,11 @@ fn damaged_end_footer_with_an_intact_copy_opens_with_a_warning() {
     let img = r.unwrap();
     assert_eq!(img.footer_source(), Some(vhdkit::image::FooterSource::Copy));
     assert!(!img.warnings().is_empty());
-    assert!(img.warnings()[0].contains("copy"), "{:?}", img.warnings());
+    let w = &img.warnings()[0];
+    assert!(w.message.contains("copy"), "{:?}", img.warnings());
+    assert_eq!(w.code, "footer-copy-used");
+    assert_eq!(w.structure, Some(vhdkit::error::Structure::Footer));
+    assert_eq!(w.offset, Some(d.footer_at));
     assert_eq!(img.footer(), Some(&d.footer));
     assert_eq!(read_all(&img), d.expected);
     // The end footer zeroed (no cookie).

@@ -19,6 +19,7 @@ mod convert;
 mod corpus;
 mod create;
 mod durability;
+mod errors;
 mod formats;
 mod hostile;
 mod ops;

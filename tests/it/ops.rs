@@ -1136,7 +1136,12 @@ fn in_place_conversion_refuses_dynamic_and_differencing_inputs() {
     ] {
         let before = std::fs::read(path).unwrap();
         match ops::plan_in_place(path, target, azure, &OpenOptions::new()) {
-            Err(Error::InvalidArgument(m)) => assert!(!m.is_empty()),
+            Err(Error::WrongImageKind {
+                operation, reason, ..
+            }) => {
+                assert_eq!(operation, "in-place conversion");
+                assert!(reason.contains("raw and fixed only"), "{reason}");
+            }
             other => panic!("{} -> {target}: {other:?}", path.display()),
         }
         assert_eq!(
@@ -1150,7 +1155,10 @@ fn in_place_conversion_refuses_dynamic_and_differencing_inputs() {
     convert(&raw, &fixed, &to(Target::Fixed));
     assert!(matches!(
         ops::plan_in_place(&fixed, Format::Raw, true, &OpenOptions::new()),
-        Err(Error::InvalidArgument(_))
+        Err(Error::InvalidOption {
+            option: "azure",
+            ..
+        })
     ));
 }
 
@@ -1256,7 +1264,12 @@ fn sparsify_keeps_a_chain_readable_and_refuses_differencing_disks() {
     let child = dir.path().join(GRANDCHILD);
     let before = std::fs::read(&child).unwrap();
     match ops::sparsify(&child, &OpenOptions::new()) {
-        Err(Error::InvalidArgument(m)) => assert!(m.contains("differencing"), "{m}"),
+        Err(Error::WrongImageKind {
+            operation: "sparsify",
+            kind: Format::Differencing,
+            reason,
+            ..
+        }) => assert!(reason.contains("differencing"), "{reason}"),
         other => panic!("{other:?}"),
     }
     assert_eq!(std::fs::read(&child).unwrap(), before);
@@ -1418,12 +1431,17 @@ fn resize_refuses_differencing_disks() {
         let p = dir.path().join(name);
         let before = std::fs::read(&p).unwrap();
         match resize(&p, 10 * MIB, false) {
-            Err(Error::InvalidArgument(m)) => assert!(m.contains("differencing"), "{m}"),
+            Err(Error::WrongImageKind {
+                operation: "resize",
+                kind: Format::Differencing,
+                reason,
+                ..
+            }) => assert!(reason.contains("differencing"), "{reason}"),
             other => panic!("{name}: {other:?}"),
         }
         assert!(matches!(
             ops::plan_resize(&open(&p), 10 * MIB, false, true),
-            Err(Error::InvalidArgument(_))
+            Err(Error::WrongImageKind { .. })
         ));
         assert!(std::fs::read(&p).unwrap() == before);
     }
