@@ -199,6 +199,8 @@ fn corrupt_code(c: &Corruption) -> &'static str {
             V::RegionTable(_) => "vhdx-region-table",
             V::Metadata => "vhdx-metadata",
             V::ParentLocator => "vhdx-parent-locator",
+            V::BatEntry(_) if c.expected.starts_with("no overlap") => "vhdx-bat-overlap",
+            V::BatEntry(_) if c.field == "file offset" => "vhdx-bat-out-of-file",
             V::BatEntry(_) => "vhdx-bat",
             V::Log | V::LogEntry(_) => "vhdx-log",
         };
@@ -296,7 +298,17 @@ fn check_opened(
                 ),
             );
         }
+        let located = img.vhdx().map_or(&[][..], |v| v.located_warnings());
         for w in img.warnings() {
+            // A VHDX reader's warnings come with their place.
+            if let Some(l) = located.iter().find(|l| &l.message == w) {
+                problems.push(Problem::warning(l.code, w.clone()).at(
+                    Structure::Vhdx(l.structure),
+                    l.field,
+                    l.offset,
+                ));
+                continue;
+            }
             let code = Image::warning_code(w);
             // Judged by check's own rule in extra_checks.
             if code != "fixed-padding" {

@@ -633,12 +633,19 @@ impl Image {
         }
         let vopts =
             crate::vhdx::VhdxOptions::new().max_bat_entries(opts.max_bat_entries.saturating_mul(2));
-        let src = vhdx::Source(Arc::clone(&self.storage));
-        let v = Arc::new(crate::vhdx::Vhdx::from_source_named(
-            Box::new(src),
-            &self.path,
-            &vopts,
-        )?);
+        let src = Box::new(vhdx::Source(Arc::clone(&self.storage)));
+        let v = if self.diag.is_some() {
+            // Check mode: every problem the VHDX reader can look past.
+            let c = crate::vhdx::Vhdx::check_source(src, &self.path, &vopts);
+            for e in c.errors {
+                self.report(e)?;
+            }
+            self.diag_dropped += c.unlisted;
+            c.vhdx?
+        } else {
+            crate::vhdx::Vhdx::from_source_named(src, &self.path, &vopts)?
+        };
+        let v = Arc::new(v);
         self.virtual_size = v.virtual_size();
         self.data_end = self.file_len;
         self.warnings.extend(v.warnings().iter().cloned());

@@ -1366,9 +1366,23 @@ fn exercise(bytes: Vec<u8>) -> (Result<(), String>, usize) {
     let (tx, rx) = std::sync::mpsc::channel();
     let bytes2 = bytes.clone();
     let bytes3 = bytes.clone();
+    let bytes4 = bytes.clone();
     let worker = std::thread::spawn(move || {
         let t = Instant::now();
         let r = largest_allocation(|| {
+            // Check mode looks past problems: whatever it opens must map
+            // and read without a panic (errors allowed), and it lists at
+            // most its cap.
+            let c = Vhdx::check_source(Box::new(bytes4), Path::new("mem"), &VhdxOptions::new());
+            assert!(c.errors.len() <= vhdkit::vhdx::VhdxCheck::MAX_LISTED);
+            if let Ok(d) = &c.vhdx {
+                if let Ok(map) = d.map_all() {
+                    assert_tiles(&map, d.virtual_size());
+                }
+                let mut buf = vec![0u8; d.virtual_size().min(MIB) as usize];
+                let _ = d.read_exact_at(&mut buf, 0);
+            }
+            drop(c);
             let d = match Vhdx::from_source(Box::new(bytes), &VhdxOptions::new()) {
                 Ok(d) => d,
                 Err(e) => {
@@ -1379,6 +1393,12 @@ fn exercise(bytes: Vec<u8>) -> (Result<(), String>, usize) {
                         Error::Unsupported { .. } | Error::Limit { .. } => {}
                         other => panic!("unexpected kind of error: {other:?}"),
                     }
+                    // A check of what does not open never fails to run.
+                    vhdkit::check_storage(
+                        vhdkit::MemoryStorage::new(bytes3),
+                        &vhdkit::CheckOptions::default(),
+                    )
+                    .unwrap_or_else(|e| panic!("check: {e}"));
                     return Err(e.to_string());
                 }
             };
@@ -1657,19 +1677,34 @@ fn check_names_vhdx_damage_with_codes() {
     b[128 * KIB as usize] ^= 0xff;
     let r = check_report(&write("headers.vhdx", &b));
     assert!(!r.is_clean());
-    assert_eq!(codes(&r), ["vhdx-header"], "{:?}", r.problems);
+    // Both headers named, each at its offset.
+    assert_eq!(
+        codes(&r),
+        ["vhdx-header", "vhdx-header"],
+        "{:?}",
+        r.problems
+    );
+    let offsets: Vec<_> = r.problems.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, [Some(64 * KIB), Some(128 * KIB)]);
 
     let mut b = good.clone();
     b[192 * KIB as usize] ^= 0xff;
     b[256 * KIB as usize] ^= 0xff;
     let r = check_report(&write("regions.vhdx", &b));
-    assert_eq!(codes(&r), ["vhdx-region-table"], "{:?}", r.problems);
+    assert_eq!(
+        codes(&r),
+        ["vhdx-region-table", "vhdx-region-table"],
+        "{:?}",
+        r.problems
+    );
+    let offsets: Vec<_> = r.problems.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, [Some(192 * KIB), Some(256 * KIB)]);
 
     // Block 1's BAT entry pointing past the file.
     let mut b = good.clone();
     put64(&mut b, BAT_AT + 8, 400 << 20 | 6);
     let r = check_report(&write("bat.vhdx", &b));
-    assert_eq!(codes(&r), ["vhdx-bat"], "{:?}", r.problems);
+    assert_eq!(codes(&r), ["vhdx-bat-out-of-file"], "{:?}", r.problems);
 
     // A dirty log: a warning that says it was replayed in memory.
     let (dirty, _, _) = dirty_log(0, 0);
@@ -1804,4 +1839,257 @@ fn a_differencing_vhdx_reads_through_its_vhdx_parent() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+// ---------------------------------------------------------------------------
+// check: every problem, not the first
+// ---------------------------------------------------------------------------
+
+/// (severity is error, code, structure, field, offset) of each problem.
+fn places(r: &vhdkit::CheckReport) -> Vec<(bool, &'static str, Option<Structure>, String, u64)> {
+    r.problems
+        .iter()
+        .map(|p| {
+            (
+                p.severity == vhdkit::Severity::Error,
+                p.code,
+                p.place,
+                p.field.clone().unwrap_or_default(),
+                p.offset.unwrap_or(u64::MAX),
+            )
+        })
+        .collect()
+}
+
+/// An 8 MiB dynamic disk in 1 MiB blocks with damage in every structure
+/// the reader can look past: header 1's checksum (header 2 is used, and
+/// its log offset is wrong), region table 1's checksum, the physical
+/// sector size, and six BAT entries (past the file, two overlaps, a
+/// reserved state, reserved bits).
+fn many_damages() -> Vec<u8> {
+    let mut d = Disk::new(8 * MIB, MIB as u32, 512);
+    d.payload = vec![
+        (0, 6, 4),
+        (1, 6, 400),
+        (2, 6, 4),
+        (3, 6, 2),
+        (4, 4, 0),
+        (5, 6, 5),
+    ];
+    d.file_len = 6 * MIB;
+    let mut b = d.build();
+    fill_pattern(&mut b, 4 * MIB, 2 * MIB, 0x21);
+    // Header 1: a byte changed under its checksum.
+    b[(64 * KIB + 100) as usize] ^= 1;
+    // Header 2 (used): the log at an offset that is not a whole MiB.
+    put64(&mut b, 128 * KIB + 72, MIB + 4096);
+    seal(&mut b[(128 * KIB) as usize..(128 * KIB + 4096) as usize]);
+    // Region table 1: a byte changed under its checksum.
+    b[(192 * KIB + 1000) as usize] ^= 1;
+    // The physical sector size item (the fifth) says 1000.
+    put32(&mut b, META_AT + 64 * KIB + 4 * 4096, 1000);
+    // Block 5's entry has a reserved bit set.
+    put64(&mut b, BAT_AT + 40, 5 << 20 | 1 << 3 | 6);
+    b
+}
+
+#[test]
+fn check_reports_every_vhdx_problem_with_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("many.vhdx");
+    std::fs::write(&p, many_damages()).unwrap();
+    // An open still stops at the first problem.
+    assert_corrupt(
+        Vhdx::open(&p, &VhdxOptions::new()),
+        VhdxStructure::Header(2),
+        "log offset",
+        128 * KIB + 72,
+    );
+    let r = check_report(&p);
+    assert!(!r.is_clean());
+    assert_eq!(r.format, Some(vhdkit::Format::Vhdx));
+    assert_eq!(r.virtual_size, Some(8 * MIB));
+    let v = |s| Some(Structure::Vhdx(s));
+    let e = |i: u64| BAT_AT + 8 * i;
+    let mut got = places(&r);
+    got.sort_by_key(|x| x.4);
+    let want = vec![
+        (
+            false,
+            "vhdx-header-damaged",
+            v(VhdxStructure::Header(1)),
+            "checksum".to_string(),
+            64 * KIB + 4,
+        ),
+        (
+            true,
+            "vhdx-header",
+            v(VhdxStructure::Header(2)),
+            "log offset".into(),
+            128 * KIB + 72,
+        ),
+        (
+            false,
+            "vhdx-region-table-damaged",
+            v(VhdxStructure::RegionTable(1)),
+            "checksum".into(),
+            192 * KIB + 4,
+        ),
+        (
+            true,
+            "vhdx-bat-out-of-file",
+            v(VhdxStructure::BatEntry(1)),
+            "file offset".into(),
+            e(1),
+        ),
+        (
+            true,
+            "vhdx-bat-overlap",
+            v(VhdxStructure::BatEntry(2)),
+            "file offset".into(),
+            e(2),
+        ),
+        (
+            true,
+            "vhdx-bat-overlap",
+            v(VhdxStructure::BatEntry(3)),
+            "file offset".into(),
+            e(3),
+        ),
+        (
+            true,
+            "vhdx-bat",
+            v(VhdxStructure::BatEntry(4)),
+            "state".into(),
+            e(4),
+        ),
+        (
+            false,
+            "vhdx-bat-reserved",
+            v(VhdxStructure::BatEntry(5)),
+            "reserved".into(),
+            e(5),
+        ),
+        (
+            true,
+            "vhdx-metadata",
+            v(VhdxStructure::Metadata),
+            "physical sector size".into(),
+            META_AT + 64 * KIB + 4 * 4096,
+        ),
+    ];
+    assert_eq!(got, want, "{:#?}", r.problems);
+    // The overlaps name what they overlap.
+    let msg = |i: u64| {
+        r.problems
+            .iter()
+            .find(|p| p.place == v(VhdxStructure::BatEntry(i)))
+            .unwrap()
+            .message
+            .clone()
+    };
+    assert!(msg(2).contains("the block of BAT entry 0"), "{}", msg(2));
+    assert!(msg(3).contains("the BAT region"), "{}", msg(3));
+    // The CLI says the same, exit 1, every code in the JSON.
+    let o = vhdkit_cli(&[&"check", &"--json", &p]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let text = j.to_string();
+    for (_, code, _, _, _) in &want {
+        assert!(text.contains(code), "{code} in {text}");
+    }
+}
+
+#[test]
+fn check_reports_the_damaged_table_2_though_table_1_is_used() {
+    let (_, mut b) = small_dynamic();
+    b[(256 * KIB + 5000) as usize] ^= 1;
+    b[(128 * KIB + 300) as usize] ^= 1;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t2.vhdx");
+    std::fs::write(&p, &b).unwrap();
+    // It opens (table 1 and header 1 are fine)...
+    let d = Vhdx::open(&p, &VhdxOptions::new()).unwrap();
+    assert_eq!((d.header_index(), d.region_table_index()), (1, 1));
+    // ...and the check warns of both unused copies.
+    let r = check_report(&p);
+    assert!(r.is_clean(), "{:?}", r.problems);
+    let got = places(&r);
+    assert_eq!(
+        got,
+        [
+            (
+                false,
+                "vhdx-header-damaged",
+                Some(Structure::Vhdx(VhdxStructure::Header(2))),
+                "checksum".into(),
+                128 * KIB + 4
+            ),
+            (
+                false,
+                "vhdx-region-table-damaged",
+                Some(Structure::Vhdx(VhdxStructure::RegionTable(2))),
+                "checksum".into(),
+                256 * KIB + 4
+            ),
+        ],
+        "{:?}",
+        r.problems
+    );
+}
+
+#[test]
+fn check_goes_on_past_a_log_that_cannot_be_replayed() {
+    // The dirty log's third entry needs the file longer than it is; the
+    // BAT entry of block 1 points past the file too.
+    let (mut b, _, [_, _, e3_at]) = dirty_log(0, 0);
+    let at = LOG_AT + e3_at;
+    put64(&mut b, at + 48, 64 * MIB);
+    let len = u32::from_le_bytes(b[at as usize + 8..at as usize + 12].try_into().unwrap());
+    seal(&mut b[at as usize..(at + u64::from(len)) as usize]);
+    let bat1 = BAT_AT + 8;
+    put64(&mut b, bat1, 900 << 20 | 6);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("log.vhdx");
+    std::fs::write(&p, &b).unwrap();
+    let r = check_report(&p);
+    let got: Vec<_> = places(&r).into_iter().map(|x| (x.1, x.4)).collect();
+    assert!(
+        got.contains(&("vhdx-bat-out-of-file", bat1)),
+        "{:?}",
+        r.problems
+    );
+    assert!(got.iter().any(|g| g.0 == "vhdx-log"), "{:?}", r.problems);
+    assert!(
+        !got.iter().any(|g| g.0 == "vhdx-log-replayed"),
+        "{:?}",
+        r.problems
+    );
+}
+
+#[test]
+fn check_lists_a_thousand_bat_problems_and_counts_the_rest() {
+    // 3000 blocks of 1 MiB, every entry pointing past the file.
+    let mut d = Disk::new(3000 * MIB, MIB as u32, 512);
+    d.payload = (0..3000).map(|i| (i, 6, 100_000)).collect();
+    d.file_len = 4 * MIB;
+    let b = d.build();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("thousands.vhdx");
+    std::fs::write(&p, &b).unwrap();
+    let start = Instant::now();
+    let r = check_report(&p);
+    assert!(start.elapsed() < Duration::from_secs(20));
+    let n = r
+        .problems
+        .iter()
+        .filter(|p| p.code == "vhdx-bat-out-of-file")
+        .count();
+    assert_eq!(n, 1000, "listed");
+    let more = r
+        .problems
+        .iter()
+        .find(|p| p.code == "too-many-problems")
+        .unwrap_or_else(|| panic!("{:?}", &r.problems[..3]));
+    assert!(more.message.contains("3000"), "{}", more.message);
 }
