@@ -23,9 +23,12 @@ impl ReadAt for Source {
 
 /// The VHDX file with its replayed log laid over it: every read of a data
 /// extent's `file_offset` (the walk's, [`crate::Image::read_exact_at`]'s)
-/// goes through [`Vhdx::read_file_at`], so it sees the bytes the log
-/// wrote. When no log was replayed it is the file itself, and offers the
-/// file for mapping and file-to-file copies.
+/// sees the bytes the log wrote. When no log was replayed it is the file
+/// itself, and offers the file for mapping and direct reads; when one was,
+/// it offers the file for the ranges no replayed sector touches
+/// ([`Storage::file_at`], from [`Vhdx::is_plain`]), so the walk maps or
+/// reads the payload there as it does a VHD's, and goes through
+/// [`Vhdx::read_file_at`] only where the overlay lies.
 #[derive(Debug)]
 pub(crate) struct OverlaidStorage {
     pub(crate) vhdx: Arc<Vhdx>,
@@ -59,6 +62,15 @@ impl Storage for OverlaidStorage {
             None
         } else {
             self.inner.file()
+        }
+    }
+    fn file_at(&self, offset: u64, len: u64) -> Option<&File> {
+        // Where no replayed sector lies, the file is read (or mapped) as it
+        // is: the same path as a VHD's data, whether a log was replayed or not.
+        if !self.vhdx.log_replayed() || self.vhdx.is_plain(offset, len) {
+            self.inner.file_at(offset, len)
+        } else {
+            None
         }
     }
     fn identity(&self) -> Option<(u64, u64)> {

@@ -2531,3 +2531,57 @@ fn testdata_many_damages_are_all_reported() {
         r.problems
     );
 }
+
+/// A replayed log leaves the file's other ranges to be mapped or read as
+/// they are on disk (`Storage::file_at`), the overlaid ones read through
+/// the overlay; a conversion gets both right.
+#[test]
+fn a_replayed_log_leaves_the_plain_payload_to_the_file() {
+    let lg = guid(LOG_GUID);
+    let mut d = Disk::new(16 * MIB, MIB as u32, 512);
+    d.log_guid = lg;
+    d.payload = (0..8).map(|i| (i, 6, 4 + i)).collect();
+    d.file_len = 12 * MIB;
+    let mut b = d.build();
+    fill_pattern(&mut b, 4 * MIB, 8 * MIB, 0x5c);
+    let sector = vec![0xabu8; 4096];
+    let e = log_entry(
+        1,
+        0,
+        lg,
+        12 * MIB,
+        &[Desc::Data(9 * MIB + 4096, sector.clone())],
+    );
+    put(&mut b, LOG_AT, &e);
+    let mut want = vec![0u8; 16 * MIB as usize];
+    want[..8 * MIB as usize].copy_from_slice(&b[4 * MIB as usize..12 * MIB as usize]);
+    want[(5 * MIB + 4096) as usize..(5 * MIB + 8192) as usize].copy_from_slice(&sector);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("dirty.vhdx");
+    std::fs::write(&p, &b).unwrap();
+    let img = vhdkit::Image::open(&p).unwrap();
+    assert!(img.vhdx().unwrap().log_replayed());
+    let s = img.storage();
+    // The file as a whole is not offered (a reader of it would miss the
+    // log's sector), its plain ranges are.
+    assert!(s.file().is_none());
+    assert!(s.file_at(4 * MIB, 4 * MIB).is_some());
+    assert!(s.file_at(10 * MIB, 2 * MIB).is_some());
+    assert!(s.file_at(9 * MIB, 2 * MIB).is_none());
+    assert!(s.file_at(9 * MIB + 8191, 1).is_none());
+    assert!(s.file_at(9 * MIB + 8192, 1).is_some());
+    // Past the file (as replayed, longer than on disk): not plain.
+    assert!(s.file_at(12 * MIB - 1, 2).is_none());
+    for (target, name) in [
+        (vhdkit::Target::Raw, "out.raw"),
+        (vhdkit::Target::Fixed, "out.vhd"),
+    ] {
+        let out = dir.path().join(name);
+        vhdkit::convert(&p, &out, &vhdkit::ConvertOptions::new(target)).unwrap();
+        let o = vhdkit::Image::open(&out).unwrap();
+        let mut got = vec![0u8; want.len()];
+        o.read_exact_at(&mut got, 0).unwrap();
+        assert_same(name, &got, &want);
+    }
+    assert_eq!(std::fs::read(&p).unwrap(), b, "the input was not written");
+}
