@@ -1,6 +1,7 @@
 //! A VHDX file as an image: its structures, and the file as the replayed
 //! log leaves it, as the storage the walk and the reads use.
 
+use super::{Extent, ExtentKind};
 use crate::io::ReadAt;
 use crate::storage::Storage;
 use crate::vhdx::Vhdx;
@@ -76,4 +77,51 @@ impl Storage for OverlaidStorage {
     fn identity(&self) -> Option<(u64, u64)> {
         self.inner.identity()
     }
+}
+
+/// `extents` (a VHDX's map) with the data extents cut where the file
+/// beneath has holes (`SEEK_DATA`/`SEEK_HOLE`): a hole reads as zeros, so
+/// its bytes are `Zero` and the walk neither reads nor scans them, as for
+/// a raw or fixed VHD file. qemu-img, for one, leaves the unwritten parts
+/// of a VHDX's payload blocks as holes. A storage that cannot tell (or a
+/// replayed log, which may write into a hole) keeps every data extent.
+pub(crate) fn without_holes(
+    storage: &dyn Storage,
+    extents: Vec<Extent>,
+) -> io::Result<Vec<Extent>> {
+    let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
+    for e in extents {
+        let ExtentKind::Data { layer, file_offset } = e.kind else {
+            super::map::push_extent(&mut out, e);
+            continue;
+        };
+        let end = file_offset + e.length;
+        let mut pos = file_offset;
+        let zero = |from: u64, to: u64| Extent {
+            offset: e.offset + (from - file_offset),
+            length: to - from,
+            kind: ExtentKind::Zero,
+        };
+        for r in storage.data_ranges(file_offset, end)? {
+            let (a, b) = (r.start.max(pos), r.end.min(end));
+            if a >= b {
+                continue;
+            }
+            super::map::push_extent(&mut out, zero(pos, a));
+            super::map::push_extent(
+                &mut out,
+                Extent {
+                    offset: e.offset + (a - file_offset),
+                    length: b - a,
+                    kind: ExtentKind::Data {
+                        layer,
+                        file_offset: a,
+                    },
+                },
+            );
+            pos = b;
+        }
+        super::map::push_extent(&mut out, zero(pos, end));
+    }
+    Ok(out)
 }

@@ -2585,3 +2585,50 @@ fn a_replayed_log_leaves_the_plain_payload_to_the_file() {
     }
     assert_eq!(std::fs::read(&p).unwrap(), b, "the input was not written");
 }
+
+/// qemu-img leaves the unwritten parts of a VHDX's payload blocks as file
+/// holes: the image's map calls them zero (the walk neither reads nor
+/// scans them), where the VHDX's own map says data; the content is the same.
+#[test]
+fn holes_in_payload_blocks_map_as_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("holes.vhdx");
+    let want = qemu_vhdx(
+        &p,
+        "subformat=dynamic,block_size=8M",
+        "16M",
+        &[(0x5a, MIB, 64 * KIB), (0x6b, 12 * MIB, 4096)],
+    );
+    let img = vhdkit::Image::open(&p).unwrap();
+    let ours = img.map_all().unwrap();
+    assert_tiles(&ours, 16 * MIB);
+    let theirs = img.vhdx().unwrap().map_all().unwrap();
+    let data = |m: &[Extent]| -> u64 { m.iter().filter(|e| e.is_data()).map(|e| e.length).sum() };
+    assert_eq!(
+        data(&theirs),
+        16 * MIB,
+        "both blocks are present: {theirs:?}"
+    );
+    let f = std::fs::File::open(&p).unwrap();
+    let holes = vhdkit::io::data_ranges(&f, 0, std::fs::metadata(&p).unwrap().len()).unwrap();
+    for e in &ours {
+        if let ExtentKind::Data { file_offset, .. } = e.kind {
+            assert!(
+                holes
+                    .iter()
+                    .any(|r| r.start <= file_offset && file_offset + e.length <= r.end),
+                "{e:?} is not in the file's data {holes:?}"
+            );
+        }
+    }
+    if holes.iter().map(|r| r.end - r.start).sum::<u64>() < 8 * MIB {
+        // The filesystem keeps holes: most of each block maps as zero.
+        assert!(data(&ours) < 2 * MIB, "{ours:?}");
+    }
+    let mut got = vec![0u8; 16 * MIB as usize];
+    img.read_exact_at(&mut got, 0).unwrap();
+    assert_same("through the image", &got, &want);
+    let out = dir.path().join("out.raw");
+    vhdkit::convert(&p, &out, &vhdkit::ConvertOptions::new(vhdkit::Target::Raw)).unwrap();
+    assert_same("converted", &std::fs::read(&out).unwrap(), &want);
+}
