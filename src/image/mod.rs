@@ -413,11 +413,19 @@ impl Image {
             visited.path.push(parent::storage_id(&img.storage));
             result = parent::resolve(&mut img, opts, depth, visited);
             visited.path.pop();
-            if let (Err(Error::ParentNotFound { .. }), Some(_)) = (&result, &img.diag) {
-                img.parent_missing = true;
-                let e = std::mem::replace(&mut result, Ok(()));
-                if let (Some(d), Err(e)) = (img.diag.as_mut(), e) {
-                    d.push(e);
+            if let (Err(e), Some(d)) = (&result, &img.diag) {
+                // A check goes on without the parent; a VHDX's unusable
+                // parent locator, when its reader listed it, is not listed twice.
+                let locator = vhdx::locator_error(e);
+                if matches!(e, Error::ParentNotFound { .. }) || locator {
+                    let listed = locator && d.iter().any(vhdx::locator_error);
+                    img.parent_missing = true;
+                    let e = std::mem::replace(&mut result, Ok(()));
+                    if let (Some(d), Err(e)) = (img.diag.as_mut(), e) {
+                        if !listed {
+                            d.push(e);
+                        }
+                    }
                 }
             }
         }

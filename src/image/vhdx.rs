@@ -125,3 +125,9 @@ pub(crate) fn without_holes(
     }
     Ok(out)
 }
+
+/// True for a VHDX parent locator that cannot name the parent.
+pub(crate) fn locator_error(e: &crate::Error) -> bool {
+    matches!(e, crate::Error::Corrupt(c)
+        if c.structure == crate::error::Structure::Vhdx(crate::vhdx::VhdxStructure::ParentLocator))
+}

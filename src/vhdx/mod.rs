@@ -949,7 +949,13 @@ impl Vhdx {
             }
         }
         self.metadata = kept;
-        self.read_metadata_items()
+        let left_out: Vec<Guid> = entries
+            .iter()
+            .zip(&self.metadata)
+            .filter(|(e, k)| e != k && !e.is_user)
+            .map(|(e, _)| e.item_id)
+            .collect();
+        self.read_metadata_items(&left_out)
     }
 
     /// Checks entry `i` of the metadata table.
@@ -1032,7 +1038,7 @@ impl Vhdx {
     }
 
     /// Reads the known items of the metadata table kept.
-    fn read_metadata_items(&mut self) -> Result<()> {
+    fn read_metadata_items(&mut self, entries_left_out: &[Guid]) -> Result<()> {
         let s = VhdxStructure::Metadata;
         let base = self.metadata_offset;
         let item = |v: &Vhdx, k: usize| -> Result<Option<(Vec<u8>, u64)>> {
@@ -1106,6 +1112,10 @@ impl Vhdx {
         }
         // Nothing read depends on the physical sector size or the page 83
         // id: a check goes on past them.
+        // An item whose entry was listed as bad and left out is not listed
+        // again as missing.
+        let left_out =
+            |v: &Vhdx, k: usize| v.checking() && entries_left_out.contains(&KNOWN_ITEMS[k].0);
         match required(self, 4) {
             Ok((ps, ps_at)) => {
                 self.physical_sector_size = le32(&ps, 0);
@@ -1119,6 +1129,7 @@ impl Vhdx {
                     ))?;
                 }
             }
+            Err(_) if left_out(self, 4) => {}
             Err(e) => self.report(e)?,
         }
         let (vs, vs_at) = required(self, 1)?;
@@ -1135,6 +1146,7 @@ impl Vhdx {
         }
         match required(self, 2) {
             Ok((p83, _)) => self.page83 = Guid::read(&p83, 0),
+            Err(_) if left_out(self, 2) => {}
             Err(e) => self.report(e)?,
         }
         let locator = match item(self, 5) {
@@ -1177,8 +1189,9 @@ impl Vhdx {
                 }
                 self.parent_locator = Some(pl);
             }
+            (None, true) if left_out(self, 5) => {}
             (None, true) => {
-                return Err(corrupt(
+                return self.report(corrupt(
                     s,
                     "entry count",
                     base + 10,

@@ -2632,3 +2632,65 @@ fn holes_in_payload_blocks_map_as_zero() {
     vhdkit::convert(&p, &out, &vhdkit::ConvertOptions::new(vhdkit::Target::Raw)).unwrap();
     assert_same("converted", &std::fs::read(&out).unwrap(), &want);
 }
+
+#[test]
+fn check_reports_metadata_entry_locator_and_bat_problems_together() {
+    // A differencing disk whose parent locator has no parent_linkage, one
+    // of whose metadata entries (page 83) lies inside the table, and one of
+    // whose BAT entries (block 2) points past the file.
+    let mut d = Disk::new(3 * MIB, MIB as u32, 512);
+    d.has_parent = true;
+    d.payload = vec![(0, 6, 4), (2, 6, 300)];
+    d.locator = vec![("relative_path", "..\\base.vhdx")];
+    d.file_len = 6 * MIB;
+    let mut b = d.build();
+    fill_pattern(&mut b, 4 * MIB, MIB, 0x11);
+    // Entry 2 (page 83 data): offset 4096, inside the 64 KiB table.
+    let e2 = META_AT + 32 + 2 * 32;
+    put32(&mut b, e2 + 16, 4096);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.vhdx");
+    std::fs::write(&p, &b).unwrap();
+    let r = check_report(&p);
+    let got: Vec<_> = places(&r)
+        .into_iter()
+        .map(|x| (x.0, x.1, x.2, x.3, x.4))
+        .collect();
+    let v = |s| Some(Structure::Vhdx(s));
+    let pl_at = META_AT + 64 * KIB + 5 * 4096;
+    for want in [
+        (
+            true,
+            "vhdx-metadata",
+            v(VhdxStructure::Metadata),
+            "offset".to_string(),
+            e2 + 16,
+        ),
+        (
+            true,
+            "vhdx-parent-locator",
+            v(VhdxStructure::ParentLocator),
+            "parent_linkage".into(),
+            pl_at,
+        ),
+        (
+            true,
+            "vhdx-bat-out-of-file",
+            v(VhdxStructure::BatEntry(2)),
+            "file offset".into(),
+            BAT_AT + 16,
+        ),
+    ] {
+        assert!(got.contains(&want), "{want:?} not in {:#?}", r.problems);
+    }
+    // Each once: no echo of the entry left out ("no page 83 item") nor of
+    // the locator from the parent search.
+    assert_eq!(got.len(), 3, "{:#?}", r.problems);
+    // An open stops at the first.
+    assert_corrupt(
+        Vhdx::open(&p, &VhdxOptions::new()),
+        VhdxStructure::Metadata,
+        "offset",
+        e2 + 16,
+    );
+}
