@@ -199,6 +199,8 @@ fn corrupt_code(c: &Corruption) -> &'static str {
             V::RegionTable(_) => "vhdx-region-table",
             V::Metadata => "vhdx-metadata",
             V::ParentLocator => "vhdx-parent-locator",
+            V::BatEntry(_) if c.expected.starts_with("no overlap") => "vhdx-bat-overlap",
+            V::BatEntry(_) if c.field == "file offset" => "vhdx-bat-out-of-file",
             V::BatEntry(_) => "vhdx-bat",
             V::Log | V::LogEntry(_) => "vhdx-log",
         };
@@ -297,9 +299,14 @@ fn check_opened(
             );
         }
         for w in img.warnings() {
-            // Judged by check's own rule in extra_checks.
-            if w.code != "fixed-padding" {
-                problems.push(Problem::warning(w.code, w.message.clone()));
+            match (w.structure, w.field, w.offset) {
+                // A warning with its place (the VHDX reader's).
+                (Some(s), Some(f), Some(o)) => {
+                    problems.push(Problem::warning(w.code, w.message.clone()).at(s, f, o));
+                }
+                // Judged by check's own rule in extra_checks.
+                _ if w.code == "fixed-padding" => {}
+                _ => problems.push(Problem::warning(w.code, w.message.clone())),
             }
         }
         extra_checks(img, &mut problems)?;

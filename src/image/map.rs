@@ -165,7 +165,10 @@ impl Image {
         let end = self.check_range(offset, len)?;
         let mut out = Vec::new();
         match &self.layout {
-            Layout::Vhdx(v) => return v.map(offset, end - offset),
+            Layout::Vhdx(v) => {
+                return super::vhdx::without_holes(&*self.storage, v.map(offset, end - offset)?)
+                    .map_err(|e| Error::io(&self.path, "seek data/hole", e))
+            }
             Layout::Raw | Layout::Fixed(_) => {
                 // A file that shrank since it was opened would read as holes
                 // (zeros) past its new end: refuse rather than invent data.

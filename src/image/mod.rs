@@ -182,7 +182,10 @@ pub struct Warning {
     pub message: String,
     /// The structure concerned, when there is one.
     pub structure: Option<Structure>,
-    /// The offset in the file of that structure, when known.
+    /// The field, in the specification's words, when one is to blame.
+    pub field: Option<&'static str>,
+    /// The offset in the file of that structure (of the field, when one is
+    /// named), when known.
     pub offset: Option<u64>,
 }
 
@@ -192,6 +195,7 @@ impl Warning {
             code,
             message: message.into(),
             structure: None,
+            field: None,
             offset: None,
         }
     }
@@ -454,11 +458,19 @@ impl Image {
             visited.path.push(parent::storage_id(&img.storage));
             result = parent::resolve(&mut img, opts, depth, visited);
             visited.path.pop();
-            if let (Err(Error::ParentNotFound { .. }), Some(_)) = (&result, &img.diag) {
-                img.parent_missing = true;
-                let e = std::mem::replace(&mut result, Ok(()));
-                if let (Some(d), Err(e)) = (img.diag.as_mut(), e) {
-                    d.push(e);
+            if let (Err(e), Some(d)) = (&result, &img.diag) {
+                // A check goes on without the parent; a VHDX's unusable
+                // parent locator, when its reader listed it, is not listed twice.
+                let locator = vhdx::locator_error(e);
+                if matches!(e, Error::ParentNotFound { .. }) || locator {
+                    let listed = locator && d.iter().any(vhdx::locator_error);
+                    img.parent_missing = true;
+                    let e = std::mem::replace(&mut result, Ok(()));
+                    if let (Some(d), Err(e)) = (img.diag.as_mut(), e) {
+                        if !listed {
+                            d.push(e);
+                        }
+                    }
                 }
             }
         }
@@ -715,19 +727,34 @@ impl Image {
         }
         let vopts =
             crate::vhdx::VhdxOptions::new().max_bat_entries(opts.max_bat_entries.saturating_mul(2));
-        let src = vhdx::Source(Arc::clone(&self.storage));
-        let v = Arc::new(crate::vhdx::Vhdx::from_source_named(
-            Box::new(src),
-            &self.path,
-            &vopts,
-        )?);
+        let src = Box::new(vhdx::Source(Arc::clone(&self.storage)));
+        let v = if self.diag.is_some() {
+            // Check mode: every problem the VHDX reader can look past.
+            let c = crate::vhdx::Vhdx::check_source(src, &self.path, &vopts);
+            for e in c.errors {
+                self.report(e)?;
+            }
+            self.diag_dropped += c.unlisted;
+            c.vhdx?
+        } else {
+            crate::vhdx::Vhdx::from_source_named(src, &self.path, &vopts)?
+        };
+        let v = Arc::new(v);
         self.virtual_size = v.virtual_size();
         self.data_end = self.file_len;
-        self.warnings.extend(
-            v.warnings()
-                .iter()
-                .map(|w| Warning::new("image-warning", w.clone())),
-        );
+        // The reader's warnings come with their code and place.
+        self.warnings.extend(v.warnings().iter().map(|w| {
+            match v.located_warnings().iter().find(|l| &l.message == w) {
+                Some(l) => Warning {
+                    code: l.code,
+                    message: w.clone(),
+                    structure: Some(Structure::Vhdx(l.structure)),
+                    field: Some(l.field),
+                    offset: Some(l.offset),
+                },
+                None => Warning::new("image-warning", w.clone()),
+            }
+        }));
         if let Some(r) = v.log_replay() {
             self.warnings.push(Warning::new(
                 "vhdx-log-replayed",

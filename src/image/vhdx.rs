@@ -1,6 +1,7 @@
 //! A VHDX file as an image: its structures, and the file as the replayed
 //! log leaves it, as the storage the walk and the reads use.
 
+use super::{Extent, ExtentKind};
 use crate::io::ReadAt;
 use crate::storage::Storage;
 use crate::vhdx::Vhdx;
@@ -23,9 +24,12 @@ impl ReadAt for Source {
 
 /// The VHDX file with its replayed log laid over it: every read of a data
 /// extent's `file_offset` (the walk's, [`crate::Image::read_exact_at`]'s)
-/// goes through [`Vhdx::read_file_at`], so it sees the bytes the log
-/// wrote. When no log was replayed it is the file itself, and offers the
-/// file for mapping and file-to-file copies.
+/// sees the bytes the log wrote. When no log was replayed it is the file
+/// itself, and offers the file for mapping and direct reads; when one was,
+/// it offers the file for the ranges no replayed sector touches
+/// ([`Storage::file_at`], from [`Vhdx::is_plain`]), so the walk maps or
+/// reads the payload there as it does a VHD's, and goes through
+/// [`Vhdx::read_file_at`] only where the overlay lies.
 #[derive(Debug)]
 pub(crate) struct OverlaidStorage {
     pub(crate) vhdx: Arc<Vhdx>,
@@ -61,7 +65,69 @@ impl Storage for OverlaidStorage {
             self.inner.file()
         }
     }
+    fn file_at(&self, offset: u64, len: u64) -> Option<&File> {
+        // Where no replayed sector lies, the file is read (or mapped) as it
+        // is: the same path as a VHD's data, whether a log was replayed or not.
+        if !self.vhdx.log_replayed() || self.vhdx.is_plain(offset, len) {
+            self.inner.file_at(offset, len)
+        } else {
+            None
+        }
+    }
     fn identity(&self) -> Option<(u64, u64)> {
         self.inner.identity()
     }
+}
+
+/// `extents` (a VHDX's map) with the data extents cut where the file
+/// beneath has holes (`SEEK_DATA`/`SEEK_HOLE`): a hole reads as zeros, so
+/// its bytes are `Zero` and the walk neither reads nor scans them, as for
+/// a raw or fixed VHD file. qemu-img, for one, leaves the unwritten parts
+/// of a VHDX's payload blocks as holes. A storage that cannot tell (or a
+/// replayed log, which may write into a hole) keeps every data extent.
+pub(crate) fn without_holes(
+    storage: &dyn Storage,
+    extents: Vec<Extent>,
+) -> io::Result<Vec<Extent>> {
+    let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
+    for e in extents {
+        let ExtentKind::Data { layer, file_offset } = e.kind else {
+            super::map::push_extent(&mut out, e);
+            continue;
+        };
+        let end = file_offset + e.length;
+        let mut pos = file_offset;
+        let zero = |from: u64, to: u64| Extent {
+            offset: e.offset + (from - file_offset),
+            length: to - from,
+            kind: ExtentKind::Zero,
+        };
+        for r in storage.data_ranges(file_offset, end)? {
+            let (a, b) = (r.start.max(pos), r.end.min(end));
+            if a >= b {
+                continue;
+            }
+            super::map::push_extent(&mut out, zero(pos, a));
+            super::map::push_extent(
+                &mut out,
+                Extent {
+                    offset: e.offset + (a - file_offset),
+                    length: b - a,
+                    kind: ExtentKind::Data {
+                        layer,
+                        file_offset: a,
+                    },
+                },
+            );
+            pos = b;
+        }
+        super::map::push_extent(&mut out, zero(pos, end));
+    }
+    Ok(out)
+}
+
+/// True for a VHDX parent locator that cannot name the parent.
+pub(crate) fn locator_error(e: &crate::Error) -> bool {
+    matches!(e, crate::Error::Corrupt(c)
+        if c.structure == crate::error::Structure::Vhdx(crate::vhdx::VhdxStructure::ParentLocator))
 }

@@ -43,6 +43,16 @@ pub trait Storage: ReadAt + Send + std::fmt::Debug {
         None
     }
 
+    /// The local file beneath when `len` bytes at `offset` read exactly as
+    /// that file holds them at the same offset, for mapping or reading them
+    /// there directly. The default is [`Storage::file`]; a storage that
+    /// changes some ranges of its file (a VHDX's replayed log) offers it
+    /// for the others.
+    fn file_at(&self, offset: u64, len: u64) -> Option<&File> {
+        let _ = (offset, len);
+        self.file()
+    }
+
     /// An identity that two handles of one underlying object share (device
     /// and inode for a file), used to find loops in parent chains. `None`
     /// when the storage has none; each handle is then its own.
@@ -54,7 +64,7 @@ pub trait Storage: ReadAt + Send + std::fmt::Debug {
 /// `len` bytes of `storage` at `offset`, held for a while: mapped for a large
 /// window of a file, copied otherwise.
 pub(crate) fn window(storage: &dyn Storage, offset: u64, len: u64) -> io::Result<mmap::Window> {
-    if let Some(f) = storage.file() {
+    if let Some(f) = storage.file_at(offset, len) {
         return mmap::window(f, offset, len);
     }
     let n = usize::try_from(len).map_err(|_| io::Error::other("window too large"))?;
@@ -75,7 +85,7 @@ pub(crate) fn with_bytes<R>(
     len: u64,
     f: impl FnOnce(&[u8]) -> R,
 ) -> io::Result<R> {
-    if let Some(file) = storage.file() {
+    if let Some(file) = storage.file_at(offset, len) {
         return mmap::with_bytes(file, offset, len, f);
     }
     let n = usize::try_from(len).map_err(|_| io::Error::other("window too large"))?;

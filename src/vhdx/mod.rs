@@ -194,6 +194,50 @@ pub struct Vhdx {
     chunk_ratio: u64,
     data_blocks: u64,
     warnings: Vec<String>,
+    /// The warnings, each with its place and check code.
+    located: Vec<VhdxWarning>,
+    /// Check mode: the problems that did not stop the open.
+    diag: Option<Vec<Error>>,
+    /// Problems found in check mode beyond the listed ones.
+    diag_dropped: u64,
+}
+
+/// A warning of [`Vhdx::warnings`] with its place in the file and the code
+/// `check` reports it under.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VhdxWarning {
+    /// The `check` code (`vhdx-header-damaged`...).
+    pub code: &'static str,
+    /// The structure it is about.
+    pub structure: VhdxStructure,
+    /// The field, in the specification's words.
+    pub field: &'static str,
+    /// Absolute offset of the field in the file.
+    pub offset: u64,
+    /// The warning, as [`Vhdx::warnings`] gives it.
+    pub message: String,
+}
+
+/// What [`Vhdx::check_source`] found: every problem it could, rather than
+/// the first.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct VhdxCheck {
+    /// The file, opened in spite of the problems listed in `errors`; or the
+    /// problem that stopped it (none of the others could be looked past).
+    pub vhdx: Result<Vhdx>,
+    /// Problems that did not stop the reading, in the order found; each an
+    /// [`Error::Corrupt`] naming its structure, field and absolute offset.
+    /// BAT entries found bad read as zeros in `vhdx`.
+    pub errors: Vec<Error>,
+    /// Problems found beyond the first [`VhdxCheck::MAX_LISTED`] (not listed).
+    pub unlisted: u64,
+}
+
+impl VhdxCheck {
+    /// The most problems listed in [`VhdxCheck::errors`].
+    pub const MAX_LISTED: usize = 1000;
 }
 
 impl fmt::Debug for Vhdx {
@@ -276,7 +320,13 @@ impl Vhdx {
         let file_len = src
             .len()
             .map_err(|e| Error::io(&path, "find the length of", e))?;
-        let mut v = Vhdx {
+        let mut v = Vhdx::empty(src, path, file_len);
+        v.read_all(opts)?;
+        Ok(v)
+    }
+
+    fn empty(src: Box<dyn ReadAt + Send>, path: PathBuf, file_len: u64) -> Vhdx {
+        Vhdx {
             src,
             path,
             file_len,
@@ -316,14 +366,108 @@ impl Vhdx {
             chunk_ratio: 1,
             data_blocks: 0,
             warnings: Vec::new(),
+            located: Vec::new(),
+            diag: None,
+            diag_dropped: 0,
+        }
+    }
+
+    fn read_all(&mut self, opts: &VhdxOptions) -> Result<()> {
+        self.read_identifier()?;
+        self.read_headers()?;
+        self.read_log()?;
+        self.read_region_tables()?;
+        self.read_metadata()?;
+        self.read_bat(opts)?;
+        if self.diag.is_some() {
+            self.check_bat_layout()?;
+        }
+        Ok(())
+    }
+
+    /// Checks a VHDX held by `source` (named `path` in errors) and reports
+    /// every problem it can find rather than the first: a problem that
+    /// leaves the rest readable (a damaged BAT entry, a metadata entry out
+    /// of place, a log that cannot be replayed, a damaged parent locator) is
+    /// listed and the check goes on; one that leaves nothing to go on with
+    /// (no valid header, no valid region table, block size or sector size
+    /// unknown) stops it. Rules beyond the reader's are checked too: blocks
+    /// overlapping each other or the file's structures, reserved BAT bits,
+    /// sector bitmap blocks in a disk without parent, and the second region
+    /// table (unused when the first is valid) — see `docs/vhdx-format.md`.
+    ///
+    /// [`Vhdx::open`] and the others stop at the first problem instead.
+    pub fn check_source(
+        source: Box<dyn ReadAt + Send>,
+        path: &Path,
+        opts: &VhdxOptions,
+    ) -> VhdxCheck {
+        let mut v = match Self::open_source_checking(source, path.to_path_buf()) {
+            Ok(v) => v,
+            Err(e) => {
+                return VhdxCheck {
+                    vhdx: Err(e),
+                    errors: Vec::new(),
+                    unlisted: 0,
+                }
+            }
         };
-        v.read_identifier()?;
-        v.read_headers()?;
-        v.read_log()?;
-        v.read_region_tables()?;
-        v.read_metadata()?;
-        v.read_bat(opts)?;
+        let r = v.read_all(opts);
+        let errors = v.diag.take().unwrap_or_default();
+        let unlisted = v.diag_dropped;
+        VhdxCheck {
+            vhdx: r.map(|()| v),
+            errors,
+            unlisted,
+        }
+    }
+
+    fn open_source_checking(src: Box<dyn ReadAt + Send>, path: PathBuf) -> Result<Vhdx> {
+        let file_len = src
+            .len()
+            .map_err(|e| Error::io(&path, "find the length of", e))?;
+        let mut v = Vhdx::empty(src, path, file_len);
+        v.diag = Some(Vec::new());
         Ok(v)
+    }
+
+    /// A problem that need not stop the reading: returned when failing
+    /// fast, listed in check mode.
+    fn report(&mut self, e: Error) -> Result<()> {
+        match &mut self.diag {
+            Some(d) => {
+                if d.len() < VhdxCheck::MAX_LISTED {
+                    d.push(e);
+                } else {
+                    self.diag_dropped += 1;
+                }
+                Ok(())
+            }
+            None => Err(e),
+        }
+    }
+
+    fn checking(&self) -> bool {
+        self.diag.is_some()
+    }
+
+    /// Records a warning with its place.
+    fn warn(
+        &mut self,
+        code: &'static str,
+        structure: VhdxStructure,
+        field: &'static str,
+        offset: u64,
+        message: String,
+    ) {
+        self.warnings.push(message.clone());
+        self.located.push(VhdxWarning {
+            code,
+            structure,
+            field,
+            offset,
+            message,
+        });
     }
 
     /// Reads `len` bytes of the (replayed) file at `at` for `structure`,
@@ -399,34 +543,35 @@ impl Vhdx {
                     // Two identical headers (some tools write both alike).
                     (a, 1)
                 } else {
-                    return Err(corrupt(
+                    let seq = a.sequence_number;
+                    self.report(corrupt(
                         VhdxStructure::Header(2),
                         "sequence number",
                         HEADER_OFFSETS[1] + 8,
                         b.sequence_number,
                         format!(
-                            "a number other than header 1's ({}): the two valid headers differ \
-                             and neither is newer",
-                            a.sequence_number
+                            "a number other than header 1's ({seq}): the two valid headers \
+                             differ and neither is newer"
                         ),
-                    ));
+                    ))?;
+                    // Checking goes on with header 1.
+                    (a, 1)
                 }
             }
             (Ok(a), Err(e)) => {
-                self.warnings.push(format!(
-                    "header 2 is damaged ({e}); header 1 (sequence number {}) was used",
-                    a.sequence_number
-                ));
+                self.header_damaged(2, &e, &a);
                 (a, 1)
             }
             (Err(e), Ok(b)) => {
-                self.warnings.push(format!(
-                    "header 1 is damaged ({e}); header 2 (sequence number {}) was used",
-                    b.sequence_number
-                ));
+                self.header_damaged(1, &e, &b);
                 (b, 2)
             }
-            (Err(e), Err(_)) => return Err(e),
+            (Err(e1), Err(e2)) => {
+                if self.checking() {
+                    self.report(e2)?;
+                }
+                return Err(e1);
+            }
         };
         let hs = VhdxStructure::Header(index);
         let at = HEADER_OFFSETS[index as usize - 1];
@@ -448,34 +593,42 @@ impl Vhdx {
                 ),
             });
         }
+        let mut header = header;
         if header.log_length != 0 {
             let (off, len) = (header.log_offset, u64::from(header.log_length));
-            if off < MIB || off % MIB != 0 {
-                return Err(corrupt(
+            let bad = if off < MIB || off % MIB != 0 {
+                Some(corrupt(
                     hs,
                     "log offset",
                     at + 72,
                     off,
                     "a multiple of 1 MiB, at least 1 MiB",
-                ));
-            }
-            if len % MIB != 0 {
-                return Err(corrupt(
+                ))
+            } else if len % MIB != 0 {
+                Some(corrupt(
                     hs,
                     "log length",
                     at + 68,
                     len,
                     "a multiple of 1 MiB",
-                ));
-            }
-            if !within(off, len, self.file_len) {
-                return Err(corrupt(
+                ))
+            } else if !within(off, len, self.file_len) {
+                Some(corrupt(
                     hs,
                     "log length",
                     at + 68,
                     format!("{len} bytes at {off}"),
                     format!("a log within the file of {} bytes", self.file_len),
-                ));
+                ))
+            } else {
+                None
+            };
+            if let Some(e) = bad {
+                self.report(e)?;
+                // Checking goes on as if the header named no log: nothing
+                // is replayed, and the regions are not checked against it.
+                header.log_length = 0;
+                header.log_guid = Guid::ZERO;
             }
         }
         self.header = header;
@@ -483,16 +636,44 @@ impl Vhdx {
         Ok(())
     }
 
+    /// Header `n` is damaged (`e`); the other one, `used`, is read.
+    fn header_damaged(&mut self, n: u8, e: &Error, used: &Header) {
+        let (field, offset) = match e {
+            Error::Corrupt(c) => (c.field, c.offset),
+            _ => ("signature", HEADER_OFFSETS[n as usize - 1]),
+        };
+        self.warn(
+            "vhdx-header-damaged",
+            VhdxStructure::Header(n),
+            field,
+            offset,
+            format!(
+                "header {n} is damaged ({e}); header {} (sequence number {}) was used",
+                3 - n,
+                used.sequence_number
+            ),
+        );
+    }
+
     fn read_log(&mut self) -> Result<()> {
         let h = &self.header;
         if h.log_guid.is_zero() {
             return Ok(());
         }
+        let n = self.header_index;
+        let guid_at = HEADER_OFFSETS[n as usize - 1] + 48;
         if h.log_length == 0 {
-            self.warnings.push(format!(
-                "header {} names log {} but gives it no room (log length 0); nothing was replayed",
-                self.header_index, h.log_guid
-            ));
+            let msg = format!(
+                "header {n} names log {} but gives it no room (log length 0); nothing was replayed",
+                h.log_guid
+            );
+            self.warn(
+                "vhdx-log-not-replayed",
+                VhdxStructure::Header(n),
+                "log guid",
+                guid_at,
+                msg,
+            );
             return Ok(());
         }
         // The log was checked to lie within the file; it is read as it is
@@ -502,14 +683,33 @@ impl Vhdx {
             .read_exact_at(&mut log, h.log_offset)
             .map_err(|e| Error::io_at(&self.path, "read the log", h.log_offset, e))?;
         let mut overlay = Overlay::default();
+        let mut said = Vec::new();
         let replay = log::replay(
             &log,
             h.log_offset,
             h,
             self.file_len,
             &mut overlay,
-            &mut self.warnings,
-        )?;
+            &mut said,
+        );
+        let log_at = h.log_offset;
+        for msg in said {
+            self.warn(
+                "vhdx-log-not-replayed",
+                VhdxStructure::Log,
+                "log guid",
+                log_at,
+                msg,
+            );
+        }
+        let replay = match replay {
+            Ok(r) => r,
+            Err(e) => {
+                // Checking goes on with the file as it is.
+                self.report(e)?;
+                None
+            }
+        };
         if let Some(r) = &replay {
             self.logical_len = r.file_length;
             self.overlay = overlay;
@@ -519,44 +719,85 @@ impl Vhdx {
     }
 
     fn read_region_tables(&mut self) -> Result<()> {
-        let mut first_err = None;
-        for (i, &at) in REGION_TABLE_OFFSETS.iter().enumerate() {
-            let n = i as u8 + 1;
-            let avail = self
-                .logical_len
-                .saturating_sub(at)
-                .min(REGION_TABLE_SIZE as u64);
-            let mut b = vec![0u8; avail as usize];
-            self.read_file_at(&mut b, at)?;
-            match RegionTable::parse(&b, n, at).and_then(|t| self.check_regions(&t, n, at)) {
-                Ok(()) => {
-                    if let Some(e) = first_err {
-                        self.warnings.push(format!(
-                            "region table 1 is damaged ({e}); region table 2 was used"
-                        ));
-                    }
-                    self.region_table_index = n;
-                    return Ok(());
-                }
-                Err(e) => {
+        let first = self.region_table(1);
+        if let Err(e @ Error::Unsupported { .. }) = first {
+            return Err(e);
+        }
+        // Table 2 is read when table 1 cannot be used, and by a check,
+        // which says when it is damaged though unused.
+        let second = (first.is_err() || self.checking()).then(|| self.region_table(2));
+        let (table, n) = match (first, second) {
+            (Ok(t), second) => {
+                if let Some(Err(e)) = second {
                     if matches!(e, Error::Unsupported { .. }) {
                         return Err(e);
                     }
-                    first_err.get_or_insert(e);
+                    self.table_damaged(2, &e, "region table 1 was used");
                 }
+                (t, 1)
             }
+            (Err(e), Some(Ok(t))) => {
+                self.table_damaged(1, &e, "region table 2 was used");
+                (t, 2)
+            }
+            (Err(e1), Some(Err(e2))) => {
+                if matches!(e2, Error::Unsupported { .. }) {
+                    return Err(e2);
+                }
+                if self.checking() {
+                    self.report(e2)?;
+                }
+                return Err(e1);
+            }
+            (Err(e1), None) => return Err(e1),
+        };
+        for (code, s, field, at, msg) in table.warnings {
+            self.warn(code, s, field, at, msg);
         }
-        Err(first_err.unwrap_or_else(|| Error::Unsupported {
-            path: self.path.clone(),
-            what: "no region table was found".into(),
-        }))
+        self.region_table_index = n;
+        self.regions = table.entries;
+        self.bat_offset = table.bat.file_offset;
+        self.metadata_offset = table.meta.file_offset;
+        self.bat_region_len = u64::from(table.bat.length);
+        self.metadata_region_len = u64::from(table.meta.length);
+        Ok(())
     }
 
-    /// Checks a region table's entries and keeps the BAT and metadata regions.
-    fn check_regions(&mut self, t: &RegionTable, n: u8, at: u64) -> Result<()> {
+    /// Region table `n` is damaged (`e`): a warning, since the other is used.
+    fn table_damaged(&mut self, n: u8, e: &Error, used: &str) {
+        let at = REGION_TABLE_OFFSETS[n as usize - 1];
+        let (field, offset) = match e {
+            Error::Corrupt(c) => (c.field, c.offset),
+            _ => ("signature", at),
+        };
+        self.warn(
+            "vhdx-region-table-damaged",
+            VhdxStructure::RegionTable(n),
+            field,
+            offset,
+            format!("region table {n} is damaged ({e}); {used}"),
+        );
+    }
+
+    /// Reads, parses and checks region table `n`.
+    fn region_table(&self, n: u8) -> Result<CheckedRegions> {
+        let at = REGION_TABLE_OFFSETS[n as usize - 1];
+        let avail = self
+            .logical_len
+            .saturating_sub(at)
+            .min(REGION_TABLE_SIZE as u64);
+        let mut b = vec![0u8; avail as usize];
+        self.read_file_at(&mut b, at)?;
+        let t = RegionTable::parse(&b, n, at)?;
+        self.check_regions(&t, n, at)
+    }
+
+    /// Checks a region table's entries and finds the BAT and metadata regions.
+    fn check_regions(&self, t: &RegionTable, n: u8, at: u64) -> Result<CheckedRegions> {
         let s = VhdxStructure::RegionTable(n);
         let mut bat = None;
         let mut meta = None;
+        let mut warnings = Vec::new();
         let mut spans: Vec<(u64, u64, String)> = Vec::new();
         if self.header.log_length != 0 {
             let o = self.header.log_offset;
@@ -623,9 +864,15 @@ impl Vhdx {
                     ),
                 });
             } else {
-                self.warnings.push(format!(
-                    "region table {n} entry {i}: unknown optional region {} ignored",
-                    e.guid
+                warnings.push((
+                    "vhdx-unknown-region",
+                    s,
+                    "guid",
+                    eat,
+                    format!(
+                        "region table {n} entry {i}: unknown optional region {} ignored",
+                        e.guid
+                    ),
                 ));
                 continue;
             };
@@ -651,13 +898,22 @@ impl Vhdx {
         };
         let bat = bat.ok_or_else(|| missing("BAT"))?;
         let meta = meta.ok_or_else(|| missing("metadata"))?;
-        self.regions = t.entries.clone();
-        self.bat_offset = bat.file_offset;
-        self.metadata_offset = meta.file_offset;
-        self.bat_region_len = u64::from(bat.length);
-        self.metadata_region_len = u64::from(meta.length);
-        Ok(())
+        Ok(CheckedRegions {
+            entries: t.entries.clone(),
+            bat,
+            meta,
+            warnings,
+        })
     }
+}
+
+/// A region table that passed: its entries, the BAT and metadata regions,
+/// and warnings for the regions ignored.
+struct CheckedRegions {
+    entries: Vec<RegionEntry>,
+    bat: RegionEntry,
+    meta: RegionEntry,
+    warnings: Vec<(&'static str, VhdxStructure, &'static str, u64, String)>,
 }
 
 /// Minimum length of each known metadata item.
@@ -676,7 +932,42 @@ impl Vhdx {
         let base = self.metadata_offset;
         let table = self.read_struct(base, METADATA_TABLE_SIZE as u64, s, "signature")?;
         let entries = parse_metadata_table(&table, base)?;
+        // Entries found bad (in check mode) are left out of the table kept.
+        let mut kept = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
+            match self.check_metadata_entry(&entries, i) {
+                Ok(()) => kept.push(*e),
+                Err(e @ Error::Unsupported { .. }) => return Err(e),
+                Err(e) => {
+                    self.report(e)?;
+                    // Keep the place of the others (their index names them).
+                    kept.push(MetadataEntry {
+                        item_id: Guid::ZERO,
+                        offset: 0,
+                        length: 0,
+                        is_user: true,
+                        is_virtual_disk: false,
+                        is_required: false,
+                    });
+                }
+            }
+        }
+        self.metadata = kept;
+        let left_out: Vec<Guid> = entries
+            .iter()
+            .zip(&self.metadata)
+            .filter(|(e, k)| e != k && !e.is_user)
+            .map(|(e, _)| e.item_id)
+            .collect();
+        self.read_metadata_items(&left_out)
+    }
+
+    /// Checks entry `i` of the metadata table.
+    fn check_metadata_entry(&self, entries: &[MetadataEntry], i: usize) -> Result<()> {
+        let s = VhdxStructure::Metadata;
+        let base = self.metadata_offset;
+        let e = &entries[i];
+        {
             let eat = base + 32 + 32 * i as u64;
             if e.length == 0 {
                 if e.offset != 0 {
@@ -747,7 +1038,13 @@ impl Vhdx {
                 });
             }
         }
-        self.metadata = entries;
+        Ok(())
+    }
+
+    /// Reads the known items of the metadata table kept.
+    fn read_metadata_items(&mut self, entries_left_out: &[Guid]) -> Result<()> {
+        let s = VhdxStructure::Metadata;
+        let base = self.metadata_offset;
         let item = |v: &Vhdx, k: usize| -> Result<Option<(Vec<u8>, u64)>> {
             let (id, min, name) = KNOWN_ITEMS[k];
             let Some((i, e)) = v
@@ -817,16 +1114,27 @@ impl Vhdx {
                 "512 or 4096",
             ));
         }
-        let (ps, ps_at) = required(self, 4)?;
-        self.physical_sector_size = le32(&ps, 0);
-        if !matches!(self.physical_sector_size, 512 | 4096) {
-            return Err(corrupt(
-                s,
-                "physical sector size",
-                ps_at,
-                self.physical_sector_size,
-                "512 or 4096",
-            ));
+        // Nothing read depends on the physical sector size or the page 83
+        // id: a check goes on past them.
+        // An item whose entry was listed as bad and left out is not listed
+        // again as missing.
+        let left_out =
+            |v: &Vhdx, k: usize| v.checking() && entries_left_out.contains(&KNOWN_ITEMS[k].0);
+        match required(self, 4) {
+            Ok((ps, ps_at)) => {
+                self.physical_sector_size = le32(&ps, 0);
+                if !matches!(self.physical_sector_size, 512 | 4096) {
+                    self.report(corrupt(
+                        s,
+                        "physical sector size",
+                        ps_at,
+                        self.physical_sector_size,
+                        "512 or 4096",
+                    ))?;
+                }
+            }
+            Err(_) if left_out(self, 4) => {}
+            Err(e) => self.report(e)?,
         }
         let (vs, vs_at) = required(self, 1)?;
         self.virtual_size = le64(&vs, 0);
@@ -840,18 +1148,42 @@ impl Vhdx {
                 format!("a multiple of the logical sector size ({lss}), at most 64 TiB"),
             ));
         }
-        let (p83, _) = required(self, 2)?;
-        self.page83 = Guid::read(&p83, 0);
-        match (item(self, 5)?, self.params.has_parent) {
+        match required(self, 2) {
+            Ok((p83, _)) => self.page83 = Guid::read(&p83, 0),
+            Err(_) if left_out(self, 2) => {}
+            Err(e) => self.report(e)?,
+        }
+        let locator = match item(self, 5) {
+            Ok(l) => l,
+            Err(e) => {
+                self.report(e)?;
+                // Reported: not reported again as missing.
+                if self.params.has_parent {
+                    return Ok(());
+                }
+                None
+            }
+        };
+        match (locator, self.params.has_parent) {
             (Some((b, at)), true) => {
-                let pl = ParentLocator::parse(&b, at)?;
+                let pl = match ParentLocator::parse(&b, at) {
+                    Ok(pl) => pl,
+                    Err(e) => return self.report(e),
+                };
                 if pl.locator_type != VHDX_PARENT_LOCATOR_TYPE {
-                    self.warnings.push(format!(
+                    let msg = format!(
                         "the parent locator's type is {}, not the VHDX locator type {}",
                         pl.locator_type, VHDX_PARENT_LOCATOR_TYPE
-                    ));
+                    );
+                    self.warn(
+                        "vhdx-locator-type",
+                        VhdxStructure::ParentLocator,
+                        "locator type",
+                        at,
+                        msg,
+                    );
                 } else if pl.parent_linkage().is_none() {
-                    return Err(corrupt(
+                    return self.report(corrupt(
                         VhdxStructure::ParentLocator,
                         "parent_linkage",
                         at,
@@ -861,8 +1193,9 @@ impl Vhdx {
                 }
                 self.parent_locator = Some(pl);
             }
+            (None, true) if left_out(self, 5) => {}
             (None, true) => {
-                return Err(corrupt(
+                return self.report(corrupt(
                     s,
                     "entry count",
                     base + 10,
@@ -873,7 +1206,11 @@ impl Vhdx {
                     "a parent locator item in a disk whose file parameters say it has a parent",
                 ))
             }
-            (Some(_), false) => self.warnings.push(
+            (Some((_, at)), false) => self.warn(
+                "vhdx-locator-ignored",
+                VhdxStructure::ParentLocator,
+                "locator type",
+                at,
                 "a parent locator is present but the file parameters say the disk has no \
                  parent; it was ignored"
                     .into(),
@@ -929,7 +1266,119 @@ impl Vhdx {
         }
         self.bat = bat;
         for i in 0..total {
-            self.check_bat_entry(i)?;
+            if let Err(e) = self.check_bat_entry(i) {
+                self.report(e)?;
+                // Checking goes on with the entry read as zeros (payload:
+                // state 2, zero) or absent (sector bitmap: state 0).
+                let cr = self.chunk_ratio;
+                self.bat[i as usize] = BatEntry(if (i + 1) % (cr + 1) == 0 { 0 } else { 2 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Check mode: the rules beyond what reading needs. Blocks (payload and
+    /// sector bitmap) must not overlap each other, the first MiB (headers
+    /// and region tables), the log or the BAT and metadata regions; reserved
+    /// BAT bits are zero; a disk without parent has no sector bitmap block.
+    fn check_bat_layout(&mut self) -> Result<()> {
+        let cr = self.chunk_ratio;
+        let bs = self.block_size();
+        // (start, end, what): BAT entries by index, structures by name.
+        let mut spans: Vec<(u64, u64, u64)> = Vec::new();
+        let mut named: Vec<(u64, u64, String)> =
+            vec![(0, MIB, "the headers and region tables".into())];
+        if self.header.log_length != 0 {
+            let o = self.header.log_offset;
+            named.push((o, o + u64::from(self.header.log_length), "the log".into()));
+        }
+        named.push((
+            self.bat_offset,
+            self.bat_offset + self.bat_region_len,
+            "the BAT region".into(),
+        ));
+        named.push((
+            self.metadata_offset,
+            self.metadata_offset + self.metadata_region_len,
+            "the metadata region".into(),
+        ));
+        let mut reserved: Option<(u64, u64)> = None;
+        let mut bitmaps: Option<(u64, u64)> = None;
+        for (i, e) in self.bat.iter().enumerate() {
+            let i = i as u64;
+            if e.0 & 0x000f_fff8 != 0 {
+                let r = reserved.get_or_insert((i, 0));
+                r.1 += 1;
+            }
+            let len = if (i + 1) % (cr + 1) == 0 {
+                if e.state() != SB_BLOCK_PRESENT {
+                    continue;
+                }
+                if !self.params.has_parent {
+                    let b = bitmaps.get_or_insert((i, 0));
+                    b.1 += 1;
+                }
+                MIB
+            } else {
+                let block = i - i / (cr + 1);
+                if block >= self.data_blocks
+                    || !matches!(
+                        PayloadState::from_code(e.state()),
+                        Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent)
+                    )
+                {
+                    continue;
+                }
+                bs.min(self.virtual_size - block * bs)
+            };
+            spans.push((e.file_offset(), e.file_offset() + len, i));
+        }
+        if let Some((first, n)) = reserved {
+            let at = self.bat_offset + 8 * first;
+            self.warn(
+                "vhdx-bat-reserved",
+                VhdxStructure::BatEntry(first),
+                "reserved",
+                at,
+                format!("{n} BAT entries have reserved bits 3..19 set (ignored)"),
+            );
+        }
+        if let Some((first, n)) = bitmaps {
+            let at = self.bat_offset + 8 * first;
+            self.warn(
+                "vhdx-bitmap-without-parent",
+                VhdxStructure::BatEntry(first),
+                "state",
+                at,
+                format!("{n} sector bitmap blocks are present in a disk without parent (ignored)"),
+            );
+        }
+        // Blocks against the structures: each block found in the sorted
+        // structures; then blocks against each other: sorted, each against
+        // the furthest-reaching one before it.
+        named.sort();
+        spans.sort_unstable();
+        let mut reach: Option<(u64, u64)> = None; // (end, entry)
+        for &(a, b, i) in &spans {
+            let what = if let Some((_, _, what)) = named.iter().find(|(x, y, _)| a < *y && *x < b) {
+                Some(what.clone())
+            } else {
+                reach
+                    .filter(|&(end, _)| a < end)
+                    .map(|(_, j)| format!("the block of BAT entry {j}"))
+            };
+            if let Some(what) = what {
+                self.report(corrupt(
+                    VhdxStructure::BatEntry(i),
+                    "file offset",
+                    self.bat_offset + 8 * i,
+                    format!("{} bytes at {a}", b - a),
+                    format!("no overlap with {what}"),
+                ))?;
+            }
+            if reach.is_none_or(|(end, _)| b > end) {
+                reach = Some((b, i));
+            }
         }
         Ok(())
     }
@@ -1110,6 +1559,10 @@ impl Vhdx {
     pub fn warnings(&self) -> &[String] {
         &self.warnings
     }
+    /// The same warnings, each with its place in the file and its `check` code.
+    pub fn located_warnings(&self) -> &[VhdxWarning] {
+        &self.located
+    }
     /// Payload blocks per sector bitmap block.
     pub fn chunk_ratio(&self) -> u64 {
         self.chunk_ratio
@@ -1224,6 +1677,11 @@ impl Vhdx {
             Some(PayloadState::PartiallyPresent) => {
                 let cr = self.chunk_ratio;
                 let sb = self.bat[((block / cr) * (cr + 1) + cr) as usize];
+                if sb.state() != SB_BLOCK_PRESENT {
+                    // Only in check mode, where a bad entry is let by.
+                    push_extent(out, ext(a, b, absent));
+                    return Ok(());
+                }
                 let lss = u64::from(self.logical_sector_size);
                 let spb = self.block_size() / lss;
                 let (s0, s1) = (a / lss, b.div_ceil(lss));

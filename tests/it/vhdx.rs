@@ -1366,9 +1366,23 @@ fn exercise(bytes: Vec<u8>) -> (Result<(), String>, usize) {
     let (tx, rx) = std::sync::mpsc::channel();
     let bytes2 = bytes.clone();
     let bytes3 = bytes.clone();
+    let bytes4 = bytes.clone();
     let worker = std::thread::spawn(move || {
         let t = Instant::now();
         let r = largest_allocation(|| {
+            // Check mode looks past problems: whatever it opens must map
+            // and read without a panic (errors allowed), and it lists at
+            // most its cap.
+            let c = Vhdx::check_source(Box::new(bytes4), Path::new("mem"), &VhdxOptions::new());
+            assert!(c.errors.len() <= vhdkit::vhdx::VhdxCheck::MAX_LISTED);
+            if let Ok(d) = &c.vhdx {
+                if let Ok(map) = d.map_all() {
+                    assert_tiles(&map, d.virtual_size());
+                }
+                let mut buf = vec![0u8; d.virtual_size().min(MIB) as usize];
+                let _ = d.read_exact_at(&mut buf, 0);
+            }
+            drop(c);
             let d = match Vhdx::from_source(Box::new(bytes), &VhdxOptions::new()) {
                 Ok(d) => d,
                 Err(e) => {
@@ -1379,6 +1393,12 @@ fn exercise(bytes: Vec<u8>) -> (Result<(), String>, usize) {
                         Error::Unsupported { .. } | Error::Limit { .. } => {}
                         other => panic!("unexpected kind of error: {other:?}"),
                     }
+                    // A check of what does not open never fails to run.
+                    vhdkit::check_storage(
+                        vhdkit::MemoryStorage::new(bytes3),
+                        &vhdkit::CheckOptions::default(),
+                    )
+                    .unwrap_or_else(|e| panic!("check: {e}"));
                     return Err(e.to_string());
                 }
             };
@@ -1657,19 +1677,34 @@ fn check_names_vhdx_damage_with_codes() {
     b[128 * KIB as usize] ^= 0xff;
     let r = check_report(&write("headers.vhdx", &b));
     assert!(!r.is_clean());
-    assert_eq!(codes(&r), ["vhdx-header"], "{:?}", r.problems);
+    // Both headers named, each at its offset.
+    assert_eq!(
+        codes(&r),
+        ["vhdx-header", "vhdx-header"],
+        "{:?}",
+        r.problems
+    );
+    let offsets: Vec<_> = r.problems.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, [Some(64 * KIB), Some(128 * KIB)]);
 
     let mut b = good.clone();
     b[192 * KIB as usize] ^= 0xff;
     b[256 * KIB as usize] ^= 0xff;
     let r = check_report(&write("regions.vhdx", &b));
-    assert_eq!(codes(&r), ["vhdx-region-table"], "{:?}", r.problems);
+    assert_eq!(
+        codes(&r),
+        ["vhdx-region-table", "vhdx-region-table"],
+        "{:?}",
+        r.problems
+    );
+    let offsets: Vec<_> = r.problems.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, [Some(192 * KIB), Some(256 * KIB)]);
 
     // Block 1's BAT entry pointing past the file.
     let mut b = good.clone();
     put64(&mut b, BAT_AT + 8, 400 << 20 | 6);
     let r = check_report(&write("bat.vhdx", &b));
-    assert_eq!(codes(&r), ["vhdx-bat"], "{:?}", r.problems);
+    assert_eq!(codes(&r), ["vhdx-bat-out-of-file"], "{:?}", r.problems);
 
     // A dirty log: a warning that says it was replayed in memory.
     let (dirty, _, _) = dirty_log(0, 0);
@@ -1804,4 +1839,858 @@ fn a_differencing_vhdx_reads_through_its_vhdx_parent() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+// ---------------------------------------------------------------------------
+// check: every problem, not the first
+// ---------------------------------------------------------------------------
+
+/// (severity is error, code, structure, field, offset) of each problem.
+fn places(r: &vhdkit::CheckReport) -> Vec<(bool, &'static str, Option<Structure>, String, u64)> {
+    r.problems
+        .iter()
+        .map(|p| {
+            (
+                p.severity == vhdkit::Severity::Error,
+                p.code,
+                p.place,
+                p.field.clone().unwrap_or_default(),
+                p.offset.unwrap_or(u64::MAX),
+            )
+        })
+        .collect()
+}
+
+/// An 8 MiB dynamic disk in 1 MiB blocks with damage in every structure
+/// the reader can look past: header 1's checksum (header 2 is used, and
+/// its log offset is wrong), region table 1's checksum, the physical
+/// sector size, and six BAT entries (past the file, two overlaps, a
+/// reserved state, reserved bits).
+fn many_damages() -> Vec<u8> {
+    let mut d = Disk::new(8 * MIB, MIB as u32, 512);
+    d.payload = vec![
+        (0, 6, 4),
+        (1, 6, 400),
+        (2, 6, 4),
+        (3, 6, 2),
+        (4, 4, 0),
+        (5, 6, 5),
+    ];
+    d.file_len = 6 * MIB;
+    let mut b = d.build();
+    fill_pattern(&mut b, 4 * MIB, 2 * MIB, 0x21);
+    // Header 1: a byte changed under its checksum.
+    b[(64 * KIB + 100) as usize] ^= 1;
+    // Header 2 (used): the log at an offset that is not a whole MiB.
+    put64(&mut b, 128 * KIB + 72, MIB + 4096);
+    seal(&mut b[(128 * KIB) as usize..(128 * KIB + 4096) as usize]);
+    // Region table 1: a byte changed under its checksum.
+    b[(192 * KIB + 1000) as usize] ^= 1;
+    // The physical sector size item (the fifth) says 1000.
+    put32(&mut b, META_AT + 64 * KIB + 4 * 4096, 1000);
+    // Block 5's entry has a reserved bit set.
+    put64(&mut b, BAT_AT + 40, 5 << 20 | 1 << 3 | 6);
+    b
+}
+
+#[test]
+fn check_reports_every_vhdx_problem_with_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("many.vhdx");
+    std::fs::write(&p, many_damages()).unwrap();
+    // An open still stops at the first problem.
+    assert_corrupt(
+        Vhdx::open(&p, &VhdxOptions::new()),
+        VhdxStructure::Header(2),
+        "log offset",
+        128 * KIB + 72,
+    );
+    let r = check_report(&p);
+    assert!(!r.is_clean());
+    assert_eq!(r.format, Some(vhdkit::Format::Vhdx));
+    assert_eq!(r.virtual_size, Some(8 * MIB));
+    let v = |s| Some(Structure::Vhdx(s));
+    let e = |i: u64| BAT_AT + 8 * i;
+    let mut got = places(&r);
+    got.sort_by_key(|x| x.4);
+    let want = vec![
+        (
+            false,
+            "vhdx-header-damaged",
+            v(VhdxStructure::Header(1)),
+            "checksum".to_string(),
+            64 * KIB + 4,
+        ),
+        (
+            true,
+            "vhdx-header",
+            v(VhdxStructure::Header(2)),
+            "log offset".into(),
+            128 * KIB + 72,
+        ),
+        (
+            false,
+            "vhdx-region-table-damaged",
+            v(VhdxStructure::RegionTable(1)),
+            "checksum".into(),
+            192 * KIB + 4,
+        ),
+        (
+            true,
+            "vhdx-bat-out-of-file",
+            v(VhdxStructure::BatEntry(1)),
+            "file offset".into(),
+            e(1),
+        ),
+        (
+            true,
+            "vhdx-bat-overlap",
+            v(VhdxStructure::BatEntry(2)),
+            "file offset".into(),
+            e(2),
+        ),
+        (
+            true,
+            "vhdx-bat-overlap",
+            v(VhdxStructure::BatEntry(3)),
+            "file offset".into(),
+            e(3),
+        ),
+        (
+            true,
+            "vhdx-bat",
+            v(VhdxStructure::BatEntry(4)),
+            "state".into(),
+            e(4),
+        ),
+        (
+            false,
+            "vhdx-bat-reserved",
+            v(VhdxStructure::BatEntry(5)),
+            "reserved".into(),
+            e(5),
+        ),
+        (
+            true,
+            "vhdx-metadata",
+            v(VhdxStructure::Metadata),
+            "physical sector size".into(),
+            META_AT + 64 * KIB + 4 * 4096,
+        ),
+    ];
+    assert_eq!(got, want, "{:#?}", r.problems);
+    // The overlaps name what they overlap.
+    let msg = |i: u64| {
+        r.problems
+            .iter()
+            .find(|p| p.place == v(VhdxStructure::BatEntry(i)))
+            .unwrap()
+            .message
+            .clone()
+    };
+    assert!(msg(2).contains("the block of BAT entry 0"), "{}", msg(2));
+    assert!(msg(3).contains("the BAT region"), "{}", msg(3));
+    // The CLI says the same, exit 1, every code in the JSON.
+    let o = vhdkit_cli(&[&"check", &"--json", &p]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let text = j.to_string();
+    for (_, code, _, _, _) in &want {
+        assert!(text.contains(code), "{code} in {text}");
+    }
+}
+
+#[test]
+fn check_reports_the_damaged_table_2_though_table_1_is_used() {
+    let (_, mut b) = small_dynamic();
+    b[(256 * KIB + 5000) as usize] ^= 1;
+    b[(128 * KIB + 300) as usize] ^= 1;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t2.vhdx");
+    std::fs::write(&p, &b).unwrap();
+    // It opens (table 1 and header 1 are fine)...
+    let d = Vhdx::open(&p, &VhdxOptions::new()).unwrap();
+    assert_eq!((d.header_index(), d.region_table_index()), (1, 1));
+    // ...and the check warns of both unused copies.
+    let r = check_report(&p);
+    assert!(r.is_clean(), "{:?}", r.problems);
+    let got = places(&r);
+    assert_eq!(
+        got,
+        [
+            (
+                false,
+                "vhdx-header-damaged",
+                Some(Structure::Vhdx(VhdxStructure::Header(2))),
+                "checksum".into(),
+                128 * KIB + 4
+            ),
+            (
+                false,
+                "vhdx-region-table-damaged",
+                Some(Structure::Vhdx(VhdxStructure::RegionTable(2))),
+                "checksum".into(),
+                256 * KIB + 4
+            ),
+        ],
+        "{:?}",
+        r.problems
+    );
+}
+
+#[test]
+fn check_goes_on_past_a_log_that_cannot_be_replayed() {
+    // The dirty log's third entry needs the file longer than it is; the
+    // BAT entry of block 1 points past the file too.
+    let (mut b, _, [_, _, e3_at]) = dirty_log(0, 0);
+    let at = LOG_AT + e3_at;
+    put64(&mut b, at + 48, 64 * MIB);
+    let len = u32::from_le_bytes(b[at as usize + 8..at as usize + 12].try_into().unwrap());
+    seal(&mut b[at as usize..(at + u64::from(len)) as usize]);
+    let bat1 = BAT_AT + 8;
+    put64(&mut b, bat1, 900 << 20 | 6);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("log.vhdx");
+    std::fs::write(&p, &b).unwrap();
+    let r = check_report(&p);
+    let got: Vec<_> = places(&r).into_iter().map(|x| (x.1, x.4)).collect();
+    assert!(
+        got.contains(&("vhdx-bat-out-of-file", bat1)),
+        "{:?}",
+        r.problems
+    );
+    assert!(got.iter().any(|g| g.0 == "vhdx-log"), "{:?}", r.problems);
+    assert!(
+        !got.iter().any(|g| g.0 == "vhdx-log-replayed"),
+        "{:?}",
+        r.problems
+    );
+}
+
+#[test]
+fn check_lists_a_thousand_bat_problems_and_counts_the_rest() {
+    // 3000 blocks of 1 MiB, every entry pointing past the file.
+    let mut d = Disk::new(3000 * MIB, MIB as u32, 512);
+    d.payload = (0..3000).map(|i| (i, 6, 100_000)).collect();
+    d.file_len = 4 * MIB;
+    let b = d.build();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("thousands.vhdx");
+    std::fs::write(&p, &b).unwrap();
+    let start = Instant::now();
+    let r = check_report(&p);
+    assert!(start.elapsed() < Duration::from_secs(20));
+    let n = r
+        .problems
+        .iter()
+        .filter(|p| p.code == "vhdx-bat-out-of-file")
+        .count();
+    assert_eq!(n, 1000, "listed");
+    let more = r
+        .problems
+        .iter()
+        .find(|p| p.code == "too-many-problems")
+        .unwrap_or_else(|| panic!("{:?}", &r.problems[..3]));
+    assert!(more.message.contains("3000"), "{}", more.message);
+}
+
+// ---------------------------------------------------------------------------
+// testdata/: the hand-made VHDX fixtures, built here
+// ---------------------------------------------------------------------------
+//
+// `VHDKIT_WRITE_VHDX_TESTDATA=1 cargo test --test it vhdx::testdata_` writes
+// them (gzip level 9, no name, no time: the same bytes on every run);
+// otherwise the test checks the committed files are exactly what is built
+// here, then reads each one as the construction says it reads.
+
+/// A hand-made VHDX of testdata/.
+struct VxFixture {
+    /// The file in testdata/ (gzip'ed).
+    stored: &'static str,
+    bytes: Vec<u8>,
+    /// The virtual disk as it must read (through its parents; a missing
+    /// parent as zeros); `None` for a file that is only checked.
+    content: Option<Vec<u8>>,
+    /// Its parent in testdata/, by stored name.
+    parent: Option<&'static str>,
+    /// qemu-img reads it (`convert -f vhdx`, after `check -r all` for a
+    /// dirty log) as `content`.
+    qemu: bool,
+}
+
+const CHAIN_BASE_GUID: &str = "7668646B-0000-4000-8000-0000000000B0";
+const CHAIN_CHILD_GUID: &str = "7668646B-0000-4000-8000-0000000000B1";
+const CHAIN_GRANDCHILD_GUID: &str = "7668646B-0000-4000-8000-0000000000B2";
+
+/// A disk of 3 MiB in 1 MiB blocks with `lss`-byte sectors over `parent`
+/// (its content) — differencing when `linkage` names the parent's data
+/// write GUID, dynamic otherwise. `full` blocks are fully present; each of
+/// `partial` is partially present with the sector ranges given set in the
+/// chunk's sector bitmap. Blocks are stored from 4 MiB in the order given
+/// (full, then partial), each filled with a pattern of `seed` (the sectors
+/// whose bit is clear too: stale bytes that must not be read); the sector
+/// bitmap block follows. Returns the file and the disk it reads as.
+#[allow(clippy::too_many_arguments)]
+fn layer(
+    lss: u32,
+    own: &str,
+    linkage: Option<(&'static str, &'static str)>,
+    seed: u8,
+    full: &[u64],
+    partial: &[(u64, &[std::ops::Range<u64>])],
+    parent: &[u8],
+) -> (Vec<u8>, Vec<u8>) {
+    let mut d = Disk::new(3 * MIB, MIB as u32, lss);
+    d.data_write_guid = guid(own);
+    let mut mb = 4;
+    let mut placed = Vec::new();
+    for &b in full {
+        d.payload.push((b, 6, mb));
+        placed.push((b, mb, None));
+        mb += 1;
+    }
+    for (b, ranges) in partial {
+        d.payload.push((*b, 7, mb));
+        placed.push((*b, mb, Some(*ranges)));
+        mb += 1;
+    }
+    let bitmap_mb = mb;
+    if let Some((link, rel)) = linkage {
+        d.has_parent = true;
+        d.bitmaps = vec![(0, bitmap_mb)];
+        d.locator = vec![("parent_linkage", link), ("relative_path", rel)];
+        mb += 1;
+    }
+    d.file_len = mb * MIB;
+    let mut b = d.build();
+    let l = u64::from(lss);
+    let spb = MIB / l;
+    let mut content = parent.to_vec();
+    for (block, at, ranges) in placed {
+        fill_pattern(&mut b, at * MIB, MIB, seed);
+        let (v, f) = ((block * MIB) as usize, (at * MIB) as usize);
+        match ranges {
+            None => content[v..v + MIB as usize].copy_from_slice(&b[f..f + MIB as usize]),
+            Some(ranges) => {
+                for r in ranges {
+                    for s in r.clone() {
+                        let bit = block * spb + s;
+                        b[(bitmap_mb * MIB + bit / 8) as usize] |= 1 << (bit % 8);
+                        let o = (s * l) as usize;
+                        content[v + o..v + o + l as usize]
+                            .copy_from_slice(&b[f + o..f + o + l as usize]);
+                    }
+                }
+            }
+        }
+    }
+    (b, content)
+}
+
+fn vhdx_fixtures() -> Vec<VxFixture> {
+    let zeros = vec![0u8; 3 * MIB as usize];
+    let (base, base_disk) = layer(512, CHAIN_BASE_GUID, None, 0x10, &[0, 2], &[], &zeros);
+    let (child, child_disk) = layer(
+        512,
+        CHAIN_CHILD_GUID,
+        Some((
+            "{7668646B-0000-4000-8000-0000000000B0}",
+            ".\\hand-vhdx-chain-base.vhdx",
+        )),
+        0x20,
+        &[1],
+        &[(0, &[0..8, 1000..1100, 2047..2048]), (2, &[])],
+        &base_disk,
+    );
+    let (grandchild, grandchild_disk) = layer(
+        512,
+        CHAIN_GRANDCHILD_GUID,
+        Some((
+            "{7668646B-0000-4000-8000-0000000000B1}",
+            ".\\hand-vhdx-chain-child.vhdx",
+        )),
+        0x30,
+        &[],
+        &[(2, &[100..300, 2040..2048]), (0, &[4..12, 1050..1060])],
+        &child_disk,
+    );
+    // 4096-byte sectors (256 a block, bits of block 1 from 256 on); its
+    // parent is not in testdata/ and reads as zeros.
+    let (p4k, p4k_disk) = layer(
+        4096,
+        "7668646B-0000-4000-8000-0000000000C1",
+        Some((
+            "{7668646B-0000-4000-8000-0000000000C0}",
+            ".\\absent-parent.vhdx",
+        )),
+        0x40,
+        &[2],
+        &[(1, &[0..3, 100..101, 255..256]), (0, &[17..18, 200..202])],
+        &zeros,
+    );
+    let (dirty, dirty_disk, _) = dirty_log(0, 0);
+    let (_, good) = small_dynamic();
+    let mut good_disk = vec![0u8; 3 * MIB as usize];
+    good_disk[MIB as usize..2 * MIB as usize]
+        .copy_from_slice(&good[4 * MIB as usize..5 * MIB as usize]);
+    let mut h1 = good.clone();
+    h1[(64 * KIB + 200) as usize] ^= 0x40;
+    let mut r1 = good.clone();
+    r1[(192 * KIB + 200) as usize] ^= 0x40;
+    vec![
+        VxFixture {
+            stored: "hand-vhdx-chain-base.vhdx.gz",
+            bytes: base,
+            content: Some(base_disk),
+            parent: None,
+            qemu: true,
+        },
+        VxFixture {
+            stored: "hand-vhdx-chain-child.vhdx.gz",
+            bytes: child,
+            content: Some(child_disk),
+            parent: Some("hand-vhdx-chain-base.vhdx.gz"),
+            qemu: false,
+        },
+        VxFixture {
+            stored: "hand-vhdx-chain-grandchild.vhdx.gz",
+            bytes: grandchild,
+            content: Some(grandchild_disk),
+            parent: Some("hand-vhdx-chain-child.vhdx.gz"),
+            qemu: false,
+        },
+        VxFixture {
+            stored: "hand-vhdx-partial-4096.vhdx.gz",
+            bytes: p4k,
+            content: Some(p4k_disk),
+            parent: None,
+            qemu: false,
+        },
+        VxFixture {
+            stored: "hand-vhdx-dirty-log.vhdx.gz",
+            bytes: dirty,
+            content: Some(dirty_disk),
+            parent: None,
+            qemu: true,
+        },
+        VxFixture {
+            stored: "hand-vhdx-header1-damaged.vhdx.gz",
+            bytes: h1,
+            content: Some(good_disk.clone()),
+            parent: None,
+            qemu: true,
+        },
+        VxFixture {
+            stored: "hand-vhdx-region-table1-damaged.vhdx.gz",
+            bytes: r1,
+            content: Some(good_disk),
+            parent: None,
+            // qemu (10.0) reads region table 1 only, and refuses the file.
+            qemu: false,
+        },
+        VxFixture {
+            stored: "hand-vhdx-many-damages.vhdx.gz",
+            bytes: many_damages(),
+            content: None,
+            parent: None,
+            qemu: false,
+        },
+    ]
+}
+
+fn testdata_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata")
+}
+
+/// The VHDX files of testdata/ these tests know (stored names).
+pub fn vhdx_testdata_names() -> Vec<&'static str> {
+    vhdx_fixtures().iter().map(|f| f.stored).collect()
+}
+
+fn gunzip(stored: &str) -> Vec<u8> {
+    use std::io::Read;
+    let f = std::fs::File::open(testdata_dir().join(stored))
+        .unwrap_or_else(|e| panic!("testdata/{stored}: {e}"));
+    let mut v = Vec::new();
+    flate2::read::GzDecoder::new(f)
+        .read_to_end(&mut v)
+        .unwrap_or_else(|e| panic!("testdata/{stored}: {e}"));
+    v
+}
+
+/// Unpacks the fixtures into `dir` (without `.gz`) and returns their paths.
+fn unpack_vhdx_fixtures(dir: &Path) -> Vec<std::path::PathBuf> {
+    vhdx_fixtures()
+        .iter()
+        .map(|f| {
+            let p = dir.join(f.stored.strip_suffix(".gz").unwrap());
+            std::fs::write(&p, gunzip(f.stored)).unwrap();
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn testdata_vhdx_files_are_what_the_builders_make() {
+    let write = std::env::var_os("VHDKIT_WRITE_VHDX_TESTDATA").is_some();
+    for f in vhdx_fixtures() {
+        let path = testdata_dir().join(f.stored);
+        if write {
+            use std::io::Write;
+            let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            z.write_all(&f.bytes).unwrap();
+            std::fs::write(&path, z.finish().unwrap()).unwrap();
+        }
+        let stored = gunzip(f.stored);
+        assert!(
+            stored == f.bytes,
+            "testdata/{} differs from what tests/it/vhdx.rs builds (rebuild with \
+             VHDKIT_WRITE_VHDX_TESTDATA=1)",
+            f.stored
+        );
+        let gz = std::fs::metadata(&path).unwrap().len();
+        assert!(gz < 256 * KIB, "{}: {gz} bytes compressed", f.stored);
+    }
+}
+
+#[test]
+fn testdata_vhdx_files_read_as_constructed_and_as_qemu_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = unpack_vhdx_fixtures(dir.path());
+    for (f, p) in vhdx_fixtures().iter().zip(&paths) {
+        let Some(want) = &f.content else { continue };
+        let opts = vhdkit::OpenOptions::new().missing_parent_as_zero(true);
+        let img =
+            vhdkit::Image::open_with(p, &opts).unwrap_or_else(|e| panic!("{}: {e}", f.stored));
+        assert_eq!(img.disk_type(), vhdkit::Format::Vhdx, "{}", f.stored);
+        // Chains resolve through the relative paths to the files here.
+        let depth = match f.parent {
+            None => 1,
+            Some("hand-vhdx-chain-base.vhdx.gz") => 2,
+            Some(_) => 3,
+        };
+        assert_eq!(img.chain().len(), depth, "{}", f.stored);
+        assert_eq!(
+            img.parent_missing(),
+            f.stored.contains("partial"),
+            "{}",
+            f.stored
+        );
+        let mut got = vec![0u8; img.virtual_size() as usize];
+        img.read_exact_at(&mut got, 0).unwrap();
+        assert_same(f.stored, &got, want);
+        // The check finds nothing but what the fixture is about.
+        let r = check_report(p);
+        let expect: &[&str] = match f.stored {
+            "hand-vhdx-dirty-log.vhdx.gz" => &["vhdx-log-replayed"],
+            "hand-vhdx-header1-damaged.vhdx.gz" => &["vhdx-header-damaged"],
+            "hand-vhdx-region-table1-damaged.vhdx.gz" => &["vhdx-region-table-damaged"],
+            // Its parent is not in testdata/.
+            "hand-vhdx-partial-4096.vhdx.gz" => &["parent-not-found"],
+            _ => &[],
+        };
+        assert_eq!(codes(&r), expect, "{}: {:?}", f.stored, r.problems);
+        // The conversion to raw reads the same.
+        let raw = dir.path().join("out.raw");
+        let o = vhdkit_cli(&[&"convert", &p, &raw, &"--to", &"raw", &"--force"]);
+        if f.parent.is_some() || !f.stored.contains("partial") {
+            assert!(o.status.success(), "{}: {o:?}", f.stored);
+            assert_same(f.stored, &std::fs::read(&raw).unwrap(), want);
+        }
+        if f.qemu {
+            // On a copy: qemu replays a dirty log into the file.
+            let copy = dir.path().join("copy.vhdx");
+            std::fs::copy(p, &copy).unwrap();
+            run(Command::new(qemu_img())
+                .args(["check", "-q", "-r", "all", "-f", "vhdx"])
+                .arg(&copy));
+            let qraw = dir.path().join("qemu.raw");
+            run(Command::new(qemu_img())
+                .args(["convert", "-f", "vhdx", "-O", "raw"])
+                .arg(&copy)
+                .arg(&qraw));
+            assert_same(
+                &format!("qemu {}", f.stored),
+                &std::fs::read(&qraw).unwrap(),
+                want,
+            );
+        }
+    }
+}
+
+#[test]
+fn testdata_chain_reads_through_libvhdi_as_constructed() {
+    // Parents set from the base up, each checked by libvhdi against the
+    // child's parent identifier.
+    const SCRIPT: &str = "
+import sys, pyvhdi
+out, files = sys.argv[1], sys.argv[2:]
+prev = None
+for p in reversed(files):
+    f = pyvhdi.file()
+    f.open(p)
+    if prev is not None:
+        f.set_parent(prev)
+    prev = f
+open(out, 'wb').write(prev.read_buffer_at_offset(prev.get_media_size(), 0))
+";
+    let python = std::env::var("VHDKIT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python).args(["-c", "import pyvhdi"]).output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var_os("VHDKIT_REQUIRE_LIBVHDI").is_none(),
+            "libvhdi is required but `{python} -c 'import pyvhdi'` fails"
+        );
+        eprintln!("testdata_chain_reads_through_libvhdi_as_constructed: SKIPPED, no pyvhdi");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = unpack_vhdx_fixtures(dir.path());
+    let all = vhdx_fixtures();
+    let at = |name: &str| all.iter().position(|f| f.stored == name).unwrap();
+    // libvhdi (20260901 included) takes a VHDX child's parent identifier
+    // as zero, and refuses a parent whose data write GUID is not: it is
+    // then given copies of the parents with that GUID zeroed (headers
+    // resealed). The data it reads through them is what is checked.
+    let o = Command::new(&python)
+        .arg("-c")
+        .arg("import sys, pyvhdi\nf = pyvhdi.file()\nf.open(sys.argv[1])\nprint(f.get_parent_identifier())")
+        .arg(&paths[at("hand-vhdx-chain-child.vhdx.gz")])
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&o.stdout).trim() == "00000000-0000-0000-0000-000000000000" {
+        for name in [
+            "hand-vhdx-chain-base.vhdx.gz",
+            "hand-vhdx-chain-child.vhdx.gz",
+        ] {
+            let mut b = all[at(name)].bytes.clone();
+            for h in [64 * KIB, 128 * KIB] {
+                b[(h + 32) as usize..(h + 48) as usize].fill(0);
+                seal(&mut b[h as usize..(h + 4096) as usize]);
+            }
+            let p = dir
+                .path()
+                .join(format!("zeroed-{}", name.trim_end_matches(".gz")));
+            std::fs::write(&p, b).unwrap();
+            paths[at(name)] = p;
+        }
+    }
+    let chain = [
+        "hand-vhdx-chain-grandchild.vhdx.gz",
+        "hand-vhdx-chain-child.vhdx.gz",
+        "hand-vhdx-chain-base.vhdx.gz",
+    ];
+    for k in 0..chain.len() {
+        let out = dir.path().join("libvhdi.raw");
+        let o = Command::new(&python)
+            .arg("-c")
+            .arg(SCRIPT)
+            .arg(&out)
+            .args(chain[k..].iter().map(|n| &paths[at(n)]))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "libvhdi: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let want = all[at(chain[k])].content.as_ref().unwrap();
+        assert_same(
+            &format!("libvhdi {}", chain[k]),
+            &std::fs::read(&out).unwrap(),
+            want,
+        );
+    }
+}
+
+#[test]
+fn testdata_many_damages_are_all_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = unpack_vhdx_fixtures(dir.path());
+    let i = vhdx_fixtures()
+        .iter()
+        .position(|f| f.stored == "hand-vhdx-many-damages.vhdx.gz")
+        .unwrap();
+    let r = check_report(&paths[i]);
+    let mut got: Vec<_> = places(&r).into_iter().map(|x| (x.1, x.4)).collect();
+    got.sort_by_key(|x| x.1);
+    assert_eq!(
+        got,
+        [
+            ("vhdx-header-damaged", 64 * KIB + 4),
+            ("vhdx-header", 128 * KIB + 72),
+            ("vhdx-region-table-damaged", 192 * KIB + 4),
+            ("vhdx-bat-out-of-file", BAT_AT + 8),
+            ("vhdx-bat-overlap", BAT_AT + 16),
+            ("vhdx-bat-overlap", BAT_AT + 24),
+            ("vhdx-bat", BAT_AT + 32),
+            ("vhdx-bat-reserved", BAT_AT + 40),
+            ("vhdx-metadata", META_AT + 64 * KIB + 4 * 4096),
+        ],
+        "{:#?}",
+        r.problems
+    );
+}
+
+/// A replayed log leaves the file's other ranges to be mapped or read as
+/// they are on disk (`Storage::file_at`), the overlaid ones read through
+/// the overlay; a conversion gets both right.
+#[test]
+fn a_replayed_log_leaves_the_plain_payload_to_the_file() {
+    let lg = guid(LOG_GUID);
+    let mut d = Disk::new(16 * MIB, MIB as u32, 512);
+    d.log_guid = lg;
+    d.payload = (0..8).map(|i| (i, 6, 4 + i)).collect();
+    d.file_len = 12 * MIB;
+    let mut b = d.build();
+    fill_pattern(&mut b, 4 * MIB, 8 * MIB, 0x5c);
+    let sector = vec![0xabu8; 4096];
+    let e = log_entry(
+        1,
+        0,
+        lg,
+        12 * MIB,
+        &[Desc::Data(9 * MIB + 4096, sector.clone())],
+    );
+    put(&mut b, LOG_AT, &e);
+    let mut want = vec![0u8; 16 * MIB as usize];
+    want[..8 * MIB as usize].copy_from_slice(&b[4 * MIB as usize..12 * MIB as usize]);
+    want[(5 * MIB + 4096) as usize..(5 * MIB + 8192) as usize].copy_from_slice(&sector);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("dirty.vhdx");
+    std::fs::write(&p, &b).unwrap();
+    let img = vhdkit::Image::open(&p).unwrap();
+    assert!(img.vhdx().unwrap().log_replayed());
+    let s = img.storage();
+    // The file as a whole is not offered (a reader of it would miss the
+    // log's sector), its plain ranges are.
+    assert!(s.file().is_none());
+    assert!(s.file_at(4 * MIB, 4 * MIB).is_some());
+    assert!(s.file_at(10 * MIB, 2 * MIB).is_some());
+    assert!(s.file_at(9 * MIB, 2 * MIB).is_none());
+    assert!(s.file_at(9 * MIB + 8191, 1).is_none());
+    assert!(s.file_at(9 * MIB + 8192, 1).is_some());
+    // Past the file (as replayed, longer than on disk): not plain.
+    assert!(s.file_at(12 * MIB - 1, 2).is_none());
+    for (target, name) in [
+        (vhdkit::Target::Raw, "out.raw"),
+        (vhdkit::Target::Fixed, "out.vhd"),
+    ] {
+        let out = dir.path().join(name);
+        vhdkit::convert(&p, &out, &vhdkit::ConvertOptions::new(target)).unwrap();
+        let o = vhdkit::Image::open(&out).unwrap();
+        let mut got = vec![0u8; want.len()];
+        o.read_exact_at(&mut got, 0).unwrap();
+        assert_same(name, &got, &want);
+    }
+    assert_eq!(std::fs::read(&p).unwrap(), b, "the input was not written");
+}
+
+/// qemu-img leaves the unwritten parts of a VHDX's payload blocks as file
+/// holes: the image's map calls them zero (the walk neither reads nor
+/// scans them), where the VHDX's own map says data; the content is the same.
+#[test]
+fn holes_in_payload_blocks_map_as_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("holes.vhdx");
+    let want = qemu_vhdx(
+        &p,
+        "subformat=dynamic,block_size=8M",
+        "16M",
+        &[(0x5a, MIB, 64 * KIB), (0x6b, 12 * MIB, 4096)],
+    );
+    let img = vhdkit::Image::open(&p).unwrap();
+    let ours = img.map_all().unwrap();
+    assert_tiles(&ours, 16 * MIB);
+    let theirs = img.vhdx().unwrap().map_all().unwrap();
+    let data = |m: &[Extent]| -> u64 { m.iter().filter(|e| e.is_data()).map(|e| e.length).sum() };
+    assert_eq!(
+        data(&theirs),
+        16 * MIB,
+        "both blocks are present: {theirs:?}"
+    );
+    let f = std::fs::File::open(&p).unwrap();
+    let holes = vhdkit::io::data_ranges(&f, 0, std::fs::metadata(&p).unwrap().len()).unwrap();
+    for e in &ours {
+        if let ExtentKind::Data { file_offset, .. } = e.kind {
+            assert!(
+                holes
+                    .iter()
+                    .any(|r| r.start <= file_offset && file_offset + e.length <= r.end),
+                "{e:?} is not in the file's data {holes:?}"
+            );
+        }
+    }
+    if holes.iter().map(|r| r.end - r.start).sum::<u64>() < 8 * MIB {
+        // The filesystem keeps holes: most of each block maps as zero.
+        assert!(data(&ours) < 2 * MIB, "{ours:?}");
+    }
+    let mut got = vec![0u8; 16 * MIB as usize];
+    img.read_exact_at(&mut got, 0).unwrap();
+    assert_same("through the image", &got, &want);
+    let out = dir.path().join("out.raw");
+    vhdkit::convert(&p, &out, &vhdkit::ConvertOptions::new(vhdkit::Target::Raw)).unwrap();
+    assert_same("converted", &std::fs::read(&out).unwrap(), &want);
+}
+
+#[test]
+fn check_reports_metadata_entry_locator_and_bat_problems_together() {
+    // A differencing disk whose parent locator has no parent_linkage, one
+    // of whose metadata entries (page 83) lies inside the table, and one of
+    // whose BAT entries (block 2) points past the file.
+    let mut d = Disk::new(3 * MIB, MIB as u32, 512);
+    d.has_parent = true;
+    d.payload = vec![(0, 6, 4), (2, 6, 300)];
+    d.locator = vec![("relative_path", "..\\base.vhdx")];
+    d.file_len = 6 * MIB;
+    let mut b = d.build();
+    fill_pattern(&mut b, 4 * MIB, MIB, 0x11);
+    // Entry 2 (page 83 data): offset 4096, inside the 64 KiB table.
+    let e2 = META_AT + 32 + 2 * 32;
+    put32(&mut b, e2 + 16, 4096);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.vhdx");
+    std::fs::write(&p, &b).unwrap();
+    let r = check_report(&p);
+    let got: Vec<_> = places(&r)
+        .into_iter()
+        .map(|x| (x.0, x.1, x.2, x.3, x.4))
+        .collect();
+    let v = |s| Some(Structure::Vhdx(s));
+    let pl_at = META_AT + 64 * KIB + 5 * 4096;
+    for want in [
+        (
+            true,
+            "vhdx-metadata",
+            v(VhdxStructure::Metadata),
+            "offset".to_string(),
+            e2 + 16,
+        ),
+        (
+            true,
+            "vhdx-parent-locator",
+            v(VhdxStructure::ParentLocator),
+            "parent_linkage".into(),
+            pl_at,
+        ),
+        (
+            true,
+            "vhdx-bat-out-of-file",
+            v(VhdxStructure::BatEntry(2)),
+            "file offset".into(),
+            BAT_AT + 16,
+        ),
+    ] {
+        assert!(got.contains(&want), "{want:?} not in {:#?}", r.problems);
+    }
+    // Each once: no echo of the entry left out ("no page 83 item") nor of
+    // the locator from the parent search.
+    assert_eq!(got.len(), 3, "{:#?}", r.problems);
+    // An open stops at the first.
+    assert_corrupt(
+        Vhdx::open(&p, &VhdxOptions::new()),
+        VhdxStructure::Metadata,
+        "offset",
+        e2 + 16,
+    );
 }
