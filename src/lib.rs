@@ -72,7 +72,10 @@ pub use check::{check, check_storage, CheckOptions, CheckReport, Problem, Severi
 pub use convert::{convert, ConvertOptions, Progress, Report, Target};
 pub use create::{create, create_child, ChildOptions, CreateOptions, Created, DiskKind};
 pub use error::{Error, ErrorKind, Result};
-pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, OwnedReader, Reader};
+pub use image::{
+    Extent, ExtentKind, FolderResolver, Format, Image, OpenOptions, OwnedReader, ParentHint,
+    ParentId, ParentRequest, ParentResolver, ParentSource, Reader,
+};
 pub use io::ReadAt;
 pub use ops::{Checksum, Comparison, MapExtent, SparsifyReport};
 pub use sinks::{MemorySink, Sink};

@@ -22,6 +22,7 @@ mod durability;
 mod formats;
 mod hostile;
 mod ops;
+mod resolver;
 // FIFOs, device nodes, loop devices and /proc: Linux.
 #[cfg(target_os = "linux")]
 mod security;
