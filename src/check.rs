@@ -558,7 +558,7 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                     .at(
                         Structure::BatEntry(first as u64),
                         "block sector offset",
-                        h.table_offset + 4 * first as u64,
+                        crate::ondisk::placement::bat_entry_at(h.table_offset, first as u64),
                     ),
                 );
             }

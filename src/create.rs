@@ -26,9 +26,9 @@
 use crate::error::{Error, Result};
 use crate::image::{Format, Image, OpenOptions};
 use crate::io::WriteAt;
+use crate::ondisk::placement;
 use crate::ondisk::{
     Bat, DiskType, DynamicHeader, Footer, ParentLocator, PlatformCode, Uuid, FOOTER_SIZE,
-    HEADER_SIZE,
 };
 use crate::write::{
     azure_size, new_footer, AtomicOutput, DynamicLayout, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE,
@@ -316,10 +316,10 @@ pub fn create_child(
 
     // Layout: footer copy, header, BAT, locator data (each on 4 KiB), footer.
     const ALIGN: u64 = 4096;
-    let entries = size.div_ceil(u64::from(block_size));
-    let table_offset = (FOOTER_SIZE + HEADER_SIZE) as u64;
-    let bat_end = table_offset + Bat::disk_size(entries);
-    let mut at = bat_end.div_ceil(ALIGN) * ALIGN;
+    let entries = placement::bat_entries(size, u64::from(block_size));
+    let table_offset = placement::TABLE_OFFSET;
+    let bat_end = placement::bat_end(table_offset, entries);
+    let mut at = placement::align_up(bat_end, ALIGN);
     let mut header = DynamicHeader::new(table_offset, entries as u32, block_size);
     header.parent_unique_id = pfooter.unique_id;
     header.parent_timestamp = pfooter.timestamp;
@@ -330,7 +330,7 @@ pub fn create_child(
         .enumerate()
     {
         let data = utf16le(text);
-        let space = (data.len() as u64).div_ceil(ALIGN).max(1) * ALIGN;
+        let space = placement::align_up(data.len() as u64, ALIGN).max(ALIGN);
         let too_long = || Error::InvalidArgument(format!("{text}: too long for a parent locator"));
         header.parent_locators[slot] = ParentLocator {
             platform_code: code,
@@ -359,7 +359,11 @@ pub fn create_child(
     };
     let fb = footer.to_bytes();
     w(&fb, 0, "write the footer copy")?;
-    w(&header.to_bytes(), FOOTER_SIZE as u64, "write the header")?;
+    w(
+        &header.to_bytes(),
+        placement::HEADER_OFFSET,
+        "write the header",
+    )?;
     w(
         &Bat::new(entries as usize).to_bytes(),
         table_offset,

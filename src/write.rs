@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::WriteAt;
+use crate::ondisk::placement::{self, HEADER_OFFSET, TABLE_OFFSET};
 use crate::ondisk::{
     bitmap_size, Bat, DiskType, DynamicHeader, Footer, FOOTER_SIZE, HEADER_SIZE, SECTOR,
 };
@@ -22,10 +23,6 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 2 * 1024 * 1024;
 
 /// The largest virtual size the VHD format holds: 2040 GiB.
 pub const MAX_VHD_SIZE: u64 = 2040 * 1024 * 1024 * 1024;
-
-/// Where data blocks start in a dynamic file: data is aligned to this, as
-/// Hyper-V does, so that zero pages of a block can be holes.
-const DATA_ALIGN: u64 = 4096;
 
 /// The layout of a dynamic VHD of a given size and block size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,18 +48,17 @@ impl DynamicLayout {
     pub fn new(size: u64, block_size: u32) -> DynamicLayout {
         let bs = u64::from(block_size);
         let bmp = bitmap_size(block_size);
-        let entries = size.div_ceil(bs);
-        let table_offset = (FOOTER_SIZE + HEADER_SIZE) as u64;
-        let meta_end = table_offset + Bat::disk_size(entries);
-        let first_data = (meta_end + bmp).div_ceil(DATA_ALIGN) * DATA_ALIGN;
+        let entries = placement::bat_entries(size, bs);
+        let table_offset = TABLE_OFFSET;
+        let meta_end = placement::bat_end(table_offset, entries);
         DynamicLayout {
             size,
             block_size: bs,
             bitmap_size: bmp,
             entries,
             table_offset,
-            first_block: first_data - bmp,
-            stride: (bmp + bs).div_ceil(DATA_ALIGN) * DATA_ALIGN,
+            first_block: placement::next_block_offset(meta_end, bmp),
+            stride: placement::block_stride(bmp, bs),
         }
     }
 
@@ -74,7 +70,7 @@ impl DynamicLayout {
     /// The file length when `allocated` blocks are stored (footer included).
     pub fn file_len(&self, allocated: u64) -> u64 {
         let end = if allocated == 0 {
-            self.table_offset + Bat::disk_size(self.entries)
+            placement::bat_end(self.table_offset, self.entries)
         } else {
             self.block_offset(allocated - 1) + self.bitmap_size + self.block_size
         };
@@ -83,7 +79,7 @@ impl DynamicLayout {
 
     /// The BAT entry (a sector number) for a block stored at `slot`.
     pub fn bat_entry(&self, slot: u64) -> Result<u32> {
-        u32::try_from(self.block_offset(slot) / SECTOR).map_err(|_| {
+        placement::offset_entry(self.block_offset(slot)).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "a dynamic VHD of {} bytes does not fit the format's 32-bit sector offsets",
                 self.size
@@ -104,7 +100,7 @@ impl DynamicLayout {
         let file_len = self.file_len(allocated);
         let mut written = 0u64;
         out.write_all_at(&fb, 0)?;
-        out.write_all_at(&header.to_bytes(), FOOTER_SIZE as u64)?;
+        out.write_all_at(&header.to_bytes(), HEADER_OFFSET)?;
         let bat_bytes = bat.to_bytes();
         out.write_all_at(&bat_bytes, self.table_offset)?;
         written += (2 * FOOTER_SIZE + HEADER_SIZE + bat_bytes.len()) as u64;
@@ -129,7 +125,7 @@ pub fn new_footer(disk_type: DiskType, size: u64) -> Footer {
     let data_offset = if disk_type == DiskType::Fixed {
         Footer::NO_DATA_OFFSET
     } else {
-        FOOTER_SIZE as u64
+        HEADER_OFFSET
     };
     Footer::new(disk_type, size, data_offset)
 }

@@ -291,7 +291,7 @@ impl Image {
             return Err(crate::error::Error::corrupt(
                 crate::error::Structure::BatEntry(block),
                 "block sector offset",
-                d.header.table_offset + 4 * block,
+                crate::ondisk::placement::bat_entry_at(d.header.table_offset, block),
                 "an entry past the table",
                 "a block inside the table",
             ));

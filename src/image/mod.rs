@@ -891,7 +891,7 @@ impl Image {
                         RegionKind::Block(i) => (
                             Structure::BatEntry(i),
                             "block sector offset",
-                            header.table_offset + 4 * i,
+                            crate::ondisk::placement::bat_entry_at(header.table_offset, i),
                         ),
                         RegionKind::Locator(i) => (
                             Structure::ParentLocator(i),

@@ -10,6 +10,7 @@ mod bat;
 mod footer;
 mod geometry;
 mod header;
+pub mod placement;
 
 pub use bat::{bitmap_size, entry_offset, Bat, SectorBitmap, UNALLOCATED};
 pub use footer::off as footer_fields;
