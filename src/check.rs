@@ -47,11 +47,22 @@ use std::path::{Path, PathBuf};
 
 /// How serious a problem is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum Severity {
     /// Unusual but readable; does not fail the check.
     Warning,
     /// The image is damaged, or breaks a rule asked for (Azure).
     Error,
+}
+
+impl Severity {
+    /// `warning` or `error`, as `vhdkit check` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
 }
 
 /// One problem.

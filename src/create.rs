@@ -21,7 +21,7 @@
 //! speaks of sectors; readers such as blktap accept both).
 //!
 //! Every output is written under a temporary name and renamed into place
-//! when complete ([`AtomicOutput`]).
+//! when complete.
 
 use crate::error::{Error, Result};
 use crate::image::{Format, Image, OpenOptions};
@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 
 /// The kind of a new, parentless disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DiskKind {
     /// The raw disk (a hole) followed by a footer.
     Fixed,
@@ -126,6 +127,7 @@ impl Default for ChildOptions {
 
 /// What was created.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Created {
     /// The new file.
     pub path: PathBuf,

@@ -21,8 +21,7 @@ pub const MAX_BLOCK_SIZE: u32 = 256 * 1024 * 1024;
 /// The default block size of dynamic outputs.
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 * 1024 * 1024;
 
-/// The largest virtual size the VHD format holds: 2040 GiB.
-pub const MAX_VHD_SIZE: u64 = 2040 * 1024 * 1024 * 1024;
+pub use crate::ondisk::MAX_VHD_SIZE;
 
 /// The layout of a dynamic VHD of a given size and block size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -517,6 +516,24 @@ impl AtomicOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A temporary output is named `.NAME.<pid>.<random>.vhdkit-tmp`.
+    #[test]
+    fn temporary_outputs_carry_the_writers_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = AtomicOutput::create(&dir.path().join("x.vhd"), false).unwrap();
+        let name = o
+            .temp_path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let prefix = format!(".x.vhd.{}.", std::process::id());
+        assert!(
+            name.starts_with(&prefix) && name.ends_with(".vhdkit-tmp"),
+            "{name}"
+        );
+    }
 
     #[test]
     fn dynamic_layout_aligns_data_to_pages() {

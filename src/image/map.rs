@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 /// What a range of the virtual disk holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ExtentKind {
     /// Bytes stored in the file of chain layer `layer` (0 is the image
     /// itself, 1 its parent...), starting at `file_offset`.

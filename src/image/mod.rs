@@ -122,14 +122,14 @@ impl OpenOptions {
     }
     /// Names a file that may serve as a parent (matched by unique id). It
     /// may lie anywhere, but must be a regular file.
-    pub fn parent(mut self, path: impl Into<PathBuf>) -> Self {
+    pub fn parent(mut self, path: impl AsRef<Path>) -> Self {
         self.folders = self.folders.parent(path);
         self
     }
     /// Allows parents to be opened from this folder, besides the child's
     /// own, and looks in it for the file names the child's locators give
     /// (regular files directly in it; no link leading out of it is followed).
-    pub fn parent_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+    pub fn parent_dir(mut self, dir: impl AsRef<Path>) -> Self {
         self.folders = self.folders.parent_dir(dir);
         self
     }
@@ -140,7 +140,7 @@ impl OpenOptions {
     /// [`OpenOptions::parent`] and [`OpenOptions::parent_dir`].
     pub fn parent_storage(
         mut self,
-        name: impl Into<PathBuf>,
+        name: impl AsRef<Path>,
         storage: impl Storage + 'static,
     ) -> Self {
         self.folders = self.folders.parent_storage(name, storage);

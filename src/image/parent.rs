@@ -303,13 +303,13 @@ pub struct ParentSource {
 
 impl ParentSource {
     /// A candidate parent over `storage`, named `name`.
-    pub fn new(name: impl Into<PathBuf>, storage: impl Storage + 'static) -> Self {
+    pub fn new(name: impl AsRef<Path>, storage: impl Storage + 'static) -> Self {
         Self::shared(name, Arc::new(storage))
     }
     /// [`ParentSource::new`] over a storage already shared.
-    pub fn shared(name: impl Into<PathBuf>, storage: Arc<dyn Storage>) -> Self {
+    pub fn shared(name: impl AsRef<Path>, storage: Arc<dyn Storage>) -> Self {
         ParentSource {
-            name: name.into(),
+            name: name.as_ref().to_path_buf(),
             storage,
             found_by: "given by the resolver".to_string(),
         }
@@ -396,22 +396,23 @@ impl FolderResolver {
         Self::default()
     }
     /// As [`OpenOptions::parent`].
-    pub fn parent(mut self, path: impl Into<PathBuf>) -> Self {
-        self.parents.push(path.into());
+    pub fn parent(mut self, path: impl AsRef<Path>) -> Self {
+        self.parents.push(path.as_ref().to_path_buf());
         self
     }
     /// As [`OpenOptions::parent_dir`].
-    pub fn parent_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.parent_dirs.push(dir.into());
+    pub fn parent_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.parent_dirs.push(dir.as_ref().to_path_buf());
         self
     }
     /// As [`OpenOptions::parent_storage`].
     pub fn parent_storage(
         mut self,
-        name: impl Into<PathBuf>,
+        name: impl AsRef<Path>,
         storage: impl Storage + 'static,
     ) -> Self {
-        self.parent_storages.push((name.into(), Arc::new(storage)));
+        self.parent_storages
+            .push((name.as_ref().to_path_buf(), Arc::new(storage)));
         self
     }
 }

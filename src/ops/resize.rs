@@ -72,7 +72,7 @@ fn resize_target(img: &Image, asked: u64, azure: bool) -> Result<u64> {
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for a size larger than the format holds (2040
-/// GiB for a VHD; [`crate::write::MAX_VHD_SIZE`]), a smaller size without
+/// GiB for a VHD; [`crate::ondisk::MAX_VHD_SIZE`]), a smaller size without
 /// `shrink` (the message states the current size), a cut region that holds
 /// data, or a differencing disk; I/O errors reading the image.
 pub fn plan_resize(

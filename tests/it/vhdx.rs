@@ -192,7 +192,7 @@ fn qemu_images_read_as_qemu_reads_them() {
                     want[r].iter().all(|&x| x == 0),
                     "{what}: zero extent {e:?} holds data"
                 ),
-                ExtentKind::Parent => panic!("{what}: parent extent in a disk without parent"),
+                _ => panic!("{what}: parent extent in a disk without parent"),
             }
         }
         if !writes.is_empty() {
