@@ -157,6 +157,10 @@ pub(crate) struct Walk {
     /// hostile images that name each other costs time in proportion to
     /// their number, not to the number of paths through them.
     pub(crate) failed: Vec<(u64, u64)>,
+    /// The candidates with no identity of their own, told apart by their
+    /// address ([`storage_id`]): held until the walk ends, so that no other
+    /// storage comes to have the same address meanwhile.
+    pub(crate) held: Vec<Arc<dyn Storage>>,
 }
 
 fn canon(p: &Path) -> PathBuf {
@@ -625,6 +629,15 @@ impl ParentRequest<'_> {
         let id = storage_id(&candidate.storage);
         if st.accepted.as_ref().is_some_and(|(a, _)| *a == id) {
             return Ok(true);
+        }
+        if candidate.storage.identity().is_none()
+            && !st
+                .walk
+                .held
+                .iter()
+                .any(|h| Arc::ptr_eq(h, &candidate.storage))
+        {
+            st.walk.held.push(Arc::clone(&candidate.storage));
         }
         let len = match ReadAt::len(&*candidate.storage) {
             Ok(len) => len,

@@ -4,7 +4,7 @@
 
 use crate::make_testdata::{self, Fixture};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use vhdkit::ondisk::PlatformCode;
 use vhdkit::{
     Error, FolderResolver, Image, MemoryStorage, OpenOptions, ParentId, ParentRequest,
@@ -42,7 +42,8 @@ impl Asked {
 #[derive(Debug, Default)]
 struct InMemory {
     disks: Vec<(ParentId, &'static str, Vec<u8>)>,
-    asked: Mutex<Vec<Asked>>,
+    /// Shared with the test, which keeps a clone.
+    asked: Arc<Mutex<Vec<Asked>>>,
 }
 
 impl ParentResolver for InMemory {
@@ -123,21 +124,15 @@ fn a_custom_resolver_serves_a_chain_of_vhd_parents_from_memory() {
         &[(PlatformCode::W2ru, ".\\base.vhd")],
     );
     let grand = make_testdata::chain_child_with("g.vhd", &child, "c.vhd", &[]);
-    let resolver = std::sync::Arc::new(InMemory {
+    let resolver = InMemory {
         disks: vec![
             (uid(&base), "base (memory)", base.bytes.clone()),
             (uid(&child), "child (memory)", child.bytes.clone()),
         ],
         ..Default::default()
-    });
-    #[derive(Debug)]
-    struct Shared(std::sync::Arc<InMemory>);
-    impl ParentResolver for Shared {
-        fn resolve(&self, r: &ParentRequest<'_>) -> vhdkit::Result<Option<ParentSource>> {
-            self.0.resolve(r)
-        }
-    }
-    let opts = OpenOptions::new().parent_resolver(Shared(resolver.clone()));
+    };
+    let asked = Arc::clone(&resolver.asked);
+    let opts = OpenOptions::new().parent_resolver(resolver);
     let img = Image::from_storage(MemoryStorage::new(grand.bytes.clone()), &opts).unwrap();
     let chain = img.chain();
     assert_eq!(chain.len(), 3);
@@ -149,7 +144,7 @@ fn a_custom_resolver_serves_a_chain_of_vhd_parents_from_memory() {
     );
     // What the resolver was told: the identity, the locators, the name; no
     // path for a child in memory; one request per link of the chain.
-    let asked = resolver.asked.lock().unwrap().clone();
+    let asked = asked.lock().unwrap().clone();
     assert_eq!(asked.len(), 2, "{asked:?}");
     assert_eq!(asked[0].id, uid(&child));
     assert_eq!(asked[0].parent_name.as_deref(), Some("c.vhd"));
@@ -178,7 +173,11 @@ fn a_custom_resolver_serves_a_chain_of_vhd_parents_from_memory() {
         disks: vec![(uid(&base), "base (memory)", base.bytes.clone())],
         ..Default::default()
     };
+    let asked = Arc::clone(&only_memory.asked);
     let img = Image::open_with(&cp, &OpenOptions::new().parent_resolver(only_memory)).unwrap();
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].child_path.as_deref(), Some(cp.as_path()));
     assert_eq!(img.parent().unwrap().path(), Path::new("base (memory)"));
     assert_eq!(read_all(&img), expected(&[base, child]));
 }
@@ -266,6 +265,7 @@ fn a_differencing_vhdx_finds_its_parent_through_the_resolver() {
         )],
         ..Default::default()
     };
+    let asked = Arc::clone(&resolver.asked);
     let img = Image::from_storage(
         MemoryStorage::new(child.clone()),
         &OpenOptions::new().parent_resolver(resolver),
@@ -276,6 +276,26 @@ fn a_differencing_vhdx_finds_its_parent_through_the_resolver() {
         img.parent().unwrap().path(),
         Path::new("base.vhdx (memory)")
     );
+    // Asked once, with the locator's paths in the specification's order
+    // and no parent name (a VHDX has none).
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].id.to_string(), crate::vhdx::PARENT_GUID);
+    assert_eq!(
+        asked[0].hints,
+        vec![
+            (
+                "parent locator relative_path".to_string(),
+                "..\\base.vhdx".to_string()
+            ),
+            (
+                "parent locator absolute_win32_path".to_string(),
+                "C:\\vms\\base.vhdx".to_string()
+            ),
+        ]
+    );
+    assert_eq!(asked[0].parent_name, None);
+    assert_eq!(asked[0].child_path, None);
     // Block 2 is left to the parent, which holds zeros there; block 1 is
     // partly the child's. Where the child defines nothing the parent shows.
     let all = read_all(&img);
@@ -333,5 +353,97 @@ fn the_default_resolver_keeps_the_folder_rules_when_set_explicitly() {
     ] {
         let img = Image::open_with(&cp, &opts).unwrap();
         assert_eq!(read_all(&img), expected(&[base.clone(), child.clone()]));
+    }
+}
+
+/// Offers each of its disks to `try_parent` in turn and returns the first
+/// it accepts.
+#[derive(Debug)]
+struct FirstAccepted(Vec<(&'static str, Vec<u8>)>);
+
+impl ParentResolver for FirstAccepted {
+    fn resolve(&self, request: &ParentRequest<'_>) -> vhdkit::Result<Option<ParentSource>> {
+        for (name, bytes) in &self.0 {
+            let c = ParentSource::new(*name, MemoryStorage::new(bytes.clone()))
+                .found_by("the candidate list");
+            if request.try_parent(&c)? {
+                return Ok(Some(c));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[test]
+fn a_resolver_with_several_candidates_takes_the_first_try_parent_accepts() {
+    let base = make_testdata::chain_base();
+    let child = make_testdata::chain_child_with("c.vhd", &base, "base.vhd", &[]);
+    // A disk of another unique id (a sibling of the child).
+    let stranger = make_testdata::chain_child_with("s.vhd", &base, "", &[]);
+    let resolver = FirstAccepted(vec![
+        ("garbage", vec![0u8; 2048]),
+        ("stranger", stranger.bytes.clone()),
+        ("base", base.bytes.clone()),
+    ]);
+    let img = Image::from_storage(
+        MemoryStorage::new(child.bytes.clone()),
+        &OpenOptions::new().parent_resolver(resolver),
+    )
+    .unwrap();
+    assert_eq!(img.parent().unwrap().path(), Path::new("base"));
+    assert_eq!(read_all(&img), expected(&[base.clone(), child.clone()]));
+    // Without the right one: every refusal is listed, the wrong id named.
+    let resolver = FirstAccepted(vec![
+        ("garbage", vec![0u8; 2048]),
+        ("stranger", stranger.bytes.clone()),
+    ]);
+    let (_, tried, wrong) = not_found(Image::from_storage(
+        MemoryStorage::new(child.bytes.clone()),
+        &OpenOptions::new().parent_resolver(resolver),
+    ));
+    // (Bytes that are no VHD open as raw, whose unique id is nil.)
+    assert_eq!(
+        wrong,
+        vec![PathBuf::from("garbage"), PathBuf::from("stranger")]
+    );
+    assert_eq!(tried.len(), 2, "{tried:?}");
+    assert!(
+        tried[0].starts_with("the candidate list: garbage has unique id 00000000-"),
+        "{tried:?}"
+    );
+    assert!(
+        tried[1].starts_with("the candidate list: stranger has unique id"),
+        "{tried:?}"
+    );
+}
+
+/// Hands back the same storage whatever is asked.
+#[derive(Debug)]
+struct Same(Arc<dyn vhdkit::Storage>);
+
+impl ParentResolver for Same {
+    fn resolve(&self, _: &ParentRequest<'_>) -> vhdkit::Result<Option<ParentSource>> {
+        Ok(Some(ParentSource::shared("same", Arc::clone(&self.0))))
+    }
+}
+
+#[test]
+fn a_resolver_that_closes_a_loop_gets_the_loop_error() {
+    // A differencing disk that names itself as its parent.
+    let bytes = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/regressions/differencing-its-own-parent.vhd"),
+    )
+    .unwrap();
+    let same: Arc<dyn vhdkit::Storage> = Arc::new(MemoryStorage::new(bytes.clone()));
+    let r = Image::from_storage(
+        MemoryStorage::new(bytes),
+        &OpenOptions::new().parent_resolver(Same(same)),
+    );
+    match r {
+        Err(Error::Corrupt(c)) => {
+            assert_eq!(c.structure, vhdkit::error::Structure::ParentChain, "{c:?}")
+        }
+        other => panic!("expected a loop in the parent chain, got {other:?}"),
     }
 }
