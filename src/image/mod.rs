@@ -1228,9 +1228,7 @@ pub(crate) fn metadata_regions(
         },
         Region {
             start: header.table_offset,
-            end: header
-                .table_offset
-                .saturating_add(entries.saturating_mul(4)),
+            end: crate::ondisk::placement::bat_entry_at(header.table_offset, entries),
             what: RegionKind::Bat,
         },
     ];

@@ -36,9 +36,10 @@ pub fn bat_end(table_offset: u64, entries: u64) -> u64 {
 }
 
 /// The file offset of entry `block` of a BAT at `table_offset` (also where
-/// a table of `block` entries ends, unpadded).
+/// a table of `block` entries ends, unpadded). Saturating, for the values
+/// of a damaged header.
 pub fn bat_entry_at(table_offset: u64, block: u64) -> u64 {
-    table_offset + 4 * block
+    table_offset.saturating_add(block.saturating_mul(4))
 }
 
 /// The sector of the table (counted from its start) that holds entry
@@ -92,6 +93,7 @@ mod tests {
         assert_eq!(bat_sectors(129), 2);
         assert_eq!(bat_end(TABLE_OFFSET, 3), 2048);
         assert_eq!(bat_entry_at(TABLE_OFFSET, 2), 1544);
+        assert_eq!(bat_entry_at(u64::MAX - 8, u64::MAX), u64::MAX);
         assert_eq!(bat_sector_of(127), 0);
         assert_eq!(bat_sector_of(128), 1);
         assert_eq!(bat_sector_at(TABLE_OFFSET, 1), 2048);
