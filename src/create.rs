@@ -143,8 +143,18 @@ pub struct Created {
     pub block_size: u64,
     /// The new disk's unique id.
     pub unique_id: Uuid,
-    /// A differencing disk's parent: its path as given, and unique id.
-    pub parent: Option<(PathBuf, Uuid)>,
+    /// A differencing disk's parent.
+    pub parent: Option<CreatedParent>,
+}
+
+/// The parent a new differencing disk names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreatedParent {
+    /// Its path, as given.
+    pub path: PathBuf,
+    /// Its unique id (the child's header's parent unique id).
+    pub unique_id: Uuid,
 }
 
 fn check_block_size(bs: u32) -> Result<()> {
@@ -384,7 +394,10 @@ pub fn create_child(
         file_len,
         block_size: u64::from(block_size),
         unique_id: footer.unique_id,
-        parent: Some((parent_path.to_path_buf(), pfooter.unique_id)),
+        parent: Some(CreatedParent {
+            path: parent_path.to_path_buf(),
+            unique_id: pfooter.unique_id,
+        }),
     })
 }
 

@@ -72,7 +72,9 @@ pub mod internals {
 
 pub use check::{check, check_storage, CheckOptions, CheckReport, Problem, Severity};
 pub use convert::{convert, ConvertOptions, Progress, Report, Target};
-pub use create::{create, create_child, ChildOptions, CreateOptions, Created, DiskKind};
+pub use create::{
+    create, create_child, ChildOptions, CreateOptions, Created, CreatedParent, DiskKind,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
     Extent, ExtentKind, FolderResolver, Format, Image, OpenOptions, OwnedReader, ParentHint,

@@ -1181,14 +1181,14 @@ fn create_cmd(
                    "rounded_from": made.rounded_from, "file_len": made.file_len,
                    "block_size": made.block_size, "unique_id": made.unique_id.to_string()});
         put_path(&mut v, "path", output);
-        if let Some((p, id)) = &made.parent {
-            put_path(&mut v, "parent", p);
-            v["parent_unique_id"] = json!(id.to_string());
+        if let Some(p) = &made.parent {
+            put_path(&mut v, "parent", &p.path);
+            v["parent_unique_id"] = json!(p.unique_id.to_string());
         }
         print_doc(&v);
     } else {
         let parent = match &made.parent {
-            Some((p, _)) => format!(", child of {}", p.display()),
+            Some(p) => format!(", child of {}", p.path.display()),
             None => String::new(),
         };
         outln!(

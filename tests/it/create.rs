@@ -198,7 +198,7 @@ fn create_child_names_its_parent_as_windows_does() {
     assert_eq!(img.virtual_size(), 4 * MIB);
     assert_eq!(img.block_size(), 1 << 20, "the parent's block size");
     assert_eq!(
-        made.parent.as_ref().unwrap().1,
+        made.parent.as_ref().unwrap().unique_id,
         pimg.footer().unwrap().unique_id
     );
     let h = img.header().unwrap();
