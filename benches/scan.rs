@@ -6,14 +6,14 @@
 //! and which would flatter the result). Criterion prints GB/s.
 //!
 //! ```text
-//! cargo bench --bench scan
+//! cargo bench --bench scan --features bench-internals
 //! ```
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::Duration;
-use vhdkit::scan::{is_zero, nonzero_runs, ZERO_UNIT};
+use vhdkit::internals::{is_zero, nonzero_runs, ZERO_UNIT};
 
 /// Bytes per buffer.
 const LEN: usize = 64 << 20;

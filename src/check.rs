@@ -47,11 +47,22 @@ use std::path::{Path, PathBuf};
 
 /// How serious a problem is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum Severity {
     /// Unusual but readable; does not fail the check.
     Warning,
     /// The image is damaged, or breaks a rule asked for (Azure).
     Error,
+}
+
+impl Severity {
+    /// `warning` or `error`, as `vhdkit check` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
 }
 
 /// One problem.
@@ -564,7 +575,7 @@ fn extra_checks(img: &Image, problems: &mut Vec<Problem>) -> Result<()> {
                     .at(
                         Structure::BatEntry(first as u64),
                         "block sector offset",
-                        h.table_offset + 4 * first as u64,
+                        crate::ondisk::placement::bat_entry_at(h.table_offset, first as u64),
                     ),
                 );
             }

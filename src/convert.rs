@@ -312,7 +312,12 @@ pub(crate) enum Output {
 ///
 /// # Errors
 /// As [`convert`], but for opening the input.
-pub fn convert_image(img: &Image, output: &Path, opts: &ConvertOptions) -> Result<Report> {
+pub fn convert_image(
+    img: &Image,
+    output: impl AsRef<Path>,
+    opts: &ConvertOptions,
+) -> Result<Report> {
+    let output = output.as_ref();
     convert_into(img, output, opts, Output::New)
 }
 

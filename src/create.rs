@@ -21,14 +21,14 @@
 //! speaks of sectors; readers such as blktap accept both).
 //!
 //! Every output is written under a temporary name and renamed into place
-//! when complete ([`AtomicOutput`]).
+//! when complete.
 
 use crate::error::{Error, Result};
 use crate::image::{Format, Image, OpenOptions};
 use crate::io::WriteAt;
+use crate::ondisk::placement;
 use crate::ondisk::{
     Bat, DiskType, DynamicHeader, Footer, ParentLocator, PlatformCode, Uuid, FOOTER_SIZE,
-    HEADER_SIZE,
 };
 use crate::write::{
     azure_size, new_footer, AtomicOutput, DynamicLayout, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE,
@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 
 /// The kind of a new, parentless disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DiskKind {
     /// The raw disk (a hole) followed by a footer.
     Fixed,
@@ -126,6 +127,7 @@ impl Default for ChildOptions {
 
 /// What was created.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Created {
     /// The new file.
     pub path: PathBuf,
@@ -141,8 +143,18 @@ pub struct Created {
     pub block_size: u64,
     /// The new disk's unique id.
     pub unique_id: Uuid,
-    /// A differencing disk's parent: its path as given, and unique id.
-    pub parent: Option<(PathBuf, Uuid)>,
+    /// A differencing disk's parent.
+    pub parent: Option<CreatedParent>,
+}
+
+/// The parent a new differencing disk names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreatedParent {
+    /// Its path, as given.
+    pub path: PathBuf,
+    /// Its unique id (the child's header's parent unique id).
+    pub unique_id: Uuid,
 }
 
 fn check_block_size(bs: u32) -> Result<()> {
@@ -335,10 +347,10 @@ pub fn create_child(
 
     // Layout: footer copy, header, BAT, locator data (each on 4 KiB), footer.
     const ALIGN: u64 = 4096;
-    let entries = size.div_ceil(u64::from(block_size));
-    let table_offset = (FOOTER_SIZE + HEADER_SIZE) as u64;
-    let bat_end = table_offset + Bat::disk_size(entries);
-    let mut at = bat_end.div_ceil(ALIGN) * ALIGN;
+    let entries = placement::bat_entries(size, u64::from(block_size));
+    let table_offset = placement::TABLE_OFFSET;
+    let bat_end = placement::bat_end(table_offset, entries);
+    let mut at = placement::align_up(bat_end, ALIGN);
     let mut header = DynamicHeader::new(table_offset, entries as u32, block_size);
     header.parent_unique_id = pfooter.unique_id;
     header.parent_timestamp = pfooter.timestamp;
@@ -349,7 +361,7 @@ pub fn create_child(
         .enumerate()
     {
         let data = utf16le(text);
-        let space = (data.len() as u64).div_ceil(ALIGN).max(1) * ALIGN;
+        let space = placement::align_up(data.len() as u64, ALIGN).max(ALIGN);
         let too_long = || {
             Error::invalid_option(
                 "parent",
@@ -384,7 +396,11 @@ pub fn create_child(
     };
     let fb = footer.to_bytes();
     w(&fb, 0, "write the footer copy")?;
-    w(&header.to_bytes(), FOOTER_SIZE as u64, "write the header")?;
+    w(
+        &header.to_bytes(),
+        placement::HEADER_OFFSET,
+        "write the header",
+    )?;
     w(
         &Bat::new(entries as usize).to_bytes(),
         table_offset,
@@ -403,7 +419,10 @@ pub fn create_child(
         file_len,
         block_size: u64::from(block_size),
         unique_id: footer.unique_id,
-        parent: Some((parent_path.to_path_buf(), pfooter.unique_id)),
+        parent: Some(CreatedParent {
+            path: parent_path.to_path_buf(),
+            unique_id: pfooter.unique_id,
+        }),
     })
 }
 

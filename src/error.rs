@@ -252,7 +252,7 @@ pub enum Error {
     ForeignFormat {
         /// The file.
         path: PathBuf,
-        /// The format found ([`Foreign::format`](crate::detect::Foreign::format)).
+        /// The format found (`qcow2`, `vmdk`, …).
         format: &'static str,
         /// The version the file states, when it states one.
         version: Option<String>,

@@ -47,32 +47,39 @@ pub mod azure;
 pub mod check;
 pub mod convert;
 pub mod create;
-// Not part of the API (hidden from the docs): public only for the
-// integration tests and benches, which reach into them.
-#[doc(hidden)]
-pub mod detect;
+pub(crate) mod detect;
 pub mod error;
 pub mod image;
-#[doc(hidden)]
-pub mod io;
+pub(crate) mod io;
 pub mod merge;
 pub mod ondisk;
 pub mod ops;
-#[doc(hidden)]
-pub mod scan;
+pub(crate) mod scan;
 pub mod sinks;
 pub mod storage;
 pub mod vhdx;
 pub mod walk;
-#[doc(hidden)]
-pub mod write;
+pub(crate) mod write;
 pub mod writer;
+
+/// The zero scan's internals, for the project's benches (the
+/// `bench-internals` feature); not part of the API.
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::scan::{is_zero, nonzero_runs, ZERO_UNIT};
+}
 
 pub use check::{check, check_storage, CheckOptions, CheckReport, Problem, Severity};
 pub use convert::{convert, ConvertOptions, Progress, Report, Target};
-pub use create::{create, create_child, ChildOptions, CreateOptions, Created, DiskKind};
+pub use create::{
+    create, create_child, ChildOptions, CreateOptions, Created, CreatedParent, DiskKind,
+};
 pub use error::{Error, ErrorKind, Result};
-pub use image::{Extent, ExtentKind, Format, Image, OpenOptions, OwnedReader, Reader, Warning};
+pub use image::{
+    Extent, ExtentKind, FolderResolver, Format, Image, OpenOptions, OwnedReader, ParentHint,
+    ParentId, ParentRequest, ParentResolver, ParentSource, Reader, Warning,
+};
 pub use io::ReadAt;
 pub use ops::{Checksum, Comparison, MapExtent, SparsifyReport};
 pub use sinks::{MemorySink, Sink};

@@ -52,6 +52,7 @@ pub struct MergeOptions {
 
 /// What a merge did.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MergeReport {
     /// The disk merged into.
     pub target: PathBuf,
@@ -85,8 +86,12 @@ pub fn merge(child: impl AsRef<Path>, opts: &MergeOptions) -> Result<MergeReport
 
 /// [`merge`], recording the target's file operations (crash tests).
 #[doc(hidden)]
-pub fn merge_recording(child: &Path, opts: &MergeOptions, log: OpLog) -> Result<MergeReport> {
-    merge_inner(child, opts, Some(log))
+pub fn merge_recording(
+    child: impl AsRef<Path>,
+    opts: &MergeOptions,
+    log: OpLog,
+) -> Result<MergeReport> {
+    merge_inner(child.as_ref(), opts, Some(log))
 }
 
 fn merge_inner(child: &Path, opts: &MergeOptions, log: Option<OpLog>) -> Result<MergeReport> {

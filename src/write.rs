@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::WriteAt;
+use crate::ondisk::placement::{self, HEADER_OFFSET, TABLE_OFFSET};
 use crate::ondisk::{
     bitmap_size, Bat, DiskType, DynamicHeader, Footer, FOOTER_SIZE, HEADER_SIZE, SECTOR,
 };
@@ -20,12 +21,7 @@ pub const MAX_BLOCK_SIZE: u32 = 256 * 1024 * 1024;
 /// The default block size of dynamic outputs.
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 * 1024 * 1024;
 
-/// The largest virtual size the VHD format holds: 2040 GiB.
-pub const MAX_VHD_SIZE: u64 = 2040 * 1024 * 1024 * 1024;
-
-/// Where data blocks start in a dynamic file: data is aligned to this, as
-/// Hyper-V does, so that zero pages of a block can be holes.
-const DATA_ALIGN: u64 = 4096;
+pub use crate::ondisk::MAX_VHD_SIZE;
 
 /// The layout of a dynamic VHD of a given size and block size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,18 +47,17 @@ impl DynamicLayout {
     pub fn new(size: u64, block_size: u32) -> DynamicLayout {
         let bs = u64::from(block_size);
         let bmp = bitmap_size(block_size);
-        let entries = size.div_ceil(bs);
-        let table_offset = (FOOTER_SIZE + HEADER_SIZE) as u64;
-        let meta_end = table_offset + Bat::disk_size(entries);
-        let first_data = (meta_end + bmp).div_ceil(DATA_ALIGN) * DATA_ALIGN;
+        let entries = placement::bat_entries(size, bs);
+        let table_offset = TABLE_OFFSET;
+        let meta_end = placement::bat_end(table_offset, entries);
         DynamicLayout {
             size,
             block_size: bs,
             bitmap_size: bmp,
             entries,
             table_offset,
-            first_block: first_data - bmp,
-            stride: (bmp + bs).div_ceil(DATA_ALIGN) * DATA_ALIGN,
+            first_block: placement::next_block_offset(meta_end, bmp),
+            stride: placement::block_stride(bmp, bs),
         }
     }
 
@@ -74,7 +69,7 @@ impl DynamicLayout {
     /// The file length when `allocated` blocks are stored (footer included).
     pub fn file_len(&self, allocated: u64) -> u64 {
         let end = if allocated == 0 {
-            self.table_offset + Bat::disk_size(self.entries)
+            placement::bat_end(self.table_offset, self.entries)
         } else {
             self.block_offset(allocated - 1) + self.bitmap_size + self.block_size
         };
@@ -83,7 +78,7 @@ impl DynamicLayout {
 
     /// The BAT entry (a sector number) for a block stored at `slot`.
     pub fn bat_entry(&self, slot: u64) -> Result<u32> {
-        u32::try_from(self.block_offset(slot) / SECTOR).map_err(|_| {
+        placement::offset_entry(self.block_offset(slot)).ok_or_else(|| {
             Error::invalid_option(
                 "size",
                 self.size,
@@ -117,7 +112,7 @@ impl DynamicLayout {
             })
         };
         put(&fb, 0)?;
-        put(&header.to_bytes(), FOOTER_SIZE as u64)?;
+        put(&header.to_bytes(), HEADER_OFFSET)?;
         let bat_bytes = bat.to_bytes();
         put(&bat_bytes, self.table_offset)?;
         written += (2 * FOOTER_SIZE + HEADER_SIZE + bat_bytes.len()) as u64;
@@ -142,7 +137,7 @@ pub fn new_footer(disk_type: DiskType, size: u64) -> Footer {
     let data_offset = if disk_type == DiskType::Fixed {
         Footer::NO_DATA_OFFSET
     } else {
-        FOOTER_SIZE as u64
+        HEADER_OFFSET
     };
     Footer::new(disk_type, size, data_offset)
 }
@@ -543,6 +538,24 @@ impl AtomicOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A temporary output is named `.NAME.<pid>.<random>.vhdkit-tmp`.
+    #[test]
+    fn temporary_outputs_carry_the_writers_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = AtomicOutput::create(&dir.path().join("x.vhd"), false).unwrap();
+        let name = o
+            .temp_path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let prefix = format!(".x.vhd.{}.", std::process::id());
+        assert!(
+            name.starts_with(&prefix) && name.ends_with(".vhdkit-tmp"),
+            "{name}"
+        );
+    }
 
     #[test]
     fn dynamic_layout_aligns_data_to_pages() {

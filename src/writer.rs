@@ -52,13 +52,12 @@
 use crate::error::{Error, Result, Structure};
 use crate::image::{ExtentKind, Format, Image, OpenOptions};
 use crate::io::{ReadAt, WriteAt};
-use crate::ondisk::{SectorBitmap, FOOTER_SIZE, SECTOR, UNALLOCATED};
+use crate::ondisk::placement::{self, ENTRIES_PER_SECTOR};
+use crate::ondisk::{entry_offset, SectorBitmap, FOOTER_SIZE, SECTOR, UNALLOCATED};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-/// Where new block data is aligned in the file.
-const DATA_ALIGN: u64 = 4096;
 /// The number of locks writes to blocks are spread over.
 const STRIPES: usize = 64;
 
@@ -430,8 +429,8 @@ impl VhdWriter {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let bmp = self.bitmap_size;
-        let slot = (m.end + bmp).div_ceil(DATA_ALIGN) * DATA_ALIGN - bmp;
-        let entry = u32::try_from(slot / SECTOR).map_err(|_| Error::Limit {
+        let slot = placement::next_block_offset(m.end, bmp);
+        let entry = placement::offset_entry(slot).ok_or_else(|| Error::Limit {
             path: self.path.clone(),
             what: "the sector offset of a new block",
             value: slot / SECTOR,
@@ -448,7 +447,7 @@ impl VhdWriter {
         self.file_write(&bitmap, slot)?;
         m.end = new_end;
         m.bat[b as usize] = entry;
-        m.dirty_bat.insert(b * 4 / SECTOR);
+        m.dirty_bat.insert(placement::bat_sector_of(b));
         if self.format == Format::Dynamic {
             m.full.insert(b);
         } else {
@@ -474,7 +473,7 @@ impl VhdWriter {
             }
             entry = self.allocate(b)?;
         }
-        let base = u64::from(entry) * SECTOR;
+        let base = entry_offset(entry);
         let data_at = base + self.bitmap_size;
         let Some(mut bitmap) = self.bitmap(b, base)? else {
             // Every sector is the block's own: the bytes go in place.
@@ -552,7 +551,7 @@ impl VhdWriter {
         if entry == UNALLOCATED {
             return self.read_backing(out, vbase + in_block);
         }
-        let base = u64::from(entry) * SECTOR;
+        let base = entry_offset(entry);
         let Some(bitmap) = self.bitmap(b, base)? else {
             return self.file_read(out, base + self.bitmap_size + in_block);
         };
@@ -596,7 +595,7 @@ impl VhdWriter {
         // leaves them for the next one.
         let dirty: Vec<u64> = m.dirty_bitmaps.iter().copied().collect();
         for b in dirty {
-            let at = u64::from(m.bat[b as usize]) * SECTOR;
+            let at = entry_offset(m.bat[b as usize]);
             self.file_write(&m.bitmaps[&b], at)?;
             m.dirty_bitmaps.remove(&b);
         }
@@ -612,18 +611,19 @@ impl VhdWriter {
         let dirty: Vec<u64> = m.dirty_bat.iter().copied().collect();
         for sec in dirty {
             let mut bytes = vec![0xffu8; SECTOR as usize];
-            let first = (sec * SECTOR / 4) as usize;
-            for (i, e) in m.bat.iter().skip(first).take(128).enumerate() {
+            let first = (sec * ENTRIES_PER_SECTOR) as usize;
+            let per_sector = ENTRIES_PER_SECTOR as usize;
+            for (i, e) in m.bat.iter().skip(first).take(per_sector).enumerate() {
                 bytes[i * 4..i * 4 + 4].copy_from_slice(&e.to_be_bytes());
             }
             // The BAT on disk may hold more entries than the disk has blocks:
             // keep those as they are.
             let on_disk: &[u32] = self.img.bat().map(|b| &b.entries[..]).unwrap_or_default();
-            for i in m.bat.len().max(first)..on_disk.len().min(first + 128) {
+            for i in m.bat.len().max(first)..on_disk.len().min(first + per_sector) {
                 let e = on_disk[i];
                 bytes[(i - first) * 4..(i - first) * 4 + 4].copy_from_slice(&e.to_be_bytes());
             }
-            self.file_write(&bytes, self.table_offset + sec * SECTOR)?;
+            self.file_write(&bytes, placement::bat_sector_at(self.table_offset, sec))?;
             m.dirty_bat.remove(&sec);
         }
         self.sync()
@@ -658,9 +658,9 @@ impl Drop for VhdWriter {
 /// images today; this check keeps the writer safe whatever the reader
 /// comes to tolerate.)
 fn check_blocks(img: &Image, h: &crate::ondisk::DynamicHeader, bat: &[u32]) -> Result<()> {
-    use crate::ondisk::Bat;
-    let mut meta_end = (img.header_offset() + crate::ondisk::HEADER_SIZE as u64)
-        .max(h.table_offset + Bat::disk_size(u64::from(h.max_table_entries)));
+    let mut meta_end = (img.header_offset() + crate::ondisk::HEADER_SIZE as u64).max(
+        placement::bat_end(h.table_offset, u64::from(h.max_table_entries)),
+    );
     for l in h.parent_locators.iter().filter(|l| !l.is_empty()) {
         meta_end = meta_end.max(l.data_offset.saturating_add(u64::from(l.data_length)));
     }
@@ -669,7 +669,7 @@ fn check_blocks(img: &Image, h: &crate::ondisk::DynamicHeader, bat: &[u32]) -> R
         .iter()
         .enumerate()
         .filter(|(_, &e)| e != UNALLOCATED)
-        .map(|(i, &e)| (u64::from(e) * SECTOR, i))
+        .map(|(i, &e)| (entry_offset(e), i))
         .collect();
     blocks.sort_unstable();
     let refuse = |i: usize, at: u64, what: String| {

@@ -24,7 +24,17 @@ fn name(url: &BlobUrl) -> PathBuf {
 /// [`crate::Error::Azure`] when the blob cannot be reached, does not exist or
 /// the SAS is refused; the errors of [`Image::from_storage`] otherwise.
 pub fn open(url: &BlobUrl, opts: &OpenOptions) -> Result<Image> {
-    open_counted(url, opts).map(|(img, _)| img)
+    open_counted(url, opts).map(|o| o.image)
+}
+
+/// An image opened from a blob, with the counter of the blob's traffic.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct CountedImage {
+    /// The image.
+    pub image: Image,
+    /// The blob's traffic, readable while and after the image is used.
+    pub counter: FetchCounter,
 }
 
 /// [`open`], with a counter of the blob's traffic (requests, retries,
@@ -32,12 +42,15 @@ pub fn open(url: &BlobUrl, opts: &OpenOptions) -> Result<Image> {
 ///
 /// # Errors
 /// As [`open`].
-pub fn open_counted(url: &BlobUrl, opts: &OpenOptions) -> Result<(Image, FetchCounter)> {
+pub fn open_counted(url: &BlobUrl, opts: &OpenOptions) -> Result<CountedImage> {
     let src = BlobSource::open(url)?;
     let counter = src.counter();
     let storage: Arc<dyn Storage> = Arc::new(src);
     let img = Image::from_storage_named(storage, &name(url), opts)?;
-    Ok((img, counter))
+    Ok(CountedImage {
+        image: img,
+        counter,
+    })
 }
 
 /// Checks the image in the blob at `url`, as [`crate::check()`] checks a file.

@@ -17,7 +17,7 @@ mod source;
 mod upload;
 mod url;
 
-pub use self::download::{check, open, open_counted};
+pub use self::download::{check, open, open_counted, CountedImage};
 pub use self::source::{BlobSource, FetchCounter};
 pub use self::upload::{blob_size, upload, upload_stream, UploadOptions, UploadReport};
 pub use self::url::{is_url, redact, BlobUrl};
@@ -59,6 +59,7 @@ pub enum AzureErrorKind {
 /// An error about a blob: the blob's URL (signature redacted) and what
 /// happened, in words.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct AzureError {
     /// What went wrong.
     pub kind: AzureErrorKind,

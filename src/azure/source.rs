@@ -156,9 +156,10 @@ impl BlobSource {
         Ok(())
     }
 
-    /// Requests made so far, and retries among them.
-    pub fn requests(&self) -> (u64, u64) {
-        (self.blob.calls(), self.blob.retries())
+    /// Requests made so far (each counted once however often it was
+    /// tried; [`FetchCounter::retries`] counts the tries beyond the first).
+    pub fn requests(&self) -> u64 {
+        self.blob.calls()
     }
 
     /// A counter of this blob's traffic that stays readable after the

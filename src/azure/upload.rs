@@ -664,7 +664,12 @@ fn finish(
 /// container or blob is missing; the host cannot be reached; retries did
 /// not overcome a failure; the page ranges after the upload are not those
 /// sent.
-pub fn upload(input: &Path, url: &BlobUrl, opts: &UploadOptions) -> Result<UploadReport> {
+pub fn upload(
+    input: impl AsRef<Path>,
+    url: &BlobUrl,
+    opts: &UploadOptions,
+) -> Result<UploadReport> {
+    let input = input.as_ref();
     let started = Instant::now();
     let img = Image::open_with(input, &opts.open)?;
     let vsize = img.virtual_size();

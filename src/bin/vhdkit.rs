@@ -1121,7 +1121,9 @@ fn compare_cmd(
 
 fn checksum_cmd(path: &Path, as_json: bool, open: &OpenArgs) -> vhdkit::Result<u8> {
     let img = open_image(path, open, &open.options())?;
-    let (crc, size) = vhdkit::ops::checksum(&img)?;
+    let vhdkit::Checksum {
+        crc32: crc, size, ..
+    } = vhdkit::ops::checksum(&img)?;
     if as_json {
         let mut v = json!({"crc32": format!("{crc:08x}"), "size": size});
         put_path(&mut v, "path", path);
@@ -1199,14 +1201,14 @@ fn create_cmd(
                    "rounded_from": made.rounded_from, "file_len": made.file_len,
                    "block_size": made.block_size, "unique_id": made.unique_id.to_string()});
         put_path(&mut v, "path", output);
-        if let Some((p, id)) = &made.parent {
-            put_path(&mut v, "parent", p);
-            v["parent_unique_id"] = json!(id.to_string());
+        if let Some(p) = &made.parent {
+            put_path(&mut v, "parent", &p.path);
+            v["parent_unique_id"] = json!(p.unique_id.to_string());
         }
         print_doc(&v);
     } else {
         let parent = match &made.parent {
-            Some((p, _)) => format!(", child of {}", p.display()),
+            Some(p) => format!(", child of {}", p.path.display()),
             None => String::new(),
         };
         outln!(
@@ -1547,7 +1549,7 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
             "virtual_size": report.virtual_size,
             "clean": report.is_clean(),
             "problems": report.problems.iter().map(|p| json!({
-                "severity": match p.severity { vhdkit::Severity::Error => "error", vhdkit::Severity::Warning => "warning" },
+                "severity": p.severity.name(),
                 "code": p.code,
                 "structure": p.structure,
                 "field": p.field,
@@ -1560,10 +1562,7 @@ fn check(path: &Path, as_json: bool, azure: bool, open: &OpenArgs) -> vhdkit::Re
         return Ok(code);
     }
     for p in &report.problems {
-        let sev = match p.severity {
-            vhdkit::Severity::Error => "error",
-            vhdkit::Severity::Warning => "warning",
-        };
+        let sev = p.severity.name();
         let place = match (&p.structure, p.offset) {
             (Some(s), Some(o)) => format!("{s} @ {o}: "),
             (Some(s), None) => format!("{s}: "),
@@ -1721,9 +1720,9 @@ fn convert(
     let result = match as_url(input) {
         Some(u) => {
             let url = vhdkit::azure::BlobUrl::parse(u, open.allow_http)?;
-            vhdkit::azure::open_counted(&url, &open.options()).and_then(|(img, c)| {
-                fetched = Some(c);
-                vhdkit::convert::convert_image(&img, output, &opts)
+            vhdkit::azure::open_counted(&url, &open.options()).and_then(|o| {
+                fetched = Some(o.counter);
+                vhdkit::convert::convert_image(&o.image, output, &opts)
             })
         }
         None => vhdkit::convert(input, output, &opts),

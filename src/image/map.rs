@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 /// What a range of the virtual disk holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ExtentKind {
     /// Bytes stored in the file of chain layer `layer` (0 is the image
     /// itself, 1 its parent...), starting at `file_offset`.
@@ -294,7 +295,7 @@ impl Image {
             return Err(crate::error::Error::corrupt(
                 crate::error::Structure::BatEntry(block),
                 "block sector offset",
-                d.header.table_offset + 4 * block,
+                crate::ondisk::placement::bat_entry_at(d.header.table_offset, block),
                 "an entry past the table",
                 "a block inside the table",
             ));

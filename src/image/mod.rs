@@ -12,6 +12,9 @@ mod vhdx;
 
 pub(crate) use map::{push_extent, range_end};
 pub use map::{Extent, ExtentKind};
+pub use parent::{
+    FolderResolver, ParentHint, ParentId, ParentRequest, ParentResolver, ParentSource,
+};
 pub use reader::{OwnedReader, Reader};
 
 use crate::error::{Error, Result, Structure};
@@ -70,9 +73,10 @@ impl std::fmt::Display for Format {
 pub struct OpenOptions {
     pub(crate) format: Option<Format>,
     pub(crate) ignore_checksums: bool,
-    pub(crate) parents: Vec<PathBuf>,
-    pub(crate) parent_dirs: Vec<PathBuf>,
-    pub(crate) parent_storages: Vec<(PathBuf, Arc<dyn Storage>)>,
+    /// The default resolver's files, folders and storages.
+    pub(crate) folders: FolderResolver,
+    /// A resolver the caller set, in place of `folders`.
+    pub(crate) parent_resolver: Option<Arc<dyn ParentResolver>>,
     pub(crate) missing_parent_as_zero: bool,
     pub(crate) max_bat_entries: u64,
     pub(crate) max_chain_depth: usize,
@@ -87,9 +91,8 @@ impl Default for OpenOptions {
         OpenOptions {
             format: None,
             ignore_checksums: false,
-            parents: Vec::new(),
-            parent_dirs: Vec::new(),
-            parent_storages: Vec::new(),
+            folders: FolderResolver::new(),
+            parent_resolver: None,
             missing_parent_as_zero: false,
             // 2040 GiB in 512 KiB blocks needs 4,177,920 entries; 2^24 leaves room.
             max_bat_entries: 1 << 24,
@@ -119,15 +122,15 @@ impl OpenOptions {
     }
     /// Names a file that may serve as a parent (matched by unique id). It
     /// may lie anywhere, but must be a regular file.
-    pub fn parent(mut self, path: impl Into<PathBuf>) -> Self {
-        self.parents.push(path.into());
+    pub fn parent(mut self, path: impl AsRef<Path>) -> Self {
+        self.folders = self.folders.parent(path);
         self
     }
     /// Allows parents to be opened from this folder, besides the child's
     /// own, and looks in it for the file names the child's locators give
     /// (regular files directly in it; no link leading out of it is followed).
-    pub fn parent_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.parent_dirs.push(dir.into());
+    pub fn parent_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.folders = self.folders.parent_dir(dir);
         self
     }
     /// Offers a storage (bytes in memory, say) that may serve as a parent,
@@ -137,10 +140,21 @@ impl OpenOptions {
     /// [`OpenOptions::parent`] and [`OpenOptions::parent_dir`].
     pub fn parent_storage(
         mut self,
-        name: impl Into<PathBuf>,
+        name: impl AsRef<Path>,
         storage: impl Storage + 'static,
     ) -> Self {
-        self.parent_storages.push((name.into(), Arc::new(storage)));
+        self.folders = self.folders.parent_storage(name, storage);
+        self
+    }
+    /// Finds parents with `resolver` instead of the default
+    /// [`FolderResolver`]; the files, folders and storages named with
+    /// [`OpenOptions::parent`], [`OpenOptions::parent_dir`] and
+    /// [`OpenOptions::parent_storage`] are then not looked at (a resolver
+    /// may still use a [`FolderResolver`] of its own). Every parent it
+    /// returns is checked as [`ParentRequest::try_parent`] says, for VHD and
+    /// VHDX differencing disks alike.
+    pub fn parent_resolver(mut self, resolver: impl ParentResolver + 'static) -> Self {
+        self.parent_resolver = Some(Arc::new(resolver));
         self
     }
     /// When no parent is found, open the child anyway and read what it
@@ -996,7 +1010,7 @@ impl Image {
                         RegionKind::Block(i) => (
                             Structure::BatEntry(i),
                             "block sector offset",
-                            header.table_offset + 4 * i,
+                            crate::ondisk::placement::bat_entry_at(header.table_offset, i),
                         ),
                         RegionKind::Locator(i) => (
                             Structure::ParentLocator(i),
@@ -1310,9 +1324,7 @@ pub(crate) fn metadata_regions(
         },
         Region {
             start: header.table_offset,
-            end: header
-                .table_offset
-                .saturating_add(entries.saturating_mul(4)),
+            end: crate::ondisk::placement::bat_entry_at(header.table_offset, entries),
             what: RegionKind::Bat,
         },
     ];

@@ -24,10 +24,12 @@
 use super::{Image, OpenOptions};
 use crate::error::{Error, Result, Structure};
 use crate::io::ReadAt;
-use crate::ondisk::PlatformCode;
+use crate::ondisk::{PlatformCode, Uuid};
 use crate::storage::{FileStorage, Storage};
+use crate::vhdx::Guid;
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
+use std::cell::RefCell;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -155,6 +157,10 @@ pub(crate) struct Walk {
     /// hostile images that name each other costs time in proportion to
     /// their number, not to the number of paths through them.
     pub(crate) failed: Vec<(u64, u64)>,
+    /// The candidates with no identity of their own, told apart by their
+    /// address ([`storage_id`]): held until the walk ends, so that no other
+    /// storage comes to have the same address meanwhile.
+    pub(crate) held: Vec<Arc<dyn Storage>>,
 }
 
 fn canon(p: &Path) -> PathBuf {
@@ -251,6 +257,170 @@ fn open_named(path: &Path) -> std::result::Result<(File, u64), String> {
     settled(File::from(fd))
 }
 
+/// The identity a differencing disk requires of its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ParentId {
+    /// A differencing VHD's parent: a VHD whose footer has this unique id
+    /// (the child's dynamic header's parent unique id).
+    Vhd(Uuid),
+    /// A differencing VHDX's parent: a VHDX whose data write GUID is this
+    /// (the child's parent locator's `parent_linkage`).
+    Vhdx(Guid),
+}
+
+impl std::fmt::Display for ParentId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParentId::Vhd(u) => u.fmt(f),
+            ParentId::Vhdx(g) => g.fmt(f),
+        }
+    }
+}
+
+/// One place where a differencing disk says its parent is, as the image
+/// gives it: untrusted text, not a path to open as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParentHint {
+    /// Where the child says it (`parent locator 0 (W2ru)`, `parent locator
+    /// relative_path`), for messages.
+    pub source: String,
+    /// The path, decoded (a VHD locator's UTF-16 or `file://` URL, a VHDX
+    /// locator's value).
+    pub path: String,
+}
+
+/// A candidate parent a [`ParentResolver`] offers: a storage, and the name
+/// that names it in messages and as the parent's [`Image::path`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ParentSource {
+    /// The parent's name in messages and as its `Image::path()`.
+    pub name: PathBuf,
+    /// Where the parent's bytes are.
+    pub storage: Arc<dyn Storage>,
+    /// How it was found (`named by the caller`, `parent locator 0 (W2ru)
+    /// ".\\p.vhd"`), for messages.
+    pub found_by: String,
+}
+
+impl ParentSource {
+    /// A candidate parent over `storage`, named `name`.
+    pub fn new(name: impl AsRef<Path>, storage: impl Storage + 'static) -> Self {
+        Self::shared(name, Arc::new(storage))
+    }
+    /// [`ParentSource::new`] over a storage already shared.
+    pub fn shared(name: impl AsRef<Path>, storage: Arc<dyn Storage>) -> Self {
+        ParentSource {
+            name: name.as_ref().to_path_buf(),
+            storage,
+            found_by: "given by the resolver".to_string(),
+        }
+    }
+    /// Says how it was found, for messages.
+    pub fn found_by(mut self, how: impl Into<String>) -> Self {
+        self.found_by = how.into();
+        self
+    }
+}
+
+/// Finds the parent of a differencing disk (VHD or VHDX).
+///
+/// The image asks through a [`ParentRequest`] (the identity the parent must
+/// have, the paths the child gives, in order, its parent name, the child's
+/// path); the resolver answers with a storage, or `Ok(None)` when it has
+/// none. Whatever it answers, vhdkit opens the storage itself and takes it
+/// as the parent only if its identity is the one asked for (a VHD's unique
+/// id, a VHDX's data write GUID), its kind is right, its own parents are
+/// found (through the same resolver) and it does not close a loop.
+///
+/// A resolver with several candidates offers each to
+/// [`ParentRequest::try_parent`], which makes those checks, and returns the
+/// first it accepts. The default is [`FolderResolver`] (the child's folder,
+/// the folders and files the caller allowed); another is set with
+/// [`OpenOptions::parent_resolver`].
+///
+/// ```
+/// use vhdkit::{MemoryStorage, OpenOptions, ParentRequest, ParentResolver, ParentSource};
+///
+/// /// Serves parents from a table in memory, by unique id.
+/// #[derive(Debug)]
+/// struct Table(Vec<(vhdkit::ParentId, Vec<u8>)>);
+///
+/// impl ParentResolver for Table {
+///     fn resolve(&self, request: &ParentRequest<'_>) -> vhdkit::Result<Option<ParentSource>> {
+///         for (id, bytes) in &self.0 {
+///             if *id == request.parent_id() {
+///                 return Ok(Some(ParentSource::new("table", MemoryStorage::new(bytes.clone()))));
+///             }
+///         }
+///         request.note("not in the table");
+///         Ok(None)
+///     }
+/// }
+/// let opts = OpenOptions::new().parent_resolver(Table(Vec::new()));
+/// # let _ = opts;
+/// ```
+pub trait ParentResolver: Send + Sync + std::fmt::Debug {
+    /// The parent `request` describes, or `Ok(None)` when there is none
+    /// (say why with [`ParentRequest::note`]: the reasons are listed in
+    /// [`Error::ParentNotFound`]).
+    ///
+    /// # Errors
+    /// Any error it returns stops the open; pass on those of
+    /// [`ParentRequest::try_parent`] (a chain too deep, or a loop).
+    fn resolve(&self, request: &ParentRequest<'_>) -> Result<Option<ParentSource>>;
+}
+
+/// The parent resolver used unless another is set: the rules of
+/// [`OpenOptions::parent`], [`OpenOptions::parent_dir`] and
+/// [`OpenOptions::parent_storage`].
+///
+/// Candidates, in order: the files the caller named (trusted wherever they
+/// are, but opened without blocking and used only if regular files); the
+/// storages the caller gave; then, for each path the child gives (its
+/// locators in order, then its parent name), that path's file name in the
+/// child's folder (when the child is a local file and the path is a bare
+/// file name or an absolute path) and in each allowed folder. A path from
+/// the image is never followed as it is: one naming another folder is
+/// reported, not looked at. Files in folders are opened beneath the
+/// folder's handle (`openat2` with `RESOLVE_BENEATH`, or `O_NOFOLLOW`),
+/// without blocking, and used only if `fstat` says they are regular files.
+#[derive(Clone, Debug, Default)]
+pub struct FolderResolver {
+    parents: Vec<PathBuf>,
+    parent_dirs: Vec<PathBuf>,
+    parent_storages: Vec<(PathBuf, Arc<dyn Storage>)>,
+}
+
+impl FolderResolver {
+    /// Only the child's own folder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// As [`OpenOptions::parent`].
+    pub fn parent(mut self, path: impl AsRef<Path>) -> Self {
+        self.parents.push(path.as_ref().to_path_buf());
+        self
+    }
+    /// As [`OpenOptions::parent_dir`].
+    pub fn parent_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.parent_dirs.push(dir.as_ref().to_path_buf());
+        self
+    }
+    /// As [`OpenOptions::parent_storage`].
+    pub fn parent_storage(
+        mut self,
+        name: impl AsRef<Path>,
+        storage: impl Storage + 'static,
+    ) -> Self {
+        self.parent_storages
+            .push((name.as_ref().to_path_buf(), Arc::new(storage)));
+        self
+    }
+}
+
 /// One candidate parent.
 enum Candidate {
     /// A file the caller named.
@@ -259,6 +429,342 @@ enum Candidate {
     InFolder(usize, String),
     /// A storage the caller gave ([`OpenOptions::parent_storage`]).
     Given(usize),
+}
+
+impl ParentResolver for FolderResolver {
+    fn resolve(&self, request: &ParentRequest<'_>) -> Result<Option<ParentSource>> {
+        // An image over a storage other than a local file has no folder of
+        // its own to look for its parent in.
+        let child_dir = request.child_path().map(|path| {
+            path.parent()
+                .map(|p| {
+                    if p.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        p
+                    }
+                })
+                .unwrap_or(Path::new("."))
+                .to_path_buf()
+        });
+        let local = child_dir.is_some();
+
+        // The allowed folders, opened once: the child's, then the caller's.
+        let folders: Vec<Option<Folder>> = std::iter::once(child_dir.as_deref().map(Folder::open))
+            .chain(self.parent_dirs.iter().map(|d| Some(Folder::open(d))))
+            .collect();
+
+        // Named files first: they need no gate.
+        let mut paths: Vec<(String, Candidate)> = self
+            .parents
+            .iter()
+            .map(|p| {
+                (
+                    "named by the caller".to_string(),
+                    Candidate::Named(canon(p)),
+                )
+            })
+            .chain(
+                (0..self.parent_storages.len())
+                    .map(|i| ("given by the caller".to_string(), Candidate::Given(i))),
+            )
+            .collect();
+        let name_hint = request.parent_name().map(|n| ParentHint {
+            source: "parent unicode name".to_string(),
+            path: n.to_string(),
+        });
+        for ParentHint { source, path: hint } in request.hints().iter().chain(&name_hint) {
+            let h = hint_targets(hint);
+            if let Some(outside) = &h.outside {
+                // Not looked at: whether it exists is none of the image's business.
+                request.note(format!(
+                    "{source} {hint:?}: {outside} refused without looking at it (a path from \
+                     an image is not followed: only a file name is looked for, in the child's \
+                     folder and the allowed folders)"
+                ));
+            }
+            if let Some(name) = h.in_child_dir.filter(|_| local) {
+                paths.push((format!("{source} {hint:?}"), Candidate::InFolder(0, name)));
+            }
+            // A folder the caller allowed is also searched for the file name,
+            // so that a parent moved there is found.
+            if let Some(name) = &h.file_name {
+                for i in 1..folders.len() {
+                    paths.push((
+                        format!("{source} {hint:?} in an allowed folder"),
+                        Candidate::InFolder(i, name.clone()),
+                    ));
+                }
+            }
+        }
+
+        for (source, c) in paths {
+            let as_storage = |r: std::result::Result<(File, u64), String>| {
+                r.map(|(f, _)| Arc::new(FileStorage::new(f)) as Arc<dyn Storage>)
+            };
+            let (real, opened) = match &c {
+                Candidate::Named(p) => (p.clone(), as_storage(open_named(p))),
+                Candidate::InFolder(i, name) => match &folders[*i] {
+                    Some(f) => {
+                        let real = f.path.join(name);
+                        match &f.fd {
+                            Ok(fd) => (real, as_storage(open_beneath(fd, name))),
+                            Err(e) => (real, Err(format!("its folder could not be opened: {e}"))),
+                        }
+                    }
+                    None => continue,
+                },
+                Candidate::Given(i) => {
+                    let (name, s) = &self.parent_storages[*i];
+                    (name.clone(), Ok(Arc::clone(s)))
+                }
+            };
+            let storage = match opened {
+                Ok(s) => s,
+                Err(why) => {
+                    request.note(format!("{}: {} {why}", source, real.display()));
+                    continue;
+                }
+            };
+            let candidate = ParentSource::shared(real, storage).found_by(source);
+            if request.try_parent(&candidate)? {
+                return Ok(Some(candidate));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// What a differencing disk says of its parent, given to a
+/// [`ParentResolver`]; and the means to check a candidate
+/// ([`ParentRequest::try_parent`]).
+pub struct ParentRequest<'a> {
+    child: PathBuf,
+    local: bool,
+    id: ParentId,
+    hints: Vec<ParentHint>,
+    parent_name: Option<String>,
+    depth: usize,
+    state: RefCell<Checks<'a>>,
+}
+
+impl std::fmt::Debug for ParentRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParentRequest")
+            .field("child", &self.child)
+            .field("local", &self.local)
+            .field("id", &self.id)
+            .field("hints", &self.hints)
+            .field("parent_name", &self.parent_name)
+            .field("depth", &self.depth)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What checking candidates needs and learns.
+struct Checks<'a> {
+    walk: &'a mut Walk,
+    /// How parents are opened (read-only, detected).
+    popts: OpenOptions,
+    /// Where the child names the parent's identity (for a loop's error).
+    id_at: u64,
+    seen: Vec<(u64, u64)>,
+    tried: Vec<String>,
+    wrong_id: Vec<PathBuf>,
+    /// The candidate accepted, opened with its own parents.
+    accepted: Option<((u64, u64), Image)>,
+}
+
+impl ParentRequest<'_> {
+    /// The identity the parent must have.
+    pub fn parent_id(&self) -> ParentId {
+        self.id
+    }
+    /// The paths the child gives for its parent, in the order they are to
+    /// be tried: a VHD's parent locators (`W2ru`, `W2ku`, `MacX`, `Wi2r`,
+    /// `Wi2k`), a VHDX's (`relative_path`, `volume_path`,
+    /// `absolute_win32_path`). Untrusted: they come from the image.
+    pub fn hints(&self) -> &[ParentHint] {
+        &self.hints
+    }
+    /// A VHD's parent unicode name (from its dynamic header), when not empty.
+    pub fn parent_name(&self) -> Option<&str> {
+        self.parent_name.as_deref()
+    }
+    /// The child's path, when it is a local file (the folder its parents
+    /// are looked for in by default); `None` for an image over another
+    /// storage.
+    pub fn child_path(&self) -> Option<&Path> {
+        self.local.then_some(self.child.as_path())
+    }
+    /// The child's name in messages (`<memory>` for an image over a
+    /// storage).
+    pub fn child_name(&self) -> &Path {
+        &self.child
+    }
+    /// How many parents lie between the image opened and this child (0: the
+    /// child is the image opened).
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+    /// Records why something was not the parent, for
+    /// [`Error::ParentNotFound`]'s list.
+    pub fn note(&self, why: impl Into<String>) {
+        self.state.borrow_mut().tried.push(why.into());
+    }
+
+    /// Opens `candidate` and says whether it is the parent: its identity is
+    /// the one asked for, its kind is right (a VHD for a VHD, a VHDX for a
+    /// VHDX), and its own parents were found. When it is not, why is noted.
+    /// A candidate already tried (the same file or storage) is passed over.
+    ///
+    /// # Errors
+    /// [`Error::Limit`] when the chain is too deep, [`Error::Corrupt`] when
+    /// the candidate closes a loop: return them from
+    /// [`ParentResolver::resolve`].
+    pub fn try_parent(&self, candidate: &ParentSource) -> Result<bool> {
+        let mut st = self.state.borrow_mut();
+        let st = &mut *st;
+        let (source, real) = (&candidate.found_by, &candidate.name);
+        let id = storage_id(&candidate.storage);
+        if st.accepted.as_ref().is_some_and(|(a, _)| *a == id) {
+            return Ok(true);
+        }
+        if candidate.storage.identity().is_none()
+            && !st
+                .walk
+                .held
+                .iter()
+                .any(|h| Arc::ptr_eq(h, &candidate.storage))
+        {
+            st.walk.held.push(Arc::clone(&candidate.storage));
+        }
+        let len = match ReadAt::len(&*candidate.storage) {
+            Ok(len) => len,
+            Err(e) => {
+                st.tried.push(format!(
+                    "{}: {} could not be examined: {e}",
+                    source,
+                    real.display()
+                ));
+                return Ok(false);
+            }
+        };
+        if st.seen.contains(&id) {
+            return Ok(false);
+        }
+        st.seen.push(id);
+        if st.walk.failed.contains(&id) {
+            st.tried.push(format!(
+                "{}: {} was tried already and its own parent was not found",
+                source,
+                real.display()
+            ));
+            return Ok(false);
+        }
+        // The candidate alone first: its unique id decides whether it is the
+        // parent, before any of its own parents is looked for. (A file the
+        // caller named for another link of the chain is passed over here.)
+        let alone = OpenOptions {
+            shallow: true,
+            ..st.popts.clone()
+        };
+        let storage = Arc::clone(&candidate.storage);
+        let depth = self.depth;
+        let mut parent =
+            match Image::open_file(real, storage, len, &alone, depth + 1, st.walk, None) {
+                Ok(p) => p,
+                Err(e) => {
+                    st.tried.push(format!(
+                        "{}: {} could not be opened: {e}",
+                        source,
+                        real.display()
+                    ));
+                    return Ok(false);
+                }
+            };
+        let (want_vhdx, want) = match self.id {
+            ParentId::Vhd(_) => (false, self.id.to_string()),
+            ParentId::Vhdx(_) => (true, self.id.to_string()),
+        };
+        let got = match (want_vhdx, parent.vhdx()) {
+            (true, Some(v)) => v.data_write_guid().to_string(),
+            (false, None) => parent
+                .footer()
+                .map(|f| f.unique_id)
+                .unwrap_or_default()
+                .to_string(),
+            (true, None) => {
+                st.tried.push(format!(
+                    "{}: {} is not a VHDX (a VHDX's parent is a VHDX)",
+                    source,
+                    real.display()
+                ));
+                return Ok(false);
+            }
+            (false, Some(_)) => {
+                st.tried.push(format!(
+                    "{}: {} is a VHDX, not a VHD",
+                    source,
+                    real.display()
+                ));
+                return Ok(false);
+            }
+        };
+        if got != want {
+            st.wrong_id.push(real.clone());
+            st.tried.push(format!(
+                "{}: {} has unique id {got}, not {want}",
+                source,
+                real.display()
+            ));
+            return Ok(false);
+        }
+        if parent.disk_type() == super::Format::Raw {
+            st.tried
+                .push(format!("{}: {} is not a VHD", source, real.display()));
+            return Ok(false);
+        }
+        if st.walk.path.contains(&id) {
+            return Err(Error::corrupt(
+                Structure::ParentChain,
+                if want_vhdx {
+                    "parent_linkage"
+                } else {
+                    "parent unique id"
+                },
+                st.id_at,
+                format!("a loop back to {}", real.display()),
+                "a chain that ends in a non-differencing disk",
+            )
+            .with_path(&self.child));
+        }
+        if parent.is_differencing() {
+            st.walk.path.push(id);
+            let r = resolve(&mut parent, &st.popts, depth + 1, st.walk);
+            st.walk.path.pop();
+            match r {
+                Ok(()) => {}
+                Err(e @ (Error::Limit { .. } | Error::Corrupt(_)))
+                    if matches!(&e, Error::Limit { .. })
+                        || matches!(&e, Error::Corrupt(c) if c.structure == Structure::ParentChain) =>
+                {
+                    return Err(e)
+                }
+                Err(e) => {
+                    st.walk.failed.push(id);
+                    st.tried.push(format!(
+                        "{}: {} could not be opened: {e}",
+                        source,
+                        real.display()
+                    ));
+                    return Ok(false);
+                }
+            }
+        }
+        st.accepted = Some((id, parent));
+        Ok(true)
+    }
 }
 
 pub(crate) fn resolve(
@@ -287,9 +793,8 @@ pub(crate) fn resolve(
             "a differencing disk's dynamic header",
         ));
     };
-    let want = header.parent_unique_id;
     // Hints in order of preference.
-    let mut hints: Vec<(String, String)> = Vec::new();
+    let mut hints: Vec<ParentHint> = Vec::new();
     let order = [
         PlatformCode::W2ru,
         PlatformCode::W2ku,
@@ -319,18 +824,18 @@ pub(crate) fn resolve(
                 continue;
             }
             if let Some(s) = decode(code, &data) {
-                hints.push((format!("{} ({:?})", Structure::ParentLocator(i), code), s));
+                hints.push(ParentHint {
+                    source: format!("{} ({:?})", Structure::ParentLocator(i), code),
+                    path: s,
+                });
             }
         }
     }
     let name = header.parent_name();
-    if !name.is_empty() {
-        hints.push(("parent unicode name".to_string(), name));
-    }
     let wants = Wants {
-        id: want.to_string(),
-        vhdx: false,
+        id: ParentId::Vhd(header.parent_unique_id),
         hints,
+        parent_name: (!name.is_empty()).then_some(name),
         tried,
         id_at: img.header_offset() + crate::ondisk::header_fields::PARENT_UNIQUE_ID as u64,
     };
@@ -341,10 +846,9 @@ pub(crate) fn resolve(
 /// (a VHD's unique id, or a VHDX's data write GUID), where to look for it
 /// in order, and what was already ruled out.
 struct Wants {
-    id: String,
-    /// The parent must be a VHDX (whose data write GUID is `id`).
-    vhdx: bool,
-    hints: Vec<(String, String)>,
+    id: ParentId,
+    hints: Vec<ParentHint>,
+    parent_name: Option<String>,
     tried: Vec<String>,
     /// Where the child names the parent's identity (for a loop's error).
     id_at: u64,
@@ -372,18 +876,21 @@ fn vhdx_wants(img: &Image) -> Result<Wants> {
     let hints = loc
         .paths()
         .into_iter()
-        .map(|(k, v)| (format!("parent locator {k}"), v.to_string()))
+        .map(|(k, v)| ParentHint {
+            source: format!("parent locator {k}"),
+            path: v.to_string(),
+        })
         .collect();
     Ok(Wants {
-        id: id.to_string(),
-        vhdx: true,
+        id: ParentId::Vhdx(id),
         hints,
+        parent_name: None,
         tried: Vec::new(),
         id_at: 0,
     })
 }
 
-/// Finds the parent `wants` describes among the allowed places.
+/// Finds the parent `wants` describes through the options' resolver.
 fn resolve_with(
     img: &mut Image,
     opts: &OpenOptions,
@@ -391,75 +898,6 @@ fn resolve_with(
     walk: &mut Walk,
     wants: Wants,
 ) -> Result<()> {
-    let Wants {
-        id: want,
-        vhdx: want_vhdx,
-        hints,
-        mut tried,
-        id_at,
-    } = wants;
-    // An image over a storage other than a local file has no folder of its
-    // own to look for its parent in.
-    let local = img.storage.file().is_some();
-    let child_dir = img
-        .path
-        .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                p
-            }
-        })
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-
-    // The allowed folders, opened once: the child's, then the caller's.
-    let folders: Vec<Folder> = std::iter::once(&child_dir)
-        .chain(&opts.parent_dirs)
-        .map(|d| Folder::open(d))
-        .collect();
-
-    // Named files first: they need no gate.
-    let mut paths: Vec<(String, Candidate)> = opts
-        .parents
-        .iter()
-        .map(|p| {
-            (
-                "named by the caller".to_string(),
-                Candidate::Named(canon(p)),
-            )
-        })
-        .chain(
-            (0..opts.parent_storages.len())
-                .map(|i| ("given by the caller".to_string(), Candidate::Given(i))),
-        )
-        .collect();
-    for (source, hint) in &hints {
-        let h = hint_targets(hint);
-        if let Some(outside) = &h.outside {
-            // Not looked at: whether it exists is none of the image's business.
-            tried.push(format!(
-                "{source} {hint:?}: {outside} refused without looking at it (a path from \
-                 an image is not followed: only a file name is looked for, in the child's \
-                 folder and the allowed folders)"
-            ));
-        }
-        if let Some(name) = h.in_child_dir.filter(|_| local) {
-            paths.push((format!("{source} {hint:?}"), Candidate::InFolder(0, name)));
-        }
-        // A folder the caller allowed is also searched for the file name,
-        // so that a parent moved there is found.
-        if let Some(name) = &h.file_name {
-            for i in 1..folders.len() {
-                paths.push((
-                    format!("{source} {hint:?} in an allowed folder"),
-                    Candidate::InFolder(i, name.clone()),
-                ));
-            }
-        }
-    }
-
     // Parents are opened read-only and detected, whatever was asked of the child.
     let popts = OpenOptions {
         format: None,
@@ -467,146 +905,45 @@ fn resolve_with(
         shallow: false,
         ..opts.clone()
     };
-    let alone = OpenOptions {
-        shallow: true,
-        ..popts.clone()
+    let request = ParentRequest {
+        child: img.path.clone(),
+        local: img.storage.file().is_some(),
+        id: wants.id,
+        hints: wants.hints,
+        parent_name: wants.parent_name,
+        depth,
+        state: RefCell::new(Checks {
+            walk,
+            popts,
+            id_at: wants.id_at,
+            seen: Vec::new(),
+            tried: wants.tried,
+            wrong_id: Vec::new(),
+            accepted: None,
+        }),
     };
-    let mut seen: Vec<(u64, u64)> = Vec::new();
-    let mut wrong_id: Vec<PathBuf> = Vec::new();
-    for (source, c) in paths {
-        let as_storage = |r: std::result::Result<(File, u64), String>| {
-            r.map(|(f, len)| (Arc::new(FileStorage::new(f)) as Arc<dyn Storage>, len))
-        };
-        let (real, opened) = match &c {
-            Candidate::Named(p) => (p.clone(), as_storage(open_named(p))),
-            Candidate::InFolder(i, name) => {
-                let f = &folders[*i];
-                let real = f.path.join(name);
-                match &f.fd {
-                    Ok(fd) => (real, as_storage(open_beneath(fd, name))),
-                    Err(e) => (real, Err(format!("its folder could not be opened: {e}"))),
-                }
-            }
-            Candidate::Given(i) => {
-                let (name, s) = &opts.parent_storages[*i];
-                let len = ReadAt::len(&**s).map_err(|e| format!("could not be examined: {e}"));
-                (name.clone(), len.map(|len| (Arc::clone(s), len)))
-            }
-        };
-        let (file, len) = match opened {
-            Ok(x) => x,
-            Err(why) => {
-                tried.push(format!("{}: {} {why}", source, real.display()));
-                continue;
-            }
-        };
-        let id = storage_id(&file);
-        if seen.contains(&id) {
-            continue;
-        }
-        seen.push(id);
-        if walk.failed.contains(&id) {
-            tried.push(format!(
-                "{}: {} was tried already and its own parent was not found",
-                source,
-                real.display()
-            ));
-            continue;
-        }
-        // The candidate alone first: its unique id decides whether it is the
-        // parent, before any of its own parents is looked for. (A file the
-        // caller named for another link of the chain is passed over here.)
-        let mut parent = match Image::open_file(&real, file, len, &alone, depth + 1, walk, None) {
-            Ok(p) => p,
-            Err(e) => {
-                tried.push(format!(
-                    "{}: {} could not be opened: {e}",
-                    source,
-                    real.display()
-                ));
-                continue;
-            }
-        };
-        let got = match (want_vhdx, parent.vhdx()) {
-            (true, Some(v)) => v.data_write_guid().to_string(),
-            (false, None) => parent
-                .footer()
-                .map(|f| f.unique_id)
-                .unwrap_or_default()
-                .to_string(),
-            (true, None) => {
-                tried.push(format!(
-                    "{}: {} is not a VHDX (a VHDX's parent is a VHDX)",
-                    source,
-                    real.display()
-                ));
-                continue;
-            }
-            (false, Some(_)) => {
-                tried.push(format!(
-                    "{}: {} is a VHDX, not a VHD",
-                    source,
-                    real.display()
-                ));
-                continue;
-            }
-        };
-        if got != want {
-            wrong_id.push(real.clone());
-            tried.push(format!(
-                "{}: {} has unique id {got}, not {want}",
-                source,
-                real.display()
-            ));
-            continue;
-        }
-        if parent.disk_type() == super::Format::Raw {
-            tried.push(format!("{}: {} is not a VHD", source, real.display()));
-            continue;
-        }
-        if walk.path.contains(&id) {
-            return Err(Error::corrupt(
-                Structure::ParentChain,
-                if want_vhdx {
-                    "parent_linkage"
-                } else {
-                    "parent unique id"
-                },
-                id_at,
-                format!("a loop back to {}", real.display()),
-                "a chain that ends in a non-differencing disk",
-            )
-            .with_path(&img.path));
-        }
-        if parent.is_differencing() {
-            walk.path.push(id);
-            let r = resolve(&mut parent, &popts, depth + 1, walk);
-            walk.path.pop();
-            match r {
-                Ok(()) => {}
-                Err(e @ (Error::Limit { .. } | Error::Corrupt(_)))
-                    if matches!(&e, Error::Limit { .. })
-                        || matches!(&e, Error::Corrupt(c) if c.structure == Structure::ParentChain) =>
-                {
-                    return Err(e)
-                }
-                Err(e) => {
-                    walk.failed.push(id);
-                    tried.push(format!(
-                        "{}: {} could not be opened: {e}",
-                        source,
-                        real.display()
-                    ));
-                    continue;
-                }
-            }
-        }
+    let resolver: &dyn ParentResolver = match &opts.parent_resolver {
+        Some(r) => &**r,
+        None => &opts.folders,
+    };
+    let found = match resolver.resolve(&request)? {
+        // A resolver need not have checked what it returns.
+        Some(source) if request.try_parent(&source)? => Some(source),
+        _ => None,
+    };
+    let Checks {
+        accepted,
+        tried,
+        wrong_id,
+        ..
+    } = request.state.into_inner();
+    if let (Some(source), Some((_, parent))) = (found, accepted) {
         if parent.virtual_size() != img.virtual_size() {
             img.warnings.push(super::Warning::new(
                 "parent-size-differs",
                 format!(
                     "parent {} is {} bytes, the child {} bytes",
-                    real.display(),
+                    source.name.display(),
                     parent.virtual_size(),
                     img.virtual_size()
                 ),
@@ -615,6 +952,7 @@ fn resolve_with(
         img.parent = Some(Box::new(parent));
         return Ok(());
     }
+    let want = request.id.to_string();
     if opts.missing_parent_as_zero {
         img.parent_missing = true;
         img.warnings.push(super::Warning::new(

@@ -10,6 +10,7 @@ mod bat;
 mod footer;
 mod geometry;
 mod header;
+pub mod placement;
 
 pub use bat::{bitmap_size, entry_offset, Bat, SectorBitmap, UNALLOCATED};
 pub use footer::off as footer_fields;
@@ -24,6 +25,9 @@ use std::fmt;
 
 /// A sector is 512 bytes.
 pub const SECTOR: u64 = 512;
+
+/// The largest virtual size the VHD format holds: 2040 GiB.
+pub const MAX_VHD_SIZE: u64 = 2040 * 1024 * 1024 * 1024;
 
 /// Seconds from the Unix epoch to the VHD epoch, 2000-01-01 00:00:00 UTC.
 pub const VHD_EPOCH_UNIX: u64 = 946_684_800;

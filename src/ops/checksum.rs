@@ -35,19 +35,18 @@ pub struct Checksum {
     pub size: u64,
 }
 
-/// CRC-32 of the virtual content and its length, as a pair (see
-/// [`checksum_with`] for the typed report). Identical for the raw, fixed,
-/// dynamic and differencing forms of one disk. Data chunks are hashed in
-/// parallel and combined; zero regions are combined without being read.
+/// CRC-32 of the virtual content and its length. Identical for the raw,
+/// fixed, dynamic and differencing forms of one disk. Data chunks are
+/// hashed in parallel and combined; zero regions are combined without
+/// being read.
 ///
 /// # Errors
 /// I/O errors reading the image.
-pub fn checksum(img: &Image) -> Result<(u32, u64)> {
-    let c = checksum_with(img, &Control::new())?;
-    Ok((c.crc32, c.size))
+pub fn checksum(img: &Image) -> Result<Checksum> {
+    checksum_with(img, &Control::new())
 }
 
-/// [`checksum`] as a typed report, with progress and cancellation.
+/// [`checksum`] with progress and cancellation.
 ///
 /// # Errors
 /// I/O errors reading the image; [`Error::Interrupted`](crate::Error::Interrupted) when cancelled.

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// One step of an in-place operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Step {
     /// Change the file's length (a single metadata operation).
     SetLen(u64),
@@ -25,6 +26,7 @@ pub enum Step {
 /// The steps of an in-place operation, in an order chosen so that stopping
 /// after any of them leaves a valid image: the old one or the new one.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct InPlacePlan {
     /// The file.
     pub path: PathBuf,
@@ -35,6 +37,16 @@ pub struct InPlacePlan {
 }
 
 impl InPlacePlan {
+    /// A plan of `steps` on the file at `path`, described by
+    /// `description`. The steps are run as given: the order that keeps the
+    /// image valid at every step is the caller's to choose.
+    pub fn new(path: impl AsRef<Path>, description: impl Into<String>, steps: Vec<Step>) -> Self {
+        InPlacePlan {
+            path: path.as_ref().to_path_buf(),
+            description: description.into(),
+            steps,
+        }
+    }
     /// Runs the first `n` steps (all of them with `usize::MAX`).
     ///
     /// When a step fails (a full disk, a file-size limit) and no step run so

@@ -4,6 +4,7 @@
 use super::in_place::{grow_fixed, InPlacePlan, Step};
 use crate::error::{Error, Result};
 use crate::image::{Format, Image, OpenOptions};
+use crate::ondisk::placement::{self, bat_entry_at};
 use crate::ondisk::{entry_offset, FOOTER_SIZE, SECTOR, UNALLOCATED};
 use std::path::Path;
 
@@ -73,7 +74,7 @@ fn resize_target(img: &Image, asked: u64, azure: bool) -> Result<u64> {
 ///
 /// # Errors
 /// [`Error::InvalidOption`] for a size larger than the format holds (2040
-/// GiB for a VHD; [`crate::write::MAX_VHD_SIZE`]), a smaller size without
+/// GiB for a VHD; [`crate::ondisk::MAX_VHD_SIZE`]), a smaller size without
 /// `shrink` (option `"shrink"`; the message states the current size), or a
 /// cut region that holds data (option `"size"`);
 /// [`Error::WrongImageKind`] for a differencing disk or a VHDX; I/O errors
@@ -184,7 +185,7 @@ pub fn plan_resize(
             let (h, bat) = img.dynamic_parts()?;
             let h = h.clone();
             let bs = img.block_size();
-            let needed = new_size.div_ceil(bs);
+            let needed = placement::bat_entries(new_size, bs);
             let have = u64::from(h.max_table_entries);
             let mut h2 = h.clone();
             if new_size > size {
@@ -195,7 +196,7 @@ pub fn plan_resize(
                 for b in img.block_count()..needed.min(have) {
                     if bat.entries[b as usize] != UNALLOCATED {
                         steps.push(Step::Write(
-                            h.table_offset + 4 * b,
+                            bat_entry_at(h.table_offset, b),
                             UNALLOCATED.to_be_bytes().to_vec(),
                         ));
                     }
@@ -233,7 +234,7 @@ pub fn plan_resize(
             }
             if needed > have {
                 // Room for more entries before anything that follows the BAT?
-                let bat_end = h.table_offset + needed * 4;
+                let bat_end = bat_entry_at(h.table_offset, needed);
                 let mut next = img.data_end();
                 for (i, &e) in bat.entries.iter().enumerate() {
                     if e != UNALLOCATED && (i as u64) < img.block_count() {
@@ -252,10 +253,10 @@ pub fn plan_resize(
                     return Ok(None);
                 }
                 // New entries, unallocated, before the header points at them.
-                let fill = vec![0xffu8; ((needed - have) * 4) as usize];
-                for (k, piece) in fill.chunks(512).enumerate() {
+                let fill = vec![0xffu8; (bat_end - bat_entry_at(h.table_offset, have)) as usize];
+                for (k, piece) in fill.chunks(SECTOR as usize).enumerate() {
                     steps.push(Step::Write(
-                        h.table_offset + have * 4 + 512 * k as u64,
+                        bat_entry_at(h.table_offset, have) + SECTOR * k as u64,
                         piece.to_vec(),
                     ));
                 }
@@ -272,7 +273,7 @@ pub fn plan_resize(
                 for b in needed..img.block_count() {
                     if bat.entries[b as usize] != UNALLOCATED {
                         steps.push(Step::Write(
-                            h.table_offset + 4 * b,
+                            bat_entry_at(h.table_offset, b),
                             UNALLOCATED.to_be_bytes().to_vec(),
                         ));
                     }

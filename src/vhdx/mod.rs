@@ -294,7 +294,12 @@ impl Vhdx {
     ///
     /// # Errors
     /// As [`Vhdx::open`].
-    pub fn from_file(file: std::fs::File, path: &Path, opts: &VhdxOptions) -> Result<Vhdx> {
+    pub fn from_file(
+        file: std::fs::File,
+        path: impl AsRef<Path>,
+        opts: &VhdxOptions,
+    ) -> Result<Vhdx> {
+        let path = path.as_ref();
         Self::open_source(Box::new(file), path.to_path_buf(), opts).map_err(|e| e.with_path(path))
     }
 

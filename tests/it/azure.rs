@@ -1197,7 +1197,7 @@ fn blob_sources_read_by_ranges_and_name_what_is_missing() {
         );
     }
     // Through the crate's positional-read trait too.
-    let as_trait: &dyn vhdkit::io::ReadAt = &src;
+    let as_trait: &dyn vhdkit::ReadAt = &src;
     assert_eq!(as_trait.len().unwrap(), (6 << 20) + 512);
     let mut b = vec![0u8; 8192];
     as_trait.read_exact_at(&mut b, 4 << 20).unwrap();
@@ -1206,7 +1206,7 @@ fn blob_sources_read_by_ranges_and_name_what_is_missing() {
     let mut b = vec![0u8; 1024];
     let e = src.read_exact_at(&mut b, src.len() - 512).unwrap_err();
     assert!(e.to_string().contains("past the end"), "{e}");
-    let (requests, _) = src.requests();
+    let requests = src.requests();
     assert!(requests > 0);
     // As an image's storage: the page ranges, clipped to what is asked;
     // nothing in a hole.
@@ -1407,9 +1407,12 @@ fn urls_are_images_for_info_map_checksum_compare_and_check() {
     let c_loc = vhdkit(&["checksum", "--json", local], None);
     assert_eq!(json(&c_url.stdout)["crc32"], json(&c_loc.stdout)["crc32"]);
     assert!(!c_url.stdout.contains(&sig));
-    let (img, counter) =
-        vhdkit::azure::open_counted(&az.blob("d.vhd"), &Default::default()).unwrap();
-    let (crc, _) = vhdkit::ops::checksum(&img).unwrap();
+    let vhdkit::azure::CountedImage {
+        image: img,
+        counter,
+        ..
+    } = vhdkit::azure::open_counted(&az.blob("d.vhd"), &Default::default()).unwrap();
+    let crc = vhdkit::ops::checksum(&img).unwrap().crc32;
     assert_eq!(format!("{crc:08x}"), json(&c_loc.stdout)["crc32"]);
     let pages = data_page_bytes(&data);
     assert!(
@@ -1502,8 +1505,11 @@ fn a_dynamic_vhd_stored_as_a_block_blob_reads_by_ranges() {
     vhdkit::convert(&raw, &dynamic, &ConvertOptions::new(Target::Dynamic)).unwrap();
     let bytes = std::fs::read(&dynamic).unwrap();
     put_block_blob(&az, "block.vhd", &bytes);
-    let (img, counter) =
-        vhdkit::azure::open_counted(&az.blob("block.vhd"), &Default::default()).unwrap();
+    let vhdkit::azure::CountedImage {
+        image: img,
+        counter,
+        ..
+    } = vhdkit::azure::open_counted(&az.blob("block.vhd"), &Default::default()).unwrap();
     assert_eq!(img.disk_type(), vhdkit::Format::Dynamic);
     let opened = counter.requests();
     // The metadata was read at open; a whole read fetches the blocks with

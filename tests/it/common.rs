@@ -54,3 +54,21 @@ pub fn corpus() -> PathBuf {
     );
     dir
 }
+
+/// Bytes the filesystem has allocated to `file` (`st_blocks` × 512).
+pub fn allocated_bytes(file: &std::fs::File) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(file.metadata()?.blocks() * 512)
+}
+
+/// Punches a hole over `range` of `file` (the file keeps its size).
+pub fn punch_hole(file: &std::fs::File, range: std::ops::Range<u64>) -> std::io::Result<()> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        range.start,
+        range.end - range.start,
+    )?;
+    Ok(())
+}

@@ -19,10 +19,10 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::common::allocated_bytes;
 use proptest::prelude::*;
 use vhdkit::convert::convert_image;
 use vhdkit::error::Structure;
-use vhdkit::io::allocated_bytes;
 use vhdkit::ondisk::{
     bitmap_size, Bat, DiskType, DynamicHeader, Footer, Geometry, ParentLocator, PlatformCode,
     Timestamp, Uuid, FOOTER_SIZE, HEADER_SIZE, UNALLOCATED,

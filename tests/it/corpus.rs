@@ -411,7 +411,7 @@ fn sha256_via_map(img: &Image) -> String {
                     img.read_exact_at(&mut buf[..n], pos).unwrap();
                     h.update(&buf[..n]);
                 }
-                ExtentKind::Parent => panic!("map() left {e:?} to a parent"),
+                _ => panic!("map() left {e:?} to a parent"),
             }
             pos += n as u64;
         }

@@ -62,7 +62,7 @@ fn create_fixed_is_sparse_at_any_size() {
     assert_eq!(img.disk_type(), Format::Fixed);
     assert_eq!(img.virtual_size(), size);
     assert_eq!(&img.footer().unwrap().creator_app, b"vhdk");
-    let allocated = vhdkit::io::allocated_bytes(img.file().unwrap()).unwrap();
+    let allocated = crate::common::allocated_bytes(img.file().unwrap()).unwrap();
     assert!(allocated < MIB, "{allocated} bytes allocated");
     // A small one, read by qemu-img as zeros of the same size.
     let small = dir.path().join("small.vhd");
@@ -178,7 +178,7 @@ fn image_create_and_create_child_open_what_they_made() {
 fn locator_text(img: &Image, i: usize) -> (PlatformCode, String, u64, u32) {
     let l = img.header().unwrap().parent_locators[i];
     let mut b = vec![0u8; l.data_length as usize];
-    vhdkit::io::ReadAt::read_exact_at(img.file().unwrap(), &mut b, l.data_offset).unwrap();
+    vhdkit::ReadAt::read_exact_at(img.file().unwrap(), &mut b, l.data_offset).unwrap();
     let u: Vec<u16> = b
         .chunks_exact(2)
         .map(|c| u16::from_le_bytes([c[0], c[1]]))
@@ -208,7 +208,7 @@ fn create_child_names_its_parent_as_windows_does() {
     assert_eq!(img.virtual_size(), 4 * MIB);
     assert_eq!(img.block_size(), 1 << 20, "the parent's block size");
     assert_eq!(
-        made.parent.as_ref().unwrap().1,
+        made.parent.as_ref().unwrap().unique_id,
         pimg.footer().unwrap().unique_id
     );
     let h = img.header().unwrap();
@@ -897,7 +897,7 @@ fn merge_refuses_a_read_only_parent_a_shared_parent_and_a_changed_parent() {
     h.parent_timestamp.0 += 1;
     let other = dir.path().join("stale.vhd");
     std::fs::copy(&child, &other).unwrap();
-    vhdkit::io::WriteAt::write_all_at(
+    std::os::unix::fs::FileExt::write_all_at(
         &std::fs::OpenOptions::new()
             .write(true)
             .open(&other)
@@ -1126,8 +1126,8 @@ fn a_child_larger_than_its_parent_reads_zeros_past_the_parent() {
         .write(true)
         .open(&child)
         .unwrap();
-    vhdkit::io::WriteAt::write_all_at(&file, &f, 0).unwrap();
-    vhdkit::io::WriteAt::write_all_at(&file, &f, len - 512).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &f, 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &f, len - 512).unwrap();
     drop(file);
     let w = VhdWriter::open(&child, &OpenOptions::new()).unwrap();
     assert_eq!(w.virtual_size(), 3 * MIB);
@@ -1160,7 +1160,7 @@ fn a_writer_refuses_blocks_that_overlap_metadata_or_each_other() {
     drop(img);
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     // Entry 1 names entry 0's block: two blocks in the same bytes.
-    vhdkit::io::WriteAt::write_all_at(&f, &first.to_be_bytes(), table + 4).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &first.to_be_bytes(), table + 4).unwrap();
     drop(f);
     let before = std::fs::read(&p).unwrap();
     match VhdWriter::open(&p, &OpenOptions::new()) {

@@ -671,24 +671,6 @@ fn a_dead_writers_temporary_file_is_removed_by_the_next_run() {
     assert!(left.contains(&"out.vhd".to_string()));
 }
 
-/// A temporary output is named `.NAME.<pid>.<random>.vhdkit-tmp`.
-#[test]
-fn temporary_outputs_carry_the_writers_pid() {
-    let dir = tempdir();
-    let o = vhdkit::write::AtomicOutput::create(&dir.path().join("x.vhd"), false).unwrap();
-    let name = o
-        .temp_path()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let prefix = format!(".x.vhd.{}.", std::process::id());
-    assert!(
-        name.starts_with(&prefix) && name.ends_with(".vhdkit-tmp"),
-        "{name}"
-    );
-}
-
 // ---------------------------------------------------------------- rewrites
 
 /// A dynamic image with an allocated all-zero block (so that sparsify
@@ -859,16 +841,16 @@ fn a_failed_in_place_step_restores_the_old_length() {
     let dir = tempdir();
     let raw = dir.path().join("d.raw");
     let content = sample_raw(&raw, MIB + 1000);
-    let plan = InPlacePlan {
-        path: raw.clone(),
-        description: "extend, then fail".into(),
-        steps: vec![
+    let plan = InPlacePlan::new(
+        &raw,
+        "extend, then fail",
+        vec![
             Step::SetLen(2 * MIB),
             Step::Sync,
             // An offset no file can have: the write fails.
             Step::Write(1 << 63, vec![1; 512]),
         ],
-    };
+    );
     assert!(plan.run().is_err());
     assert!(std::fs::read(&raw).unwrap() == content, "not restored");
 }
@@ -997,7 +979,7 @@ fn resize_refuses_sizes_past_the_formats_limit_without_wrapping() {
     vhdkit::convert(&raw, &fixed, &ConvertOptions::new(Target::Fixed)).unwrap();
     let dynv = dir.path().join("d-dyn.vhd");
     vhdkit::convert(&raw, &dynv, &ConvertOptions::new(Target::Dynamic)).unwrap();
-    let max = vhdkit::write::MAX_VHD_SIZE;
+    let max = vhdkit::ondisk::MAX_VHD_SIZE;
     for p in [&raw, &fixed, &dynv] {
         let before = std::fs::read(p).unwrap();
         let mut sizes = vec![u64::MAX, u64::MAX - 100, u64::MAX - 511];

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use vhdkit::create::{create, CreateOptions, DiskKind};
 use vhdkit::error::Structure;
-use vhdkit::io::ReadAt;
+use vhdkit::ReadAt;
 use vhdkit::writer::VhdWriter;
 use vhdkit::{
     ConvertOptions, Error, ErrorKind, Format, Image, MemorySink, OpenOptions, Sink, Storage, Target,

@@ -23,6 +23,7 @@ mod errors;
 mod formats;
 mod hostile;
 mod ops;
+mod resolver;
 // FIFOs, device nodes, loop devices and /proc: Linux.
 #[cfg(target_os = "linux")]
 mod security;

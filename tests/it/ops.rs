@@ -109,7 +109,12 @@ fn crc(bytes: &[u8]) -> u32 {
 }
 
 fn checksum(path: &Path) -> (u32, u64) {
-    ops::checksum(&open(path)).expect("checksum")
+    pair(ops::checksum(&open(path)).expect("checksum"))
+}
+
+/// The typed checksum as (CRC-32, size).
+fn pair(c: ops::Checksum) -> (u32, u64) {
+    (c.crc32, c.size)
 }
 
 fn allocated(path: &Path) -> u64 {
@@ -230,7 +235,7 @@ fn checksum_is_the_same_for_raw_fixed_dynamic_forms() {
         let img = open(&dynv);
         assert_eq!(img.block_size(), bs);
         assert_eq!(
-            ops::checksum(&img).unwrap(),
+            pair(ops::checksum(&img).unwrap()),
             (want, size),
             "dynamic, {bs}-byte blocks"
         );
@@ -295,7 +300,7 @@ fn checksum_of_a_differencing_chain_is_that_of_its_flat_forms() {
         let img = open(&path);
         assert_eq!(img.disk_type(), f.format);
         assert_eq!(
-            ops::checksum(&img).unwrap(),
+            pair(ops::checksum(&img).unwrap()),
             (want, f.model.size),
             "{}",
             f.name
@@ -348,7 +353,7 @@ proptest! {
             if size % 512 == 0 {
                 prop_assert_eq!(img.virtual_size(), size);
             }
-            let got = ops::checksum(&img).unwrap();
+            let got = pair(ops::checksum(&img).unwrap());
             let read = (crc(&read_all(&img)), img.virtual_size());
             prop_assert_eq!(got, read);
             prop_assert_eq!(got, (crc(&resized(&content, img.virtual_size())), img.virtual_size()));
@@ -601,7 +606,7 @@ fn map_of_a_sparse_raw_file_finds_its_holes() {
             // The zeros of a non-sparse fixed image are allocated: a hole
             // punched by hand must show.
             let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-            vhdkit::io::punch_hole(&f, 3 * MIB..4 * MIB).unwrap();
+            crate::common::punch_hole(&f, 3 * MIB..4 * MIB).unwrap();
             p
         };
         let img = open(&path);
@@ -849,6 +854,7 @@ fn step_name(s: &Step) -> String {
         Step::Write(at, b) => format!("Write({at}, {} bytes)", b.len()),
         Step::PunchHole(at, n) => format!("PunchHole({at}, {n})"),
         Step::Sync => "Sync".into(),
+        other => format!("{other:?}"),
     }
 }
 
@@ -883,11 +889,7 @@ fn assert_sector_atomic_steps(original: &Path, plan: &InPlacePlan) {
                 step_name(step)
             );
         }
-        let one = InPlacePlan {
-            path: scratch.clone(),
-            description: plan.description.clone(),
-            steps: vec![step.clone()],
-        };
+        let one = InPlacePlan::new(&scratch, plan.description.clone(), vec![step.clone()]);
         one.run().unwrap();
     }
     std::fs::remove_file(&scratch).unwrap();
@@ -1241,7 +1243,7 @@ fn sparsify_dynamic_frees_zero_blocks_and_keeps_identity() {
         id,
         "the unique id is kept, so children still match"
     );
-    assert_eq!(ops::checksum(&img).unwrap(), sum);
+    assert_eq!(pair(ops::checksum(&img).unwrap()), sum);
     assert_content(&img, &content, "sparsified dynamic");
     assert_eq!(r.zero_bytes, 10 * 512 * KIB);
     assert!(r.allocated_after < blocks_before / 2, "{r:?}");
@@ -1560,7 +1562,7 @@ fn resize_grows_a_dynamic_disk_past_its_bat_by_rewriting_it() {
         q >>= 1;
     }
     h.combine(&zeros);
-    assert_eq!(ops::checksum(&img).unwrap(), (h.finalize(), new_size));
+    assert_eq!(pair(ops::checksum(&img).unwrap()), (h.finalize(), new_size));
     drop(img);
     assert!(allocated(&p) < 4 * MIB, "{} bytes allocated", allocated(&p));
     assert_eq!(qemu_size(&p), new_size);

@@ -304,7 +304,7 @@ fn check_map(img: &Image, content: &[u8], what: &str) {
                     .unwrap_or_else(|err| panic!("{what}: {e:?}: {err}"));
                 assert_same(&format!("{what}: bytes of {e:?}"), &got, want);
             }
-            ExtentKind::Parent => unreachable!(),
+            _ => panic!("{what}: {e:?}: map() left a range to a parent"),
         }
     }
     // Sub-ranges: odd offsets and lengths, across block boundaries.

@@ -192,7 +192,7 @@ fn qemu_images_read_as_qemu_reads_them() {
                     want[r].iter().all(|&x| x == 0),
                     "{what}: zero extent {e:?} holds data"
                 ),
-                ExtentKind::Parent => panic!("{what}: parent extent in a disk without parent"),
+                _ => panic!("{what}: parent extent in a disk without parent"),
             }
         }
         if !writes.is_empty() {
@@ -1053,7 +1053,7 @@ fn a_log_entry_with_a_bad_checksum_ends_the_sequence() {
 /// A differencing disk of 3 blocks of 1 MiB: block 0 fully present (at
 /// 4 MiB), block 1 partially present (at 5 MiB; sectors 0..8, 100 and the
 /// last 8 set in the bitmap at 6 MiB), block 2 not present.
-fn differencing(lss: u32) -> (Vec<u8>, Vec<Extent>) {
+pub(crate) fn differencing(lss: u32) -> (Vec<u8>, Vec<Extent>) {
     let mut d = Disk::new(3 * MIB, MIB as u32, lss);
     d.has_parent = true;
     d.payload = vec![(0, 6, 4), (1, 7, 5), (2, 0, 0)];
@@ -1754,10 +1754,10 @@ fn a_dirty_log_reads_replayed_through_image_and_converts() {
     assert_eq!(std::fs::read(&p).unwrap(), b);
 }
 
-const PARENT_GUID: &str = "DEADBEEF-0000-4000-8000-0000000000AA";
+pub(crate) const PARENT_GUID: &str = "DEADBEEF-0000-4000-8000-0000000000AA";
 
 /// The parent `differencing()`'s locator names: 3 MiB, block 1 present.
-fn diff_parent(data_write_guid: &str) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn diff_parent(data_write_guid: &str) -> (Vec<u8>, Vec<u8>) {
     let mut d = Disk::new(3 * MIB, MIB as u32, 512);
     d.payload = vec![(1, 6, 4)];
     d.file_len = 5 * MIB;
@@ -2610,7 +2610,12 @@ fn holes_in_payload_blocks_map_as_zero() {
         "both blocks are present: {theirs:?}"
     );
     let f = std::fs::File::open(&p).unwrap();
-    let holes = vhdkit::io::data_ranges(&f, 0, std::fs::metadata(&p).unwrap().len()).unwrap();
+    let holes = vhdkit::Storage::data_ranges(
+        &vhdkit::FileStorage::new(f),
+        0,
+        std::fs::metadata(&p).unwrap().len(),
+    )
+    .unwrap();
     for e in &ours {
         if let ExtentKind::Data { file_offset, .. } = e.kind {
             assert!(
