@@ -17,7 +17,11 @@ renamed into place only once on disk). So two pairs are timed:
 Before each timed run the page cache is flushed of dirty pages (`sync`,
 untimed) and the inputs are warm. Ratio = qemu-img's median time / vhdkit's.
 
+With --baseline PATH a second vhdkit build (an earlier commit) runs in the
+same interleaved loop, so "before" and "after" ratios come from one run.
+
 Usage: bench/compare.py [--size 4G] [--runs 5] [--work DIR] [--vhdkit PATH]
+                        [--baseline PATH]
 """
 import argparse
 import os
@@ -104,16 +108,23 @@ def warm(paths):
 
 
 
-def time_interleaved(vcmd, qcmd, out, runs, after=None):
+def time_interleaved(vcmd, qcmd, out, runs, after=None, bcmd=None):
     """Runs qemu-img (then an fsync of its output), vhdkit, and vhdkit
     --no-sync `runs` times each, interleaved (the order alternates), with
     dirty pages flushed before each run and `out` removed. `after(who)` is
-    called after each vhdkit run (to check its output). Returns the times
-    {"q", "qs" (qemu-img + fsync), "v", "vn"} and peak RSS {"q", "v"} (KiB)."""
+    called after each vhdkit run (to check its output). With `bcmd` (the same
+    job run by a baseline vhdkit build) that build is timed in the same loop
+    as "b" and "bn". Returns the times {"q", "qs" (qemu-img + fsync), "v",
+    "vn"[, "b", "bn"]} and peak RSS {"q", "v"[, "b"]} (KiB)."""
     t = {"q": [], "qs": [], "v": [], "vn": []}
     rss = {"q": 0, "v": 0}
+    base = ["q", "v", "vn"]
+    if bcmd:
+        t.update({"b": [], "bn": []})
+        rss["b"] = 0
+        base += ["b", "bn"]
     for r in range(runs):
-        order = ["q", "v", "vn"] if r % 2 == 0 else ["vn", "v", "q"]
+        order = base if r % 2 == 0 else base[::-1]
         for who in order:
             if os.path.exists(out):
                 os.unlink(out)
@@ -126,9 +137,10 @@ def time_interleaved(vcmd, qcmd, out, runs, after=None):
                 t["qs"].append(dt + time.perf_counter() - t0)
                 rss["q"] = max(rss["q"], m)
             else:
-                dt, m = run_timed(vcmd if who == "v" else vcmd + ["--no-sync"])
+                cmd = bcmd if who[0] == "b" else vcmd
+                dt, m = run_timed(cmd if len(who) == 1 else cmd + ["--no-sync"])
                 t[who].append(dt)
-                rss["v"] = max(rss["v"], m)
+                rss[who[0]] = max(rss[who[0]], m)
                 if after:
                     after(who)
     return t, rss
@@ -140,6 +152,9 @@ def main():
     ap.add_argument("--work", default="bench-work")
     ap.add_argument("--vhdkit", default=None, help="binary (default: build target/release/vhdkit)")
     ap.add_argument("--jobs", default=None, help="comma-separated subset of job names")
+    ap.add_argument("--baseline", default=None,
+                    help="a second vhdkit binary (an earlier build) timed in the same runs; "
+                         "its ratios are printed beside the current ones")
     a = ap.parse_args()
     if shutil.which("qemu-img") is None:
         sys.exit("qemu-img is not installed (apt-get install qemu-utils)")
@@ -180,7 +195,8 @@ def main():
     print(f"inputs: {size} bytes, {size // 4 // MIB} MiB of random data in 2 MiB blocks; {a.runs} runs each, interleaved\n")
     rows = []
     for name, inp, ifmt, out, ofmt, vcmd, qcmd in jobs:
-        t, rss = time_interleaved(vcmd, qcmd, out, a.runs)
+        bcmd = [a.baseline] + vcmd[1:] if a.baseline else None
+        t, rss = time_interleaved(vcmd, qcmd, out, a.runs, bcmd=bcmd)
         cmp = subprocess.run(["qemu-img", "compare", "-f", ifmt, "-F", ofmt, inp, out], capture_output=True, text=True)
         ok = "identical" if cmp.returncode == 0 else f"DIFFER ({cmp.stdout.strip()} {cmp.stderr.strip()})"
         alloc = os.stat(out).st_blocks * 512
@@ -190,8 +206,19 @@ def main():
               f"qemu+fsync {med['qs']:.3f}s  vhdkit {med['v']:.3f}s  ratio {med['qs'] / med['v']:.2f} | "
               f"peak RSS qemu {rss['q'] / 1024:.1f} MiB vhdkit {rss['v'] / 1024:.1f} MiB | "
               f"output {alloc / MIB:.0f} MiB allocated, {ok}", flush=True)
+        if a.baseline:
+            print(f"{'':26} baseline --no-sync {med['bn']:.3f}s ratio {med['q'] / med['bn']:.2f} | "
+                  f"baseline {med['b']:.3f}s ratio {med['qs'] / med['b']:.2f} | peak RSS {rss['b'] / 1024:.1f} MiB",
+                  flush=True)
         os.unlink(out)
     print("\nsummary (ratio = qemu-img time / vhdkit time; above 1 means vhdkit is faster)")
+    if a.baseline:
+        print(f"baseline: {a.baseline}")
+        print(f"{'job':26} {'unsynced':>9} {'base':>6} {'synced':>9} {'base':>6} {'RSS qemu':>9} {'RSS vhdkit':>11} {'base':>6}")
+        for name, med, rss, ok, alloc in rows:
+            print(f"{name:26} {med['q'] / med['vn']:9.2f} {med['q'] / med['bn']:6.2f} {med['qs'] / med['v']:9.2f} "
+                  f"{med['qs'] / med['b']:6.2f} {rss['q'] / 1024:8.1f}M {rss['v'] / 1024:10.1f}M {rss['b'] / 1024:5.1f}M  {ok}")
+        return
     print(f"{'job':26} {'unsynced':>9} {'synced':>9} {'RSS qemu':>9} {'RSS vhdkit':>11}")
     for name, med, rss, ok, alloc in rows:
         print(f"{name:26} {med['q'] / med['vn']:9.2f} {med['qs'] / med['v']:9.2f} {rss['q'] / 1024:8.1f}M {rss['v'] / 1024:10.1f}M  {ok}")
