@@ -35,7 +35,7 @@
 //!   not checked for this: there a clear bit defers to the parent, and stale
 //!   bytes under it are normal.
 
-use crate::error::{Corruption, Error, Result, Structure};
+use crate::error::{Corruption, Error, LimitOf, Result, Rule, Structure};
 use crate::image::{metadata_regions, Format, Image, OpenOptions};
 use crate::io::ReadAt;
 use crate::ondisk::{
@@ -181,17 +181,12 @@ fn error_code(e: &Error) -> &'static str {
             _ => "header-checksum",
         },
         Error::ParentNotFound { .. } => "parent-not-found",
-        Error::Limit { what, .. } => {
-            if what.starts_with("the number of problems") {
-                "too-many-problems"
-            } else if what.contains("max table entries") {
-                "bat-entries-over-limit"
-            } else if what.contains("chain depth") {
-                "parent-chain-too-deep"
-            } else {
-                "over-limit"
-            }
-        }
+        Error::Limit { what, .. } => match what {
+            LimitOf::Problems => "too-many-problems",
+            LimitOf::BatEntries => "bat-entries-over-limit",
+            LimitOf::ChainDepth => "parent-chain-too-deep",
+            _ => "over-limit",
+        },
         Error::ForeignFormat { .. } => "foreign-format",
         Error::FormatMismatch { .. } => "format-mismatch",
         Error::Io { .. } => "read-error",
@@ -210,13 +205,13 @@ fn corrupt_code(c: &Corruption) -> &'static str {
             V::RegionTable(_) => "vhdx-region-table",
             V::Metadata => "vhdx-metadata",
             V::ParentLocator => "vhdx-parent-locator",
-            V::BatEntry(_) if c.expected.starts_with("no overlap") => "vhdx-bat-overlap",
+            V::BatEntry(_) if c.rule == Rule::Overlap => "vhdx-bat-overlap",
             V::BatEntry(_) if c.field == "file offset" => "vhdx-bat-out-of-file",
             V::BatEntry(_) => "vhdx-bat",
             V::Log | V::LogEntry(_) => "vhdx-log",
         };
     }
-    if c.expected.starts_with("no overlap") {
+    if c.rule == Rule::Overlap {
         return match c.structure {
             S::BatEntry(_) => "bat-overlap",
             S::ParentLocator(_) => "locator-overlap",

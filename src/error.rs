@@ -55,8 +55,20 @@ impl fmt::Display for Structure {
     }
 }
 
+/// Which rule of the format a damaged field breaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Rule {
+    /// The field holds a value the format does not allow (a bad cookie, a
+    /// size that is not a power of two, an offset past the end...).
+    Value,
+    /// The range the field places overlaps another structure or block.
+    Overlap,
+}
+
 /// Where a structure went wrong: enough to find the byte with a hex editor.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Corruption {
     /// The file, when known (parsers of in-memory structures leave it empty
     /// and [`Image::open`](crate::Image::open) fills it in).
@@ -71,6 +83,8 @@ pub struct Corruption {
     pub found: String,
     /// What a valid image holds.
     pub expected: String,
+    /// The rule broken, for callers that decide by it.
+    pub rule: Rule,
 }
 
 impl fmt::Display for Corruption {
@@ -83,6 +97,36 @@ impl fmt::Display for Corruption {
             "{}, field {} at offset {}: found {}, expected {}",
             self.structure, self.field, self.offset, self.found, self.expected
         )
+    }
+}
+
+/// What an [`Error::Limit`] counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LimitOf {
+    /// The depth of a differencing chain
+    /// ([`OpenOptions::max_chain_depth`](crate::OpenOptions::max_chain_depth)).
+    ChainDepth,
+    /// A VHD dynamic header's max table entries
+    /// ([`OpenOptions::max_bat_entries`](crate::OpenOptions::max_bat_entries)).
+    BatEntries,
+    /// The entries of a VHDX BAT.
+    VhdxBatEntries,
+    /// The problems a check lists (the rest are counted).
+    Problems,
+    /// The 32-bit sector offset of a new block, the format's own limit.
+    BlockSectorOffset,
+}
+
+impl fmt::Display for LimitOf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LimitOf::ChainDepth => "parent chain depth",
+            LimitOf::BatEntries => "dynamic header max table entries",
+            LimitOf::VhdxBatEntries => "VHDX BAT entries",
+            LimitOf::Problems => "the number of problems found (only the first are listed)",
+            LimitOf::BlockSectorOffset => "the sector offset of a new block",
+        })
     }
 }
 
@@ -214,7 +258,7 @@ pub enum Error {
         /// The file.
         path: PathBuf,
         /// What was counted.
-        what: &'static str,
+        what: LimitOf,
         /// The value found.
         value: u64,
         /// The limit in force.
@@ -371,9 +415,10 @@ impl Error {
             }
             Error::ParentNotFound { .. } => ErrorKind::ParentMissing,
             Error::ParentMismatch { .. } => ErrorKind::ParentMismatch,
-            Error::Limit { what, .. } if what.contains("parent chain") => {
-                ErrorKind::ChainTooDeepOrLooping
-            }
+            Error::Limit {
+                what: LimitOf::ChainDepth,
+                ..
+            } => ErrorKind::ChainTooDeepOrLooping,
             Error::Limit { .. } => ErrorKind::Limit,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::NotAnImageFile { .. } | Error::ForeignFormat { .. } => ErrorKind::NotAnImage,
@@ -389,7 +434,8 @@ impl Error {
             Error::Azure(a) => match a.kind {
                 crate::azure::AzureErrorKind::Interrupted => ErrorKind::Cancelled,
                 crate::azure::AzureErrorKind::Exists => ErrorKind::OutputExists,
-                crate::azure::AzureErrorKind::InvalidUrl => ErrorKind::InvalidOption,
+                crate::azure::AzureErrorKind::InvalidUrl
+                | crate::azure::AzureErrorKind::PlainHttp => ErrorKind::InvalidOption,
                 _ => ErrorKind::Io,
             },
         }
@@ -434,7 +480,26 @@ impl Error {
             offset,
             found: found.to_string(),
             expected: expected.to_string(),
+            rule: Rule::Value,
         }))
+    }
+
+    /// Builds an [`Error::Corrupt`] for a range that overlaps another
+    /// structure ([`Rule::Overlap`]).
+    pub fn overlap(
+        structure: Structure,
+        field: &'static str,
+        offset: u64,
+        found: impl fmt::Display,
+        expected: impl fmt::Display,
+    ) -> Error {
+        match Error::corrupt(structure, field, offset, found, expected) {
+            Error::Corrupt(mut c) => {
+                c.rule = Rule::Overlap;
+                Error::Corrupt(c)
+            }
+            other => other,
+        }
     }
 
     /// Names the file in errors that were built without one.

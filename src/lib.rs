@@ -75,7 +75,7 @@ pub use convert::{convert, ConvertOptions, Progress, Report, Target};
 pub use create::{
     create, create_child, ChildOptions, CreateOptions, Created, CreatedParent, DiskKind,
 };
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, LimitOf, Result, Rule};
 pub use image::{
     Extent, ExtentKind, FolderResolver, Format, Image, OpenOptions, OwnedReader, ParentHint,
     ParentId, ParentRequest, ParentResolver, ParentSource, Reader, Warning,

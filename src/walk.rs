@@ -84,6 +84,7 @@ pub fn cancel_all() {
 
 /// True while a [`cancel_all`] request is in force (for operations that do
 /// not run on the walk, such as uploads).
+#[cfg(feature = "azure")]
 pub(crate) fn cancel_requested() -> bool {
     CANCEL_ALL.load(Ordering::SeqCst)
 }

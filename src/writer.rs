@@ -432,7 +432,7 @@ impl VhdWriter {
         let slot = placement::next_block_offset(m.end, bmp);
         let entry = placement::offset_entry(slot).ok_or_else(|| Error::Limit {
             path: self.path.clone(),
-            what: "the sector offset of a new block",
+            what: crate::error::LimitOf::BlockSectorOffset,
             value: slot / SECTOR,
             limit: u64::from(u32::MAX),
         })?;

@@ -30,6 +30,9 @@ use std::fmt;
 pub enum AzureErrorKind {
     /// The URL is not a usable blob URL.
     InvalidUrl,
+    /// Plain HTTP to a host that is not a loopback address (the SAS would
+    /// travel unencrypted), and plain HTTP was not allowed.
+    PlainHttp,
     /// 403: the SAS was refused (expired, wrong signature, a permission missing).
     Refused,
     /// 404: the container or the blob does not exist.

@@ -123,7 +123,7 @@ impl BlobUrl {
             "http" if allow_http || is_loopback(&url) => {}
             "http" => {
                 return Err(AzureError::error(
-                    AzureErrorKind::InvalidUrl,
+                    AzureErrorKind::PlainHttp,
                     redact(s),
                     "plain HTTP to a host that is not a loopback address would send the SAS \
                      unencrypted; use https (plain HTTP can be allowed explicitly)"

@@ -474,10 +474,7 @@ fn hint(e: &vhdkit::Error, ctx: &Context) -> Option<String> {
             option: "force", ..
         } => Some("add --force to merge anyway".into()),
         #[cfg(feature = "azure")]
-        vhdkit::Error::Azure(a)
-            if a.kind == vhdkit::azure::AzureErrorKind::InvalidUrl
-                && a.message.contains("plain HTTP") =>
-        {
+        vhdkit::Error::Azure(a) if a.kind == vhdkit::azure::AzureErrorKind::PlainHttp => {
             Some("--allow-http permits plain HTTP to other hosts".into())
         }
         #[cfg(feature = "azure")]

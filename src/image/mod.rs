@@ -494,7 +494,7 @@ impl Image {
             if img.diag_dropped > 0 {
                 out.push(Error::Limit {
                     path: path.to_path_buf(),
-                    what: "the number of problems found (only the first are listed)",
+                    what: crate::error::LimitOf::Problems,
                     value: listed + img.diag_dropped,
                     limit: listed,
                 });
@@ -854,7 +854,7 @@ impl Image {
         if n > opts.max_bat_entries {
             return Err(Error::Limit {
                 path: self.path.clone(),
-                what: "dynamic header max table entries",
+                what: crate::error::LimitOf::BatEntries,
                 value: n,
                 limit: opts.max_bat_entries,
             });
@@ -1027,7 +1027,7 @@ impl Image {
                             hdr_at + hf::TABLE_OFFSET as u64,
                         ),
                     };
-                    let e = Error::corrupt(
+                    let e = Error::overlap(
                         structure,
                         field,
                         at,

@@ -776,7 +776,7 @@ pub(crate) fn resolve(
     if depth >= opts.max_chain_depth {
         return Err(Error::Limit {
             path: img.path.clone(),
-            what: "parent chain depth",
+            what: crate::error::LimitOf::ChainDepth,
             value: depth as u64 + 1,
             limit: opts.max_chain_depth as u64,
         });

@@ -1242,7 +1242,7 @@ impl Vhdx {
         if total > opts.max_bat_entries {
             return Err(Error::Limit {
                 path: self.path.clone(),
-                what: "VHDX BAT entries",
+                what: crate::error::LimitOf::VhdxBatEntries,
                 value: total,
                 limit: opts.max_bat_entries,
             });
@@ -1373,8 +1373,8 @@ impl Vhdx {
                     .map(|(_, j)| format!("the block of BAT entry {j}"))
             };
             if let Some(what) = what {
-                self.report(corrupt(
-                    VhdxStructure::BatEntry(i),
+                self.report(Error::overlap(
+                    st(VhdxStructure::BatEntry(i)),
                     "file offset",
                     self.bat_offset + 8 * i,
                     format!("{} bytes at {a}", b - a),

@@ -982,6 +982,14 @@ fn the_sas_signature_appears_in_no_error() {
             }
         }
         // Through the library, Debug forms included.
+        if *says == "plain HTTP" {
+            match BlobUrl::parse(url, false) {
+                Err(vhdkit::Error::Azure(a)) => {
+                    assert_eq!(a.kind, vhdkit::azure::AzureErrorKind::PlainHttp, "{a:?}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
         if let Ok(u) = BlobUrl::parse(url, false) {
             assert!(!format!("{u:?} {u}").contains(sig.as_str()));
             let e = vhdkit::azure::upload(&raw, &u, &UploadOptions::new()).unwrap_err();

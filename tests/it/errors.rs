@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use vhdkit::create::{create, CreateOptions, DiskKind};
 use vhdkit::error::Structure;
-use vhdkit::ReadAt;
 use vhdkit::writer::VhdWriter;
+use vhdkit::ReadAt;
 use vhdkit::{
     ConvertOptions, Error, ErrorKind, Format, Image, MemorySink, OpenOptions, Sink, Storage, Target,
 };
@@ -54,6 +54,7 @@ fn a_damaged_field_is_corrupt_with_its_structure_field_and_offset() {
             assert_eq!(c.offset, hdr + 32);
             assert_eq!(c.found, "3000");
             assert!(c.expected.contains("power of two"), "{}", c.expected);
+            assert_eq!(c.rule, vhdkit::Rule::Value);
             assert_eq!(c.path.as_deref(), Some(p.as_path()));
         }
         other => panic!("{other:?}"),

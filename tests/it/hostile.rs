@@ -1065,6 +1065,7 @@ fn two_bat_entries_for_one_block_overlap() {
     assert!(c.offset == TABLE || c.offset == TABLE + 20, "{c:?}");
     assert!(c.found.contains("overlapping block"), "{}", c.found);
     assert!(c.expected.contains("no overlap"));
+    assert_eq!(c.rule, vhdkit::Rule::Overlap);
     // Half a block over another.
     let (_dir, r) = open_one(&set(&d, Field::BatEntry(4), u64::from(e0) + 4));
     assert!(corrupt(r).found.contains("overlapping"));
@@ -1112,7 +1113,7 @@ fn max_table_entries_over_the_limit() {
             limit,
             path,
         }) => {
-            assert!(what.contains("max table entries"));
+            assert_eq!(what, vhdkit::LimitOf::BatEntries);
             assert_eq!(value, 0xffff_ffff);
             assert_eq!(limit, 1 << 24);
             assert!(path.ends_with("d.vhd"));
@@ -1657,7 +1658,7 @@ fn a_chain_deeper_than_the_limit_is_refused() {
     assert_eq!(img.chain().len(), 5);
     let r = Image::open_with(&top, &OpenOptions::new().max_chain_depth(3));
     match r {
-        Err(Error::Limit { what, limit: 3, .. }) => assert!(what.contains("depth")),
+        Err(Error::Limit { what, limit: 3, .. }) => assert_eq!(what, vhdkit::LimitOf::ChainDepth),
         other => panic!("{other:?}"),
     }
     assert!(Image::open_with(&top, &OpenOptions::new().max_chain_depth(4)).is_ok());
