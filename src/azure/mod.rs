@@ -13,6 +13,7 @@
 
 mod client;
 mod download;
+mod sink;
 mod source;
 mod upload;
 mod url;

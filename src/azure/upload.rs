@@ -1,24 +1,29 @@
 //! Upload: any image into a page blob holding a fixed VHD, data only.
 //!
-//! The input's map (at 4 KiB, zero extents skipped without being read) is
-//! walked in order and its data runs are coalesced into Put Page requests
-//! of at most 4 MiB. A zero gap between two runs is sent only when merging
-//! it saves a request (the next run, or what is left of it after the part
-//! that fits, then needs fewer requests of its own), and only while it is
-//! cheap: the gap is at most
-//! 64 KiB, the request stays within 4 MiB, and the zero bytes of a request
-//! stay within 1/16 of its data bytes — so at worst 6.25 % more bytes are
+//! An image is walked by the engine every conversion uses
+//! ([`crate::walk::copy`], zero extents skipped without being read, data
+//! scanned for zero pages at 4 KiB) into a page-blob sink (sink.rs); a
+//! stream is read and scanned here. Data runs are gathered into Put Page
+//! requests of at most 4 MiB. A zero gap between two runs is sent only
+//! when merging it saves a request (the next run, or what is left of it
+//! after the part that fits, then needs fewer requests of its own), and
+//! only while it is cheap: the gap is at most 64 KiB, the request stays
+//! within 4 MiB, and the zero bytes of a request stay within 1/16 of its
+//! data bytes — so at worst 6.25 % more bytes are
 //! sent than the image holds data, and in practice (filesystem layouts)
 //! almost none. Requests run in parallel, each holding its buffer: memory
-//! is about `parallel` × 4 MiB. The footer is written last, so an
-//! interrupted upload is never a valid VHD.
+//! is about `parallel` × 4 MiB, and for an image 16 MiB more in requests
+//! being gathered. The footer is written last, so an interrupted upload is
+//! never a valid VHD.
 
 use super::client::{push_range, Blob};
+use super::sink::PageBlobSink;
 use super::{AzureError, AzureErrorKind, BlobUrl};
 use crate::convert::Progress;
 use crate::error::{Error, Result};
 use crate::image::{Image, OpenOptions};
 use crate::ondisk::{DiskType, Footer, FOOTER_SIZE, SECTOR};
+use crate::walk::{self, CancelToken, Control, Event};
 use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -347,8 +352,8 @@ impl Coalescer {
     }
 }
 
-/// Runs the blocking producer `produce`, which hands requests to `send`.
-struct Uploader {
+/// Hands requests to workers on its runtime, at most `parallel` at once.
+pub(crate) struct Uploader {
     rt: tokio::runtime::Runtime,
     shared: Arc<Shared>,
     sem: Arc<Semaphore>,
@@ -362,24 +367,10 @@ struct Uploader {
 impl Uploader {
     /// Hands the request `[start, start + data.len())` to a worker, waiting
     /// for a free one first (this bounds memory).
-    fn dispatch(&mut self, start: u64, data: Vec<u8>, virtual_len: u64) -> Result<()> {
-        if self
-            .cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::SeqCst))
-            || crate::walk::cancel_requested()
-        {
-            return Err(AzureError::error(
-                AzureErrorKind::Interrupted,
-                self.shared.blob.url.to_string(),
-                "interrupted: the blob holds part of the image and no footer, so it is not a \
-                 valid VHD; a resumed upload continues it"
-                    .into(),
-            ));
-        }
-        if self.shared.failed.load(Ordering::SeqCst) {
-            return Err(self.take_error());
-        }
+    /// `virtual_len` virtual bytes are done once it is sent (0 where the
+    /// caller's walk counts them).
+    pub(crate) fn dispatch(&mut self, start: u64, data: Vec<u8>, virtual_len: u64) -> Result<()> {
+        self.check()?;
         push_range(&mut self.planned, start, start + data.len() as u64);
         // The semaphore is never closed, so acquiring cannot fail; were it
         // closed, the request would simply run without a permit.
@@ -390,6 +381,32 @@ impl Uploader {
             drop(permit);
         });
         Ok(())
+    }
+
+    /// The cancellation asked for, or the failure of a request so far.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+            || crate::walk::cancel_requested()
+        {
+            return Err(self.interrupted());
+        }
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(self.take_error());
+        }
+        Ok(())
+    }
+
+    fn interrupted(&self) -> Error {
+        AzureError::error(
+            AzureErrorKind::Interrupted,
+            self.shared.blob.url.to_string(),
+            "interrupted: the blob holds part of the image and no footer, so it is not a valid \
+             VHD; a resumed upload continues it"
+                .into(),
+        )
     }
 
     /// Waits for every request in flight.
@@ -581,6 +598,13 @@ fn finish(
     }
     let len = size + FOOTER_SIZE as u64;
     let shared = up.shared.clone();
+    // Requests are handed out in no promised order: the ranges, in order
+    // and merged.
+    let mut planned = std::mem::take(&mut up.planned);
+    planned.sort_unstable();
+    for (s, e) in planned {
+        push_range(&mut up.planned, s, e);
+    }
     // Stale pages: held before, not part of the new image.
     let mut stale = Vec::new();
     let mut j = 0;
@@ -676,49 +700,54 @@ pub fn upload(
     let size = vhd_size(vsize, opts.exact_size);
     let rounded_from = (size != vsize).then_some(vsize);
     let len = size + FOOTER_SIZE as u64;
-    let mut up = start(url, len, opts)?;
+    let up = start(url, len, opts)?;
     if let Some(p) = &opts.progress {
         p.start(size);
     }
-    let mut co = Coalescer::default();
-    let walked = {
-        let up = &mut up;
-        let img = &img;
-        let mut emit = |c: Pending| -> Result<()> {
-            // Requests end on a sector: a raw input's last partial sector
-            // is padded with zeros.
-            let end = c.end.div_ceil(SECTOR) * SECTOR;
-            let mut buf = vec![0u8; (end - c.start) as usize];
-            let readable = c.end.min(vsize) - c.start;
-            img.read_exact_at(&mut buf[..readable as usize], c.start)?;
-            up.dispatch(c.start, buf, c.end - c.start)
-        };
-        let mut zeros = 0u64;
-        let progress = opts.progress.clone();
-        let r = crate::ops::map_each(img, true, |e| {
-            if e.data {
-                co.data(e.offset, e.offset + e.length, &mut emit)
-            } else {
-                zeros += e.length;
-                if let Some(p) = &progress {
-                    p.advance(e.length);
-                }
-                Ok(())
-            }
-        })
-        .and_then(|()| co.finish(&mut emit));
-        up.skipped = zeros - co.merged_zeros;
-        r
+    // The walk advances the progress over the disk; the uploader reports
+    // the bytes sent as requests finish.
+    let progress = |e: Event| {
+        if let (Some(p), Event::Advance(n)) = (&opts.progress, e) {
+            p.advance(n);
+        }
     };
-    if let Err(e) = walked {
-        up.drain();
-        return Err(match e {
-            Error::Interrupted if up.shared.failed.load(Ordering::SeqCst) => up.take_error(),
-            other => other,
-        });
+    let token = opts.cancel.clone().map(CancelToken::from_flag);
+    let mut ctl = Control::new().progress(&progress);
+    if let Some(t) = &token {
+        ctl = ctl.cancel(t);
     }
+    // A zero gap merged into a request must be zero in the image: runs
+    // come in no promised order, so the sink asks.
+    let zero = |at: u64, len: u64| -> Result<bool> {
+        if len > MAX_GAP {
+            return Ok(false);
+        }
+        let mut b = vec![0u8; len as usize];
+        img.read_exact_at(&mut b, at)?;
+        Ok(crate::scan::is_zero(&b))
+    };
+    let sink = PageBlobSink::new(up, &zero);
+    let (mut up, walked) = match walk::copy(&img, &sink, true, &ctl) {
+        Ok(c) => {
+            let (up, merged) = sink.finish();
+            (up, merged.map(|m| (c, m)))
+        }
+        Err(e) => (sink.into_uploader(), Err(e)),
+    };
+    let (copied, merged_zeros) = match walked {
+        Ok(w) => w,
+        Err(e) => {
+            up.drain();
+            return Err(match e {
+                Error::Interrupted if up.shared.failed.load(Ordering::SeqCst) => up.take_error(),
+                Error::Interrupted => up.interrupted(),
+                other => other,
+            });
+        }
+    };
+    // Neither sent nor merged into a request: zero, or past the input's end.
+    up.skipped = size.saturating_sub(copied.written + merged_zeros);
     if size > vsize {
-        up.skipped += size - vsize;
         up.advance(size - vsize);
     }
     finish(up, size, rounded_from, started)

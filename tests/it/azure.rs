@@ -1656,3 +1656,129 @@ fn download_errors_name_the_problem_leave_nothing_and_hide_the_signature() {
     assert!(!r.stderr.contains("SECRET"), "{}", r.stderr);
     assert!(r.stderr.contains("--allow-http"), "{}", r.stderr);
 }
+
+/// What an upload reports as it goes.
+#[derive(Default)]
+struct Recorder {
+    starts: std::sync::Mutex<Vec<u64>>,
+    advanced: AtomicU64,
+    written: AtomicU64,
+    /// Set at the first advance, when given.
+    cancel: Option<Arc<AtomicBool>>,
+}
+
+impl vhdkit::Progress for Recorder {
+    fn start(&self, total: u64) {
+        self.starts.lock().unwrap().push(total);
+    }
+    fn advance(&self, bytes: u64) {
+        self.advanced.fetch_add(bytes, Ordering::SeqCst);
+        if let Some(c) = &self.cancel {
+            c.store(true, Ordering::SeqCst);
+        }
+    }
+    fn written(&self, bytes: u64) {
+        self.written.fetch_add(bytes, Ordering::SeqCst);
+    }
+}
+
+/// An upload's progress starts once with the blob's virtual size, its
+/// advances add up to it exactly (zeros, data and the rounding), and what
+/// it reports written adds up to the bytes sent but the footer; a disk
+/// ending inside a sector has its last sector padded.
+#[test]
+fn an_upload_reports_progress_that_adds_up() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("odd.raw");
+    let mut want = scattered_raw((5 << 20) + 1000, 23);
+    let n = want.len();
+    want[n - 100..].fill(0xab);
+    std::fs::write(&raw, &want).unwrap();
+    let rec = Arc::new(Recorder::default());
+    let url = az.blob("progress.vhd");
+    let r = vhdkit::azure::upload(&raw, &url, &UploadOptions::new().progress(rec.clone())).unwrap();
+    assert_eq!(r.virtual_size, 6 << 20, "{r:?}");
+    assert_eq!(r.rounded_from, Some(n as u64), "{r:?}");
+    assert_eq!(*rec.starts.lock().unwrap(), vec![6 << 20]);
+    assert_eq!(rec.advanced.load(Ordering::SeqCst), r.virtual_size, "{r:?}");
+    assert_eq!(
+        rec.written.load(Ordering::SeqCst),
+        r.bytes_sent - 512,
+        "{r:?}"
+    );
+    // Sent (data, merged gaps, the last sector's padding) and skipped
+    // cover the disk, the padding twice.
+    let pad = (n as u64).div_ceil(512) * 512 - n as u64;
+    assert!(pad > 0);
+    assert_eq!(
+        r.bytes_skipped + r.bytes_sent - 512,
+        r.virtual_size + pad,
+        "{r:?}"
+    );
+    check_blob(&url, &want, "odd raw");
+}
+
+/// A disk of data only goes out in requests of 4 MiB, although the walk
+/// hands it over in smaller pieces and in no promised order; small zero
+/// gaps are merged into them.
+#[test]
+fn a_dense_disk_goes_out_in_full_requests() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("dense.raw");
+    let want: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    std::fs::write(&raw, &want).unwrap();
+    let url = az.blob("dense.vhd");
+    let r = vhdkit::azure::upload(&raw, &url, &UploadOptions::new()).unwrap();
+    assert_eq!(r.bytes_sent, (16 << 20) + 512, "{r:?}");
+    assert_eq!(r.bytes_skipped, 0, "{r:?}");
+    // Four of data; besides them the blob's properties, its creation, the
+    // footer and the page ranges listed at the end.
+    assert_eq!(r.requests, 4 + 4, "{r:?}");
+    assert_eq!(r.page_ranges, 1, "{r:?}");
+    check_blob(&url, &want, "dense");
+
+    // 60 KiB of data, 4 KiB of zeros, over and over: the gaps are merged
+    // into requests (256 runs, a few requests), and each gap is sent as
+    // zeros only where the disk is zero.
+    let gappy = dir.path().join("gappy.raw");
+    let mut want = want;
+    for page in want.chunks_mut(4096).skip(15).step_by(16) {
+        page.fill(0);
+    }
+    std::fs::write(&gappy, &want).unwrap();
+    let url = az.blob("gappy.vhd");
+    let r = vhdkit::azure::upload(&gappy, &url, &UploadOptions::new()).unwrap();
+    assert!(r.requests < 32, "{r:?}");
+    assert!(r.bytes_sent > 15 * (1 << 20), "{r:?}");
+    check_blob(&url, &want, "gappy");
+}
+
+/// A cancel flag set as the upload starts stops it with the upload's
+/// "interrupted" error (the CLI's hint names --resume), and the blob has
+/// no footer.
+#[test]
+fn a_cancelled_upload_stops_interrupted_without_a_footer() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, scattered_raw(16 << 20, 31)).unwrap();
+    let flag = Arc::new(AtomicBool::new(false));
+    let rec = Arc::new(Recorder {
+        cancel: Some(flag.clone()),
+        ..Recorder::default()
+    });
+    let url = az.blob("cancelled.vhd");
+    let opts = UploadOptions::new().cancel_flag(flag).progress(rec);
+    match vhdkit::azure::upload(&raw, &url, &opts) {
+        Err(vhdkit::Error::Azure(a)) => {
+            assert_eq!(a.kind, vhdkit::azure::AzureErrorKind::Interrupted, "{a:?}")
+        }
+        other => panic!("not interrupted: {other:?}"),
+    }
+    let src = BlobSource::open(&url).unwrap();
+    let mut tail = vec![0u8; 512];
+    src.read_exact_at(&mut tail, src.len() - 512).unwrap();
+    assert!(tail.iter().all(|&b| b == 0), "a footer after a cancel");
+}
