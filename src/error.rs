@@ -503,49 +503,15 @@ impl Error {
     }
 
     /// Names the file in errors that were built without one.
-    pub fn with_path(self, path: &Path) -> Error {
-        match self {
-            Error::Corrupt(mut c) if c.path.is_none() => {
-                c.path = Some(path.to_path_buf());
-                Error::Corrupt(c)
-            }
-            Error::Checksum {
-                path: None,
-                structure,
-                offset,
-                found,
-                computed,
-            } => Error::Checksum {
-                path: Some(path.to_path_buf()),
-                structure,
-                offset,
-                found,
-                computed,
-            },
-            Error::Io {
-                path: None,
-                op,
-                offset,
-                source,
-            } => Error::Io {
-                path: Some(path.to_path_buf()),
-                op,
-                offset,
-                source,
-            },
-            Error::OutOfRange {
-                path: None,
-                offset,
-                len,
-                size,
-            } => Error::OutOfRange {
-                path: Some(path.to_path_buf()),
-                offset,
-                len,
-                size,
-            },
-            other => other,
+    pub fn with_path(mut self, path: &Path) -> Error {
+        match &mut self {
+            Error::Corrupt(c) => fill(&mut c.path, path),
+            Error::Checksum { path: p, .. }
+            | Error::Io { path: p, .. }
+            | Error::OutOfRange { path: p, .. } => fill(p, path),
+            _ => {}
         }
+        self
     }
 
     /// An I/O error on `path`.
@@ -640,6 +606,13 @@ impl From<Error> for io::Error {
             Error::Io { source, .. } => source,
             other => io::Error::new(kind, other),
         }
+    }
+}
+
+/// Sets `slot` to `path` when it names no file yet.
+fn fill(slot: &mut Option<PathBuf>, path: &Path) {
+    if slot.is_none() {
+        *slot = Some(path.to_path_buf());
     }
 }
 

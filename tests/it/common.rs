@@ -72,3 +72,24 @@ pub fn punch_hole(file: &std::fs::File, range: std::ops::Range<u64>) -> std::io:
     )?;
     Ok(())
 }
+
+/// The Python interpreter that has libvhdi's `pyvhdi`, for the tests that
+/// read through libvhdi, a second independent reader; `None` (with a
+/// SKIPPED line naming `test`) when it is not installed, unless
+/// `VHDKIT_REQUIRE_LIBVHDI` is set (as CI sets it), which makes its absence a
+/// failure. `VHDKIT_PYTHON` names another interpreter.
+pub fn pyvhdi(test: &str) -> Option<String> {
+    let python = std::env::var("VHDKIT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import pyvhdi"])
+        .output();
+    if probe.as_ref().is_ok_and(|o| o.status.success()) {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("VHDKIT_REQUIRE_LIBVHDI").is_none(),
+        "libvhdi is required but `{python} -c 'import pyvhdi'` fails: pip install libvhdi-python"
+    );
+    eprintln!("{test}: SKIPPED, pyvhdi is not installed (pip install libvhdi-python)");
+    None
+}

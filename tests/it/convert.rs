@@ -1775,16 +1775,9 @@ for p in sys.argv[1:]:
     print(n, f.get_disk_type(), h.hexdigest())
     f.close()
 ";
-    let python = std::env::var("VHDKIT_PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&python).args(["-c", "import pyvhdi"]).output();
-    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
-        assert!(
-            std::env::var_os("VHDKIT_REQUIRE_LIBVHDI").is_none(),
-            "libvhdi is required but `{python} -c 'import pyvhdi'` fails: pip install libvhdi-python"
-        );
-        eprintln!("libvhdi_reads_our_outputs: SKIPPED, pyvhdi is not installed (pip install libvhdi-python)");
+    let Some(python) = crate::common::pyvhdi("libvhdi_reads_our_outputs") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
     let mut want = Vec::new();

@@ -1180,19 +1180,11 @@ else:
     sys.exit('no candidate parent has identifier ' + want)
 open(out, 'wb').write(c.read_buffer_at_offset(c.get_media_size(), 0))
 ";
-    let python = std::env::var("VHDKIT_PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&python).args(["-c", "import pyvhdi"]).output();
-    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
-        assert!(
-            std::env::var_os("VHDKIT_REQUIRE_LIBVHDI").is_none(),
-            "libvhdi is required but `{python} -c 'import pyvhdi'` fails: pip install libvhdi-python"
-        );
-        eprintln!(
-            "libvhdi_reads_partially_present_blocks_as_vhdkit_maps_them: SKIPPED, pyvhdi is not \
-             installed (pip install libvhdi-python)"
-        );
+    let Some(python) =
+        crate::common::pyvhdi("libvhdi_reads_partially_present_blocks_as_vhdkit_maps_them")
+    else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     for lss in [512u32, 4096] {
         let (child, map) = differencing(lss);
@@ -2434,16 +2426,10 @@ for p in reversed(files):
     prev = f
 open(out, 'wb').write(prev.read_buffer_at_offset(prev.get_media_size(), 0))
 ";
-    let python = std::env::var("VHDKIT_PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&python).args(["-c", "import pyvhdi"]).output();
-    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
-        assert!(
-            std::env::var_os("VHDKIT_REQUIRE_LIBVHDI").is_none(),
-            "libvhdi is required but `{python} -c 'import pyvhdi'` fails"
-        );
-        eprintln!("testdata_chain_reads_through_libvhdi_as_constructed: SKIPPED, no pyvhdi");
+    let Some(python) = crate::common::pyvhdi("testdata_chain_reads_through_libvhdi_as_constructed")
+    else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut paths = unpack_vhdx_fixtures(dir.path());
     let all = vhdx_fixtures();
