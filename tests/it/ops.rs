@@ -476,13 +476,16 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// One changed byte anywhere (data or hole, to zero or from zero) is
-    /// found at exactly its offset, whatever the two images' types.
+    /// found at exactly its offset, whatever the two images' types; so is
+    /// the first of two (the second anywhere after it: in a later hole or
+    /// data run, which the walk may look at first).
     #[test]
     fn compare_finds_a_single_changed_byte(
         (size, writes) in sparse_content(),
         where_frac in 0.0f64..1.0,
         flip in 1u8..=255,
         forms in (0usize..3, 0usize..3),
+        second in proptest::option::of(0.0f64..1.0),
     ) {
         let size = size.div_ceil(512) * 512; // every form holds the same size
         let at = ((size as f64 * where_frac) as u64).min(size - 1);
@@ -491,6 +494,19 @@ proptest! {
         let content = sparse_raw(&a_raw, size, &writes);
         let mut other = content.clone();
         other[at as usize] ^= flip;
+        if let Some(f) = second.filter(|_| at + 1 < size) {
+            // Preferably in data after `at` (the walk reads data chunks
+            // before it searches holes), else anywhere after it.
+            let data: Vec<usize> = (at as usize + 1..size as usize)
+                .filter(|&i| content[i] != 0)
+                .collect();
+            let at2 = if data.is_empty() {
+                at as usize + 1 + ((size - at - 1) as f64 * f) as usize
+            } else {
+                data[((data.len() as f64 * f) as usize).min(data.len() - 1)]
+            };
+            other[at2.min(size as usize - 1)] ^= 0x5a;
+        }
         let b_raw = dir.path().join("b.raw");
         // b written whole: zero pages are allocated data on this side.
         std::fs::write(&b_raw, &other).unwrap();
