@@ -440,22 +440,7 @@ mod tests {
         let (a, b) = runs.split_at(100);
         let mixed: Vec<(u64, u64)> = a.iter().zip(b).flat_map(|(x, y)| [*x, *y]).collect();
         for order in [&runs, &mixed] {
-            let reqs = plan(order, M);
-            assert!(reqs.iter().all(|r| r.1 - r.0 <= MAX_REQUEST), "{reqs:?}");
-            for &(s, e) in &runs {
-                assert!(reqs.iter().any(|r| r.0 <= s && r.1 >= e), "{s}..{e}");
-            }
-            assert!(
-                reqs.windows(2).all(|w| w[0].1 <= w[1].0),
-                "overlap: {reqs:?}"
-            );
-            let sent: u64 = reqs.iter().map(|r| r.1 - r.0).sum();
-            let data: u64 = runs.iter().map(|r| r.1 - r.0).sum();
-            assert!(
-                sent * GAP_RATIO <= data * (GAP_RATIO + 1),
-                "{sent} for {data}"
-            );
-            assert!(reqs.len() < runs.len() / 4, "{}", reqs.len());
+            crate::azure::upload::tests::assert_requests_fit(&plan(order, M), &runs);
         }
     }
 

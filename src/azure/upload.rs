@@ -934,7 +934,7 @@ pub fn upload_stream(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn plan(runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
@@ -979,11 +979,22 @@ mod tests {
         let runs: Vec<(u64, u64)> = (0..200u64)
             .map(|i| (i * 100 * K, i * 100 * K + 96 * K))
             .collect();
-        let reqs = plan(&runs);
-        assert!(reqs.iter().all(|r| r.1 - r.0 <= MAX_REQUEST));
-        for &(s, e) in &runs {
-            assert!(reqs.iter().any(|r| r.0 <= s && r.1 >= e));
+        assert_requests_fit(&plan(&runs), &runs);
+    }
+
+    /// What a request plan for `runs` (data ranges, in order) must be:
+    /// requests of at most 4 MiB, in order and apart, every data byte in
+    /// one, zeros sent at most 1/GAP_RATIO of the data, and far fewer
+    /// requests than runs (these runs are close together).
+    pub(crate) fn assert_requests_fit(reqs: &[(u64, u64)], runs: &[(u64, u64)]) {
+        assert!(reqs.iter().all(|r| r.1 - r.0 <= MAX_REQUEST), "{reqs:?}");
+        for &(s, e) in runs {
+            assert!(reqs.iter().any(|r| r.0 <= s && r.1 >= e), "{s}..{e}");
         }
+        assert!(
+            reqs.windows(2).all(|w| w[0].1 <= w[1].0),
+            "overlap: {reqs:?}"
+        );
         let sent: u64 = reqs.iter().map(|r| r.1 - r.0).sum();
         let data: u64 = runs.iter().map(|r| r.1 - r.0).sum();
         assert!(
