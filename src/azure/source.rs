@@ -38,17 +38,7 @@ impl BlobSource {
     /// The blob does not exist, the SAS is refused, the host cannot be
     /// reached.
     pub fn open(url: &BlobUrl) -> Result<BlobSource> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| {
-                AzureError::error(
-                    AzureErrorKind::Service,
-                    url.to_string(),
-                    format!("starting the I/O runtime: {e}"),
-                )
-            })?;
+        let rt = super::upload::new_runtime(url)?;
         let blob = Blob::new(url, Default::default())?;
         let Some(p) = rt.block_on(blob.properties())? else {
             return Err(AzureError::error(

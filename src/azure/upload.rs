@@ -365,6 +365,19 @@ pub(crate) struct Uploader {
 }
 
 impl Uploader {
+    /// Doubles the blob's capacity for data (`cap`, the footer not counted)
+    /// until the sectors of `end` bytes fit, after the requests in flight.
+    fn grow(&mut self, cap: &mut u64, end: u64) -> Result<()> {
+        while end.div_ceil(SECTOR) * SECTOR > *cap {
+            let new_cap = *cap * 2;
+            self.drain();
+            self.rt
+                .block_on(self.shared.blob.resize(new_cap + FOOTER_SIZE as u64))
+                .map_err(|e| self.shared.blob.error("growing the page blob", e))?;
+            *cap = new_cap;
+        }
+        Ok(())
+    }
     /// Hands the request `[start, start + data.len())` to a worker, waiting
     /// for a free one first (this bounds memory).
     /// `virtual_len` virtual bytes are done once it is sent (0 where the
@@ -532,7 +545,8 @@ async fn prepare(blob: &Blob, len: u64, opts: &UploadOptions) -> Result<Vec<(u64
     ))
 }
 
-fn new_runtime(url: &BlobUrl) -> Result<tokio::runtime::Runtime> {
+/// The I/O runtime of one upload or one blob source: two worker threads.
+pub(crate) fn new_runtime(url: &BlobUrl) -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -835,15 +849,7 @@ pub fn upload_stream(
                     ));
                 }
             }
-            while end.div_ceil(SECTOR) * SECTOR > cap {
-                // Grow the blob before writing past its end.
-                let new_cap = cap * 2;
-                up.drain();
-                up.rt
-                    .block_on(up.shared.blob.resize(new_cap + FOOTER_SIZE as u64))
-                    .map_err(|e| up.shared.blob.error("growing the page blob", e))?;
-                cap = new_cap;
-            }
+            up.grow(&mut cap, end)?;
             let mut runs = Vec::new();
             crate::scan::nonzero_runs(&buf, pos, crate::scan::ZERO_UNIT, &mut runs);
             let mut covered = 0;
@@ -891,14 +897,7 @@ pub fn upload_stream(
         // Raw bytes: the last of the disk.
         let tail = std::mem::take(&mut held);
         vsize = pos + tail.len() as u64;
-        while vsize.div_ceil(SECTOR) * SECTOR > cap {
-            let new_cap = cap * 2;
-            up.drain();
-            up.rt
-                .block_on(up.shared.blob.resize(new_cap + FOOTER_SIZE as u64))
-                .map_err(|e| up.shared.blob.error("growing the page blob", e))?;
-            cap = new_cap;
-        }
+        up.grow(&mut cap, vsize)?;
         if !crate::scan::is_zero(&tail) {
             let endp = vsize.div_ceil(SECTOR) * SECTOR;
             let mut out = vec![0u8; (endp - pos) as usize];

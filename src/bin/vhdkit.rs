@@ -800,26 +800,8 @@ fn run(cli: Cli) -> vhdkit::Result<u8> {
                 let mut v = json!({"bytes_copied": r.bytes_copied});
                 put_path(&mut v, "child", &child);
                 put_path(&mut v, "target", &r.target);
-                v["merged"] = Value::Array(
-                    r.merged
-                        .iter()
-                        .map(|p| {
-                            let mut o = json!({});
-                            put_path(&mut o, "path", p);
-                            o
-                        })
-                        .collect(),
-                );
-                v["other_children"] = Value::Array(
-                    r.other_children
-                        .iter()
-                        .map(|p| {
-                            let mut o = json!({});
-                            put_path(&mut o, "path", p);
-                            o
-                        })
-                        .collect(),
-                );
+                v["merged"] = path_list(&r.merged);
+                v["other_children"] = path_list(&r.other_children);
                 print_doc(&v);
             } else {
                 outln!(
@@ -989,6 +971,18 @@ const SCHEMA: u64 = 1;
 /// (the string then has U+FFFD in place of the bytes that are not), also
 /// `{name}_bytes`: the path's bytes as a list of integers, from which a
 /// consumer gets the exact name back.
+/// `[{"path": ...}, ...]`, each path as [`put_path`] gives it.
+fn path_list(paths: &[PathBuf]) -> Value {
+    paths
+        .iter()
+        .map(|p| {
+            let mut o = json!({});
+            put_path(&mut o, "path", p);
+            o
+        })
+        .collect()
+}
+
 fn put_path(v: &mut Value, name: &str, path: &Path) {
     #[cfg(feature = "azure")]
     if let Some(u) = as_url(path) {

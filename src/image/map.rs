@@ -66,7 +66,7 @@ pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
                         layer: b,
                         file_offset: fb,
                     },
-                ) => a == b && fa + last.length == fb,
+                ) => a == b && fa.checked_add(last.length) == Some(fb),
                 _ => false,
             };
             if merged {

@@ -5,7 +5,7 @@
 //! before trusting it, resolves parent chains through a gate the caller
 //! controls, and answers [`Image::map`]: what is at each virtual offset.
 
-mod map;
+pub(crate) mod map;
 mod parent;
 mod reader;
 mod vhdx;

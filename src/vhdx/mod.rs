@@ -38,6 +38,7 @@ pub use format::{
 pub use log::LogReplay;
 
 use crate::error::{Error, Result, Structure};
+use crate::image::map::push_extent;
 use crate::image::{Extent, ExtentKind};
 use crate::io::ReadAt;
 use format::*;
@@ -80,37 +81,6 @@ impl fmt::Display for VhdxStructure {
             VhdxStructure::LogEntry(o) => write!(f, "VHDX log entry at log offset {o}"),
         }
     }
-}
-
-/// Appends `e`, merged into the last extent when it continues it.
-fn push_extent(out: &mut Vec<Extent>, e: Extent) {
-    if e.length == 0 {
-        return;
-    }
-    if let Some(last) = out.last_mut() {
-        let continues = last.end() == e.offset
-            && match (last.kind, e.kind) {
-                (ExtentKind::Zero, ExtentKind::Zero) | (ExtentKind::Parent, ExtentKind::Parent) => {
-                    true
-                }
-                (
-                    ExtentKind::Data {
-                        layer: a,
-                        file_offset: fa,
-                    },
-                    ExtentKind::Data {
-                        layer: b,
-                        file_offset: fb,
-                    },
-                ) => a == b && fa.checked_add(last.length) == Some(fb),
-                _ => false,
-            };
-        if continues {
-            last.length += e.length;
-            return;
-        }
-    }
-    out.push(e);
 }
 
 fn st(s: VhdxStructure) -> Structure {
