@@ -757,18 +757,14 @@ impl Image {
         self.virtual_size = v.virtual_size();
         self.data_end = self.file_len;
         // The reader's warnings come with their code and place.
-        self.warnings.extend(v.warnings().iter().map(|w| {
-            match v.located_warnings().iter().find(|l| &l.message == w) {
-                Some(l) => Warning {
-                    code: l.code,
-                    message: w.clone(),
-                    structure: Some(Structure::Vhdx(l.structure)),
-                    field: Some(l.field),
-                    offset: Some(l.offset),
-                },
-                None => Warning::new("image-warning", w.clone()),
-            }
-        }));
+        self.warnings
+            .extend(v.located_warnings().iter().map(|l| Warning {
+                code: l.code,
+                message: l.message.clone(),
+                structure: Some(Structure::Vhdx(l.structure)),
+                field: Some(l.field),
+                offset: Some(l.offset),
+            }));
         if let Some(r) = v.log_replay() {
             self.warnings.push(Warning::new(
                 "vhdx-log-replayed",

@@ -163,7 +163,6 @@ pub struct Vhdx {
     bat: Vec<BatEntry>,
     chunk_ratio: u64,
     data_blocks: u64,
-    warnings: Vec<String>,
     /// The warnings, each with its place and check code.
     located: Vec<VhdxWarning>,
     /// Check mode: the problems that did not stop the open.
@@ -223,7 +222,7 @@ impl fmt::Debug for Vhdx {
             .field("logical_sector_size", &self.logical_sector_size)
             .field("physical_sector_size", &self.physical_sector_size)
             .field("bat_entries", &self.bat.len())
-            .field("warnings", &self.warnings)
+            .field("warnings", &self.located)
             .finish_non_exhaustive()
     }
 }
@@ -340,7 +339,6 @@ impl Vhdx {
             bat: Vec::new(),
             chunk_ratio: 1,
             data_blocks: 0,
-            warnings: Vec::new(),
             located: Vec::new(),
             diag: None,
             diag_dropped: 0,
@@ -435,7 +433,6 @@ impl Vhdx {
         offset: u64,
         message: String,
     ) {
-        self.warnings.push(message.clone());
         self.located.push(VhdxWarning {
             code,
             structure,
@@ -1531,8 +1528,8 @@ impl Vhdx {
         self.parent_locator.as_ref()
     }
     /// Things worth knowing that did not stop the file from opening.
-    pub fn warnings(&self) -> &[String] {
-        &self.warnings
+    pub fn warnings(&self) -> Vec<&str> {
+        self.located.iter().map(|w| w.message.as_str()).collect()
     }
     /// The same warnings, each with its place in the file and its `check` code.
     pub fn located_warnings(&self) -> &[VhdxWarning] {
